@@ -1,0 +1,26 @@
+"""microadam-optax: memory-efficient and second-order optimizers for Optax.
+
+* :func:`microadam` / :func:`scale_by_microadam` -- MicroAdam (NeurIPS 2024):
+  a sliding window of Top-K-sparse gradients plus 4-bit error feedback.
+* :func:`state_nbytes` -- bytes held by any optimizer state.
+"""
+
+from microadam_optax import model_shapes
+from microadam_optax.memory import state_nbytes
+from microadam_optax.microadam import DEFAULT_BLOCK_SIZE
+from microadam_optax.microadam import MICROADAM_STATIC_ARGS
+from microadam_optax.microadam import MicroAdamState
+from microadam_optax.microadam import microadam
+from microadam_optax.microadam import scale_by_microadam
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "MICROADAM_STATIC_ARGS",
+    "MicroAdamState",
+    "microadam",
+    "scale_by_microadam",
+    "model_shapes",
+    "state_nbytes",
+]
