@@ -145,6 +145,15 @@ def _flat_padded(x: jax.Array, length: int) -> jax.Array:
   return jnp.pad(x, (0, length - x.shape[0])) if length > x.shape[0] else x
 
 
+def _unzip(fn: Callable[..., tuple], tree: Any, n: int, *rest: Any
+           ) -> list[Any]:
+  """Maps ``fn`` (returning an ``n``-tuple) over leaves; returns ``n`` trees."""
+  treedef = jax.tree.structure(tree)
+  leaves = [treedef.flatten_up_to(t) for t in (tree, *rest)]
+  outs = [fn(*args) for args in zip(*leaves)]
+  return [treedef.unflatten([o[i] for o in outs]) for i in range(n)]
+
+
 class _Hyper(NamedTuple):
   b1: Any
   b2: Any
@@ -313,11 +322,8 @@ def scale_by_microadam(
               jnp.zeros((lay.num_quant_blocks,), jnp.float32),
               jnp.zeros((lay.num_quant_blocks,), jnp.float32))
 
-    leaves = jax.tree.map(init_leaf, params)
-    is_tuple = lambda x: isinstance(x, tuple)
-    parts = [jax.tree.map(lambda t, i=i: t[i], leaves, is_leaf=is_tuple)
-             for i in range(5)]
-    return MicroAdamState(jnp.zeros([], jnp.int32), *parts)
+    return MicroAdamState(jnp.zeros([], jnp.int32),
+                          *_unzip(init_leaf, params, 5))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -332,17 +338,16 @@ def scale_by_microadam(
         return (jnp.zeros_like(g), iw, vw, codes, lo, hi)
       return _leaf_update(g, iw, vw, codes, lo, hi, count, lay, hp)
 
-    try:
-      out = jax.tree.map(leaf, updates, state.window_indices,
-                         state.window_values, state.error_codes,
-                         state.error_min, state.error_max)
-    except ValueError as e:
+    grads_tree = jax.tree.structure(updates)
+    state_tree = jax.tree.structure(state.window_indices)
+    if grads_tree != state_tree:
       raise ValueError(
           "The gradients' tree does not match MicroAdam's state (was the "
-          f"state made by init() on the same params structure?): {e}") from e
-    is_tuple = lambda x: isinstance(x, tuple)
-    parts = [jax.tree.map(lambda t, i=i: t[i], out, is_leaf=is_tuple)
-             for i in range(6)]
+          "state made by init() on params of the same structure?): gradients "
+          f"{grads_tree}, state {state_tree}.")
+    parts = _unzip(leaf, updates, 6, state.window_indices,
+                   state.window_values, state.error_codes, state.error_min,
+                   state.error_max)
     return parts[0], MicroAdamState(count, *parts[1:])
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
