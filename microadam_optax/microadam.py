@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from optax._src import numerics
 
 from microadam_optax._layout import LeafLayout, leaf_layout
@@ -138,6 +140,39 @@ def _check_leaf(path: Any, leaf: Any) -> None:
         f"MicroAdam optimizes real floating-point parameters; the leaf at "
         f"{jax.tree_util.keystr(path)} has dtype {kind}. Exclude it with "
         f"optax.masked / optax.multi_transform (or optax.set_to_zero).")
+
+
+def _state_shardings(param: Any, lay: LeafLayout) -> Optional[tuple]:
+  """Shardings of a leaf's five state arrays, consistent with ``param``'s.
+
+  For a concrete parameter with a :class:`jax.sharding.NamedSharding` that
+  splits only its first axis (FSDP), and whose shards hold whole Top-K and
+  quantization blocks, the state is split the same way along its block axis:
+  each device keeps the state of its own slice of the parameter, and the
+  update moves nothing between devices. Other shardings give a state
+  replicated over the mesh. Returns ``None`` for unsharded parameters and for
+  tracers (inside ``jit``, where XLA places the state).
+  """
+  sharding = getattr(param, "sharding", None)
+  if _is_traced(param) or not isinstance(sharding, NamedSharding):
+    return None
+  mesh = sharding.mesh
+  spec = tuple(sharding.spec) + (None,) * max(0, param.ndim - len(
+      sharding.spec))
+  replicated = (NamedSharding(mesh, P()),) * 5
+  if param.ndim == 0 or spec[0] is None or any(a is not None
+                                               for a in spec[1:]):
+    return replicated
+  axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+  parts = int(np.prod([mesh.shape[a] for a in axes]))
+  shard = lay.size // parts
+  if (lay.size % parts or shard % lay.topk_block or shard % lay.quant_block
+      or lay.num_topk_blocks % parts or lay.num_quant_blocks % parts):
+    return replicated
+  window_spec = NamedSharding(mesh, P(None, spec[0], None))
+  return (window_spec, window_spec,
+          NamedSharding(mesh, P(spec[0], None)),
+          NamedSharding(mesh, P(spec[0])), NamedSharding(mesh, P(spec[0])))
 
 
 def _flat_padded(x: jax.Array, length: int) -> jax.Array:
@@ -316,11 +351,15 @@ def scale_by_microadam(
     def init_leaf(p):
       lay = layout(p)
       win = (window, lay.num_topk_blocks, lay.k)
-      return (jnp.zeros(win, lay.index_dtype),
-              jnp.zeros(win, vdtype),
-              jnp.zeros((lay.num_quant_blocks, lay.code_bytes), jnp.uint8),
-              jnp.zeros((lay.num_quant_blocks,), jnp.float32),
-              jnp.zeros((lay.num_quant_blocks,), jnp.float32))
+      leaves = (jnp.zeros(win, lay.index_dtype),
+                jnp.zeros(win, vdtype),
+                jnp.zeros((lay.num_quant_blocks, lay.code_bytes), jnp.uint8),
+                jnp.zeros((lay.num_quant_blocks,), jnp.float32),
+                jnp.zeros((lay.num_quant_blocks,), jnp.float32))
+      shardings = _state_shardings(p, lay)
+      if shardings is None:
+        return leaves
+      return tuple(jax.device_put(x, s) for x, s in zip(leaves, shardings))
 
     return MicroAdamState(jnp.zeros([], jnp.int32),
                           *_unzip(init_leaf, params, 5))

@@ -17,6 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._spmd import row_top_k
+
 
 def slot_mask(num_blocks: int, k: int, last_block_k: int) -> jax.Array:
   """Boolean ``(num_blocks, k)``: which output slots hold a selected entry."""
@@ -58,7 +60,7 @@ def block_topk_reference(x: jax.Array, k: int, *,
     row = jnp.arange(num_blocks)[:, None]
     mag = jnp.where((row < num_blocks - 1) | (col < last_block_length), mag,
                     -1.0)
-  _, idx = jax.lax.top_k(mag, k)
+  _, idx = row_top_k(mag, k)
   values = jnp.take_along_axis(x, idx, axis=1)
   if last_block_k != k:
     keep = slot_mask(num_blocks, k, last_block_k)
@@ -77,8 +79,9 @@ def zero_selected(x: jax.Array, indices: jax.Array,
     slots: optional boolean ``(num_blocks, k)`` of valid slots (see
       :func:`slot_mask`); empty slots leave ``x`` untouched.
   """
-  num_blocks = x.shape[0]
   hit = jnp.ones(indices.shape, jnp.bool_) if slots is None else slots
-  selected = jnp.zeros(x.shape, jnp.bool_).at[
-      jnp.arange(num_blocks)[:, None], indices.astype(jnp.int32)].max(hit)
+  # One scatter per row (vmap): XLA partitions it along sharded rows.
+  selected = jax.vmap(
+      lambda i, h: jnp.zeros(x.shape[1:], jnp.bool_).at[i].max(h))(
+          indices.astype(jnp.int32), hit)
   return jnp.where(selected, jnp.zeros((), x.dtype), x)

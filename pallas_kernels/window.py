@@ -69,14 +69,16 @@ def window_update_reference(indices: jax.Array, values: jax.Array,
   Returns:
     ``u`` as a float32 array ``(num_blocks, B)``.
   """
-  m, num_blocks, k = indices.shape
-  w1, w2 = row_weights(count, m, b1, b2)
+  w1, w2 = row_weights(count, indices.shape[0], b1, b2)
   v = values.astype(jnp.float32)
-  rows = jnp.broadcast_to(jnp.arange(num_blocks)[None, :, None], indices.shape)
-  cols = indices.astype(jnp.int32)
-  shape = (num_blocks, block_size)
-  m_hat = jnp.zeros(shape, jnp.float32).at[rows, cols].add(
-      w1[:, None, None] * v)
-  v_hat = jnp.zeros(shape, jnp.float32).at[rows, cols].add(
-      w2[:, None, None] * v * v)
-  return m_hat / (jnp.sqrt(v_hat) + eps)
+
+  def block(idx, val):  # (m, k) entries of one block -> its (B,) update.
+    idx = idx.reshape(-1).astype(jnp.int32)
+    m_hat = jnp.zeros((block_size,), jnp.float32).at[idx].add(
+        (w1[:, None] * val).reshape(-1))
+    v_hat = jnp.zeros((block_size,), jnp.float32).at[idx].add(
+        (w2[:, None] * val * val).reshape(-1))
+    return m_hat / (jnp.sqrt(v_hat) + eps)
+
+  # One scatter per block (vmap): XLA partitions it along sharded blocks.
+  return jax.vmap(block, in_axes=1)(indices, v)
