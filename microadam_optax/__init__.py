@@ -6,6 +6,11 @@
 """
 
 from microadam_optax import model_shapes
+from microadam_optax.gauss_newton import DEFAULT_LINESEARCH
+from microadam_optax.gauss_newton import GaussNewtonState
+from microadam_optax.gauss_newton import gauss_newton
+from microadam_optax.gauss_newton import layer_partition
+from microadam_optax.gauss_newton import output_hvp
 from microadam_optax.memory import state_nbytes
 from microadam_optax.microadam import DEFAULT_BLOCK_SIZE
 from microadam_optax.microadam import MICROADAM_STATIC_ARGS
@@ -23,4 +28,9 @@ __all__ = [
     "scale_by_microadam",
     "model_shapes",
     "state_nbytes",
+    "DEFAULT_LINESEARCH",
+    "GaussNewtonState",
+    "gauss_newton",
+    "layer_partition",
+    "output_hvp",
 ]

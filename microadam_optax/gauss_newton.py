@@ -1,0 +1,561 @@
+"""Gauss-Newton preconditioning, full and layerwise, through JVPs.
+
+Abreu, Vyas, Kakade, Morwani, *The Potential of Second-Order Optimization for
+LLMs: A Study with Full Gauss-Newton*, arXiv:2510.09378 (2025).
+
+One outer step linearizes the model around the current parameters, builds the
+Gauss-Newton model of the batch loss in the step ``delta``, minimises it with
+any Optax *inner* optimizer for a fixed number of steps (never forming a
+matrix: every inner gradient is one Jacobian-vector product and one
+vector-Jacobian product), and takes the best of a few step sizes on the true
+batch loss.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import (Any, Callable, Hashable, NamedTuple, Optional, Sequence,
+                    Union)
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from optax._src import numerics
+
+#: Default candidate step sizes of the line search. ``0.0`` is one of them, so
+#: an outer step never increases the batch loss.
+DEFAULT_LINESEARCH = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0)
+
+#: The inner problems :func:`gauss_newton` can solve.
+VARIANTS = ("gn", "prox_linear")
+
+LayerSpec = Union[None, int, Sequence[Hashable],
+                  Callable[[Any, Any], Any]]
+
+
+class GaussNewtonState(NamedTuple):
+  """State of :func:`gauss_newton`.
+
+  All fields but ``inner_state`` describe the last outer step, for logging.
+
+  Attributes:
+    count: number of outer steps so far, int32 scalar.
+    step_size: the step size ``alpha`` the line search chose (float32).
+    inner_decrease: ``L~(0) - L~(delta_hat)``, how much the inner optimizer
+      decreased its objective (the Gauss-Newton model, or the linearized loss
+      for ``variant="prox_linear"``; summed over layers when layerwise). A
+      negative value means the inner solve diverged.
+    loss_before: the batch loss at ``theta_t`` (float32).
+    loss_after: the batch loss at ``theta_t + alpha * delta_hat`` (float32);
+      ``nan`` when the line search is disabled (it is then not evaluated).
+    inner_state: the inner optimizer's state when ``carry_inner_state=True``,
+      else ``()`` (it is re-initialized at every outer step).
+  """
+  count: jax.Array
+  step_size: jax.Array
+  inner_decrease: jax.Array
+  loss_before: jax.Array
+  loss_after: jax.Array
+  inner_state: Any
+
+
+def output_hvp(loss_fn: Callable[[Any], jax.Array], outputs: Any):
+  r"""The loss, its gradient and its Hessian in the model outputs, as products.
+
+  Linearizes :math:`\nabla_z \ell` at :math:`z`, so that each product
+  :math:`v \mapsto \nabla_z^2 \ell(z)\, v` costs one Jacobian-vector product
+  and no matrix is formed. For softmax cross-entropy averaged over ``B`` rows,
+  the product is :math:`\tfrac1B (\mathrm{diag}(p) - p p^\top) v` per row.
+
+  Args:
+    loss_fn: ``outputs -> scalar``, the batch-mean loss.
+    outputs: the model outputs ``z`` (any pytree of arrays).
+
+  Returns:
+    ``(loss, grad, hvp)``: the loss value, :math:`\nabla_z \ell` (a pytree like
+    ``outputs``) and a linear function ``v -> H v``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import microadam_optax as mo
+    >>> loss_fn = lambda z: optax.softmax_cross_entropy_with_integer_labels(
+    ...     z, jnp.array([0])).mean()
+    >>> loss, grad, hvp = mo.output_hvp(loss_fn, jnp.zeros((1, 2)))
+    >>> hvp(jnp.array([[1.0, 0.0]]))  # (diag(p) - p p^T) e_0 with p = 1/2
+    Array([[ 0.25, -0.25]], dtype=float32)
+  """
+  loss, grad = jax.value_and_grad(loss_fn)(outputs)
+  _, hvp = jax.linearize(jax.grad(loss_fn), outputs)
+  return loss, grad, hvp
+
+
+# ---------------------------------------------------------------------------
+# Layers.
+
+
+def _key_name(key: Any) -> Hashable:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return getattr(key, attr)
+  return str(key)
+
+
+def _branch_depth(paths: Sequence[tuple]) -> int:
+  """Length of the key prefix every path shares (``{"params": ...}``)."""
+  if len(paths) < 2:
+    return 0
+  depth = 0
+  while all(len(p) > depth + 1 for p in paths) and len(
+      {_key_name(p[depth]) for p in paths}) == 1:
+    depth += 1
+  return depth
+
+
+def _leaf_layer_ids(params: Any, layers: LayerSpec) -> tuple[list, list]:
+  """Per leaf (flatten order) a layer id or a 1-D array of ids; all ids."""
+  leaves_with_path, _ = jax.tree_util.tree_flatten_with_path(params)
+  paths = [p for p, _ in leaves_with_path]
+  leaves = [x for _, x in leaves_with_path]
+  if layers is None:
+    d = _branch_depth(paths)
+    ids = [tuple(_key_name(k) for k in p[:d + 1]) for p in paths]
+  elif isinstance(layers, int) and not isinstance(layers, bool):
+    ids = [tuple(_key_name(k) for k in p[:layers]) for p in paths]
+  elif callable(layers):
+    ids = []
+    for p, x in zip(paths, leaves):
+      lid = layers(p, x)
+      if isinstance(lid, np.ndarray):
+        if lid.ndim != 1 or np.ndim(x) < 1 or lid.shape[0] != np.shape(x)[0]:
+          raise ValueError(
+              f"layers returned an array of shape {lid.shape} for the leaf at "
+              f"{jax.tree_util.keystr(p)} of shape {np.shape(x)}: a stacked "
+              f"leaf needs one layer id per slice of its leading axis.")
+        lid = list(lid.tolist())
+      ids.append(lid)
+  else:
+    names = list(layers)
+    d = _branch_depth(paths)
+    tops = [_key_name(p[d]) if len(p) > d else None for p in paths]
+    missing = [n for n in names if n not in tops]
+    if missing:
+      raise ValueError(
+          f"layers names keys {missing!r} that are not in the params tree "
+          f"(its keys at that level: {sorted(set(map(str, tops)))}).")
+    ids = [(t,) if t in names else ("<rest>",) for t in tops]
+  order = {}
+  for lid in ids:
+    for one in (lid if isinstance(lid, list) else [lid]):
+      order.setdefault(one, len(order))
+  index = [np.asarray([order[i] for i in lid], np.int32)
+           if isinstance(lid, list) else order[lid] for lid in ids]
+  return index, list(order)
+
+
+def layer_partition(params: Any, layers: LayerSpec = None) -> dict:
+  """Which parameters form each layer of layerwise Gauss-Newton.
+
+  Args:
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    layers: as in :func:`gauss_newton`.
+
+  Returns:
+    An ordered ``dict``: layer id -> list of ``jax.tree_util.keystr`` paths of
+    its leaves (a stacked leaf appears under each of its layers, with the
+    slice index appended as ``[i]``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import microadam_optax as mo
+    >>> params = {"params": {"dense1": {"w": jnp.ones(2)},
+    ...                      "dense2": {"w": jnp.ones(2)}}}
+    >>> for layer, leaves in mo.layer_partition(params).items():
+    ...   print(layer, leaves)
+    ('params', 'dense1') ["['params']['dense1']['w']"]
+    ('params', 'dense2') ["['params']['dense2']['w']"]
+  """
+  index, names = _leaf_layer_ids(params, layers)
+  paths = [jax.tree_util.keystr(p)
+           for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  out = {n: [] for n in names}
+  for path, idx in zip(paths, index):
+    if isinstance(idx, np.ndarray):
+      for i, k in enumerate(idx.tolist()):
+        out[names[k]].append(f"{path}[{i}]")
+    else:
+      out[names[idx]].append(path)
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Small tree helpers (float32 accumulation).
+
+
+def _tree_vdot(a: Any, b: Any) -> jax.Array:
+  prods = jax.tree.leaves(jax.tree.map(
+      lambda x, y: jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32)),
+      a, b))
+  return sum(prods, jnp.zeros([], jnp.float32))
+
+
+def _tree_add(a: Any, b: Any) -> Any:
+  return jax.tree.map(lambda x, y: (x + y).astype(x.dtype), a, b)
+
+
+def _axpy(alpha: jax.Array, x: Any, y: Any) -> Any:
+  """``y + alpha * x`` in ``y``'s dtypes, the same arithmetic as applying
+  the update ``(alpha * x).astype(y.dtype)`` with ``optax.apply_updates``."""
+  return jax.tree.map(
+      lambda d, p: (p + (alpha * d).astype(p.dtype)).astype(p.dtype), x, y)
+
+
+# ---------------------------------------------------------------------------
+# Validation.
+
+
+def _validate(*, inner_optimizer, inner_steps, layerwise, variant, linesearch,
+              damping, layers, layer_batch_size, carry_inner_state) -> None:
+  if not (hasattr(inner_optimizer, "init")
+          and hasattr(inner_optimizer, "update")):
+    raise ValueError(
+        f"inner_optimizer must be an optax GradientTransformation (with init "
+        f"and update), got {inner_optimizer!r}.")
+  if (isinstance(inner_steps, bool)
+      or not isinstance(inner_steps, (int, np.integer)) or inner_steps < 1):
+    raise ValueError(
+        f"inner_steps must be an integer >= 1, got {inner_steps!r}.")
+  if not isinstance(layerwise, bool):
+    raise ValueError(f"layerwise must be True or False, got {layerwise!r}.")
+  if not isinstance(carry_inner_state, bool):
+    raise ValueError(
+        f"carry_inner_state must be True or False, got "
+        f"{carry_inner_state!r}.")
+  if variant not in VARIANTS:
+    raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+  if linesearch is not None:
+    try:
+      sizes = tuple(float(a) for a in linesearch)
+    except (TypeError, ValueError) as e:
+      raise ValueError(
+          f"linesearch must be None or a non-empty sequence of finite step "
+          f"sizes >= 0, got {linesearch!r}.") from e
+    if not sizes or any(not math.isfinite(a) or a < 0 for a in sizes):
+      raise ValueError(
+          f"linesearch must be None or a non-empty sequence of finite step "
+          f"sizes >= 0, got {linesearch!r}.")
+  if (isinstance(damping, bool)
+      or not isinstance(damping, (int, float, np.integer, np.floating))
+      or not math.isfinite(damping) or damping < 0):
+    raise ValueError(f"damping must be a finite number >= 0, got {damping!r}.")
+  if layers is not None and not callable(layers):
+    if isinstance(layers, bool) or (
+        isinstance(layers, int) and layers < 1):
+      raise ValueError(
+          f"layers must be None, an integer depth >= 1, a sequence of "
+          f"top-level keys or a callable, got {layers!r}.")
+    if not isinstance(layers, int):
+      if isinstance(layers, (str, bytes)) or not isinstance(
+          layers, (list, tuple)) or not layers:
+        raise ValueError(
+            f"layers must be None, an integer depth >= 1, a non-empty list "
+            f"of top-level keys or a callable, got {layers!r}.")
+  if layer_batch_size is not None and (
+      isinstance(layer_batch_size, bool)
+      or not isinstance(layer_batch_size, (int, np.integer))
+      or layer_batch_size < 1):
+    raise ValueError(
+        f"layer_batch_size must be None or an integer >= 1, got "
+        f"{layer_batch_size!r}.")
+
+
+def _check_params(params: Any) -> None:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      raise TypeError(
+          f"gauss_newton optimizes real floating-point parameters; the leaf "
+          f"at {jax.tree_util.keystr(path)} has dtype "
+          f"{jnp.result_type(leaf)}. Keep it out of the params passed to the "
+          f"optimizer (e.g. nnx.split(model, nnx.Param, ...)).")
+
+
+# ---------------------------------------------------------------------------
+# The transformation.
+
+
+def gauss_newton(
+    inner_optimizer: optax.GradientTransformation,
+    inner_steps: int = 10,
+    *,
+    layerwise: bool = False,
+    variant: str = "gn",
+    linesearch: Optional[Sequence[float]] = DEFAULT_LINESEARCH,
+    damping: float = 0.0,
+    layers: LayerSpec = None,
+    layer_batch_size: Optional[int] = 1,
+    carry_inner_state: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Gauss-Newton steps whose inner problem an Optax optimizer solves.
+
+  At :math:`\theta_t`, with the model outputs :math:`z_t = f(\theta_t)` on the
+  batch, :math:`J = \partial f / \partial\theta (\theta_t)` and the batch-mean
+  loss :math:`\ell(z)`, the inner optimizer minimises over the step
+  :math:`\delta`, starting from :math:`\delta = 0`, for ``inner_steps`` steps,
+
+  .. math::
+
+    \tilde L(\delta) &= \nabla_z\ell^\top J\delta + \tfrac12 (J\delta)^\top
+      \nabla_z^2\ell\, (J\delta) + \tfrac{\lambda}{2}\|\delta\|^2
+      \quad (\texttt{variant="gn"}), \\
+    \tilde L(\delta) &= \ell(z_t + J\delta) - \ell(z_t)
+      + \tfrac{\lambda}{2}\|\delta\|^2 \quad (\texttt{variant="prox_linear"}),
+
+  each inner gradient being :math:`J^\top(\nabla_z\ell + \nabla_z^2\ell\,
+  J\delta) + \lambda\delta` (resp. :math:`J^\top \nabla_z\ell(z_t + J\delta) +
+  \lambda\delta`): one Jacobian-vector product through the function
+  :func:`jax.linearize` returns, one vector-Jacobian product through its
+  :func:`jax.linear_transpose`, and :math:`\nabla_z^2\ell` only as products
+  (:func:`output_hvp`). No matrix of size params² is ever formed. The result
+  :math:`\hat\delta` is line-searched on the true batch loss,
+
+  .. math::
+
+    \alpha^\star = \arg\min_{\alpha \in \mathcal A}
+      \ell(f(\theta_t + \alpha\hat\delta)), \qquad
+    \theta_{t+1} = \theta_t + \alpha^\star\hat\delta,
+
+  and the returned updates are :math:`\alpha^\star\hat\delta`, so that
+  ``optax.apply_updates(params, updates)`` gives :math:`\theta_{t+1}`.
+
+  **Layerwise** (``layerwise=True``): the parameters are cut into layers
+  :math:`\theta = (\theta_1, \dots, \theta_K)`, and each layer's block
+  :math:`J_k` is solved with every other layer frozen (block-diagonal
+  Gauss-Newton): :math:`\tilde L(\delta) = \sum_k \tilde L_k(\delta_k)` with
+  :math:`\tilde L_k` the objective above with :math:`J_k\delta_k` in place of
+  :math:`J\delta`. The inner optimizer runs once on the whole
+  :math:`\delta`; for inner optimizers that treat leaves independently
+  (SGD, Adam(W), Muon, Lion, ...) this is exactly one independent solve per
+  layer, for those with a global statistic (``clip_by_global_norm``) the
+  layers share it. The layer steps are joined and one line search is made.
+  Each layer needs its own JVP and VJP per inner step, so an inner step costs
+  ``K`` times a full one; they run without a Python loop over layers, as one
+  :func:`jax.lax.scan` over layer indices in which layer ``k``'s tangent is
+  :math:`\delta` masked to layer ``k`` (any mix of shapes works), with
+  ``layer_batch_size`` layers :func:`jax.vmap`-ed per scan step.
+
+  The inner optimizer's state is re-initialized at every outer step by
+  default: each outer step poses a new problem (new linearization point and
+  batch) and :math:`\delta` restarts from 0, so momentum from the previous
+  problem would point the wrong way, and an inner schedule then spans the
+  ``inner_steps`` of one solve. ``carry_inner_state=True`` keeps it instead
+  (and stores it in the state), e.g. for one schedule across all outer steps.
+
+  Args:
+    inner_optimizer: any Optax transformation minimising the inner problem,
+      e.g. ``optax.contrib.muon(lr)`` (the paper's choice), ``optax.adamw``,
+      ``optax.sgd``. It gets the inner gradient and, as ``params``, the
+      iterate :math:`\theta_t + \delta` (so decoupled weight decay acts on
+      the weights, as in ordinary training).
+    inner_steps: number ``N >= 1`` of inner steps per outer step (a
+      :func:`jax.lax.scan`).
+    layerwise: block-diagonal (per layer) instead of full Gauss-Newton.
+    variant: ``"gn"`` (the quadratic Gauss-Newton model) or
+      ``"prox_linear"`` (the loss of the linearized model, convex for convex
+      losses).
+    linesearch: the candidate step sizes :math:`\mathcal A`, a non-empty
+      sequence of finite numbers ``>= 0``, evaluated on the true batch loss
+      inside the compiled step (one forward pass per non-zero size, in a
+      :func:`jax.lax.map`); ties go to the first listed. Keep ``0.0`` in it
+      so a step never increases the batch loss. ``None``: no line search,
+      :math:`\alpha = 1`.
+    damping: :math:`\lambda \ge 0`, Levenberg-Marquardt damping of the inner
+      problem.
+    layers: what a layer is (used when ``layerwise``): ``None`` -- each child
+      of the top level of the params tree at which it first branches (the
+      top-level keys; for linen's ``{"params": {...}}`` the keys below
+      ``"params"``); an ``int`` ``d`` -- leaves sharing their first ``d`` path
+      keys; a list of keys of that top level -- one layer each, all other
+      leaves one more layer; a callable ``(path, leaf) -> id`` returning any
+      hashable layer id, or, for a leaf stacked over layers (``nnx.scan`` /
+      ``nn.scan`` blocks), a 1-D ``numpy`` array of ids, one per slice of its
+      leading axis. :func:`layer_partition` shows the result.
+    layer_batch_size: layers whose JVP/VJP are vmapped together (memory grows
+      with it); ``None`` all at once.
+    carry_inner_state: keep the inner optimizer's state across outer steps.
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs` whose state is a
+    :class:`GaussNewtonState`. Its ``update(grads, state, params, *,
+    model_fn, loss_fn)`` needs ``params`` and the keyword arguments
+    ``model_fn`` (``params -> outputs`` on the current batch, a closure) and
+    ``loss_fn`` (``outputs -> scalar`` batch-mean loss); ``grads`` is not
+    used (the inner problem computes :math:`J^\top\nabla_z\ell` itself) and
+    may be ``None``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import microadam_optax as mo
+    >>> x = jax.random.normal(jax.random.key(0), (32, 3))
+    >>> y = jnp.tanh(x @ jnp.array([1.0, -2.0, 0.5]))
+    >>> params = {"w": jnp.zeros(3)}
+    >>> model_fn = lambda p: jnp.tanh(x @ p["w"])
+    >>> loss_fn = lambda z: 0.5 * jnp.mean((z - y) ** 2)
+    >>> tx = mo.gauss_newton(optax.sgd(1.0, momentum=0.9), inner_steps=50)
+    >>> state = tx.init(params)
+    >>> for _ in range(5):
+    ...   updates, state = tx.update(None, state, params, model_fn=model_fn,
+    ...                              loss_fn=loss_fn)
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(state.loss_after < 1e-6)
+    True
+
+  References:
+    Abreu, Vyas, Kakade, Morwani, `The Potential of Second-Order Optimization
+    for LLMs: A Study with Full Gauss-Newton
+    <https://arxiv.org/abs/2510.09378>`_, 2025.
+  """
+  _validate(inner_optimizer=inner_optimizer, inner_steps=inner_steps,
+            layerwise=layerwise, variant=variant, linesearch=linesearch,
+            damping=damping, layers=layers, layer_batch_size=layer_batch_size,
+            carry_inner_state=carry_inner_state)
+  inner_steps = int(inner_steps)
+  damping = float(damping)
+  step_sizes = None if linesearch is None else tuple(
+      float(a) for a in linesearch)
+
+  def init_fn(params):
+    _check_params(params)
+    inner_state = inner_optimizer.init(params) if carry_inner_state else ()
+    zero = jnp.zeros([], jnp.float32)
+    return GaussNewtonState(
+        count=jnp.zeros([], jnp.int32), step_size=zero, inner_decrease=zero,
+        loss_before=zero, loss_after=zero, inner_state=inner_state)
+
+  def update_fn(updates, state, params=None, *, model_fn=None, loss_fn=None,
+                **extra_args):
+    del updates, extra_args
+    for name, value in (("params", params), ("model_fn", model_fn),
+                        ("loss_fn", loss_fn)):
+      if value is None:
+        raise TypeError(
+            f"gauss_newton's update needs {name}: call tx.update(grads, "
+            f"state, params, model_fn=model_fn, loss_fn=loss_fn) with "
+            f"model_fn(params) -> outputs on the current batch and "
+            f"loss_fn(outputs) -> batch-mean loss.")
+    _check_params(params)
+
+    # Linearize the model and the loss in the outputs once per outer step.
+    outputs, jvp_fn = jax.linearize(model_fn, params)
+    vjp_fn = jax.linear_transpose(jvp_fn, params)
+    loss0, grad_z, hvp = output_hvp(loss_fn, outputs)
+    loss0 = loss0.astype(jnp.float32)
+
+    def output_terms(u):
+      """Cotangent dL~/dz at J delta = u, and L~ without damping."""
+      if variant == "gn":
+        hu = hvp(u)
+        return (_tree_add(grad_z, hu),
+                _tree_vdot(grad_z, u) + 0.5 * _tree_vdot(u, hu))
+      value, cot = jax.value_and_grad(loss_fn)(_tree_add(outputs, u))
+      return cot, value.astype(jnp.float32) - loss0
+
+    def full_pass(delta, with_grad):
+      cot, obj = output_terms(jvp_fn(delta))
+      return (vjp_fn(cot)[0] if with_grad else None), obj
+
+    if layerwise:
+      leaf_ids, names = _leaf_layer_ids(params, layers)
+      num_layers = len(names)
+      chunk = num_layers if layer_batch_size is None else min(
+          int(layer_batch_size), num_layers)
+      num_chunks = -(-num_layers // chunk)
+      treedef = jax.tree.structure(params)
+
+      def mask(tree, k):
+        """``tree`` with every leaf outside layer ``k`` zeroed."""
+        out = []
+        for leaf, ids in zip(treedef.flatten_up_to(tree), leaf_ids):
+          if isinstance(ids, np.ndarray):
+            keep = (jnp.asarray(ids) == k).reshape(
+                (-1,) + (1,) * (leaf.ndim - 1))
+          else:
+            keep = k == ids
+          out.append(leaf * keep.astype(leaf.dtype))
+        return treedef.unflatten(out)
+
+      def block_pass(delta, with_grad):
+        def one_layer(k):
+          cot, obj = output_terms(jvp_fn(mask(delta, k)))
+          return (mask(vjp_fn(cot)[0], k) if with_grad else None), obj
+
+        def body(acc, ks):
+          grads, objs = jax.vmap(one_layer)(ks)
+          if with_grad:
+            acc = jax.tree.map(
+                lambda a, g: a + jnp.sum(g, 0).astype(a.dtype), acc, grads)
+          return acc, jnp.sum(objs)
+
+        # Padding indices >= num_layers select nothing (all-zero masks).
+        ks = jnp.arange(num_chunks * chunk, dtype=jnp.int32).reshape(
+            num_chunks, chunk)
+        acc0 = jax.tree.map(jnp.zeros_like, params) if with_grad else None
+        grad, objs = jax.lax.scan(body, acc0, ks)
+        return grad, jnp.sum(objs)
+    else:
+      block_pass = full_pass
+
+    def inner_objective_and_grad(delta, with_grad=True):
+      grad, obj = block_pass(delta, with_grad)
+      if damping:
+        obj = obj + 0.5 * damping * _tree_vdot(delta, delta)
+        if with_grad:
+          grad = jax.tree.map(lambda g, d: (g + damping * d).astype(g.dtype),
+                              grad, delta)
+      return grad, obj
+
+    def inner_step(carry, _):
+      delta, inner_state = carry
+      grad, _ = inner_objective_and_grad(delta)
+      iterate = _tree_add(params, delta)  # dead code unless the tx reads it
+      step, inner_state = inner_optimizer.update(grad, inner_state, iterate)
+      delta = optax.apply_updates(delta, step)
+      return (delta, inner_state), None
+
+    inner_state = (state.inner_state if carry_inner_state
+                   else inner_optimizer.init(params))
+    delta0 = jax.tree.map(jnp.zeros_like, params)
+    (delta, inner_state), _ = jax.lax.scan(
+        inner_step, (delta0, inner_state), None, length=inner_steps)
+    _, final_obj = inner_objective_and_grad(delta, with_grad=False)
+
+    # Line search on the true batch loss.
+    if step_sizes is None:
+      alpha = jnp.ones([], jnp.float32)
+      loss_after = jnp.full([], jnp.nan, jnp.float32)
+    else:
+      trial = [i for i, a in enumerate(step_sizes) if a != 0.0]
+      losses = jnp.full((len(step_sizes),), loss0)
+      if trial:
+        trial_sizes = jnp.asarray([step_sizes[i] for i in trial], jnp.float32)
+        trial_losses = jax.lax.map(
+            lambda a: loss_fn(model_fn(_axpy(a, delta, params))).astype(
+                jnp.float32), trial_sizes)
+        losses = losses.at[np.asarray(trial)].set(trial_losses)
+      losses = jnp.where(jnp.isnan(losses), jnp.inf, losses)
+      best = jnp.argmin(losses)
+      alpha = jnp.asarray(step_sizes, jnp.float32)[best]
+      loss_after = losses[best]
+
+    new_updates = jax.tree.map(
+        lambda d, p: (alpha * d).astype(p.dtype), delta, params)
+    new_state = GaussNewtonState(
+        count=numerics.safe_increment(state.count),
+        step_size=alpha,
+        inner_decrease=-final_obj,
+        loss_before=loss0,
+        loss_after=loss_after,
+        inner_state=inner_state if carry_inner_state else (),
+    )
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,582 @@
+"""Gauss-Newton preconditioning against float64 NumPy references.
+
+Inner optimizers used (all state is re-initialized every outer step unless a
+test says otherwise):
+* linear least squares: heavy-ball SGD (lr 0.5, momentum 0.95), 100 inner
+  steps (full and layerwise);
+* tanh MLP teacher/student: the same heavy-ball SGD, 100 inner steps, against
+  ``optax.adam`` at five learning rates, 500 steps each;
+* cross-entropy: plain SGD (2 inner steps, replayed in NumPy); SGD with
+  momentum (lr 1, momentum 0.9) and Muon (lr 0.05), 10 inner steps;
+* deep tanh net with stacked layers: SGD (lr 0.2, momentum 0.5), 5 steps;
+* Flax NNX / linen: heavy-ball SGD, 20 inner steps, a fresh batch per step.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import optax.contrib
+import pytest
+from flax import nnx
+
+import microadam_optax as mo
+
+HEAVY_BALL = dict(learning_rate=0.5, momentum=0.95)
+
+
+def _f32(tree):
+  return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
+
+
+def _one_step(tx, params, model_fn, loss_fn):
+  """One jitted outer step from a fresh state: ``(updates, state)``."""
+  return jax.jit(lambda p: tx.update(None, tx.init(p), p, model_fn=model_fn,
+                                     loss_fn=loss_fn))(params)
+
+
+def _run(tx, params, model_fn, loss_fn, steps):
+  """``steps`` jitted outer steps; returns final params and per-step state."""
+  @jax.jit
+  def run(params):
+    def outer(carry, _):
+      p, s = carry
+      u, s = tx.update(None, s, p, model_fn=model_fn, loss_fn=loss_fn)
+      return (optax.apply_updates(p, u), s), s
+    return jax.lax.scan(outer, (params, tx.init(params)), None, length=steps)
+  (params, _), states = run(params)
+  return params, states
+
+
+# ---------------------------------------------------------------------------
+# Linear least squares: the Gauss-Newton model is exact.
+
+
+def _least_squares(seed=0, n=64, d1=6, d2=4, coupling=0.5):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, d1 + d2))
+  x[:, d1:] += coupling * x[:, :d2]  # the two layers' features correlate
+  y = x @ rng.normal(size=d1 + d2) + 1.0 + 0.3 * rng.normal(size=n)
+  a = np.concatenate([x, np.ones((n, 1))], 1)  # [layer "first" | "second" | b]
+  sol = np.linalg.lstsq(a, y, rcond=None)[0]
+  best = 0.5 * np.mean((a @ sol - y) ** 2)
+  params = _f32({"first": {"w": rng.normal(size=d1), "b": rng.normal()},
+                 "second": {"w": rng.normal(size=d2)}})
+  xj, yj = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+
+  def model_fn(p):
+    return (xj[:, :d1] @ p["first"]["w"] + p["first"]["b"]
+            + xj[:, d1:] @ p["second"]["w"])
+
+  def loss_fn(z):
+    return 0.5 * jnp.mean((z - yj) ** 2)
+
+  return x, y, params, model_fn, loss_fn, best
+
+
+@pytest.mark.parametrize("layerwise, max_steps", [(False, 3), (True, 10)])
+def test_least_squares_reaches_lstsq_optimum(layerwise, max_steps):
+  _, _, params, model_fn, loss_fn, best = _least_squares()
+  assert float(loss_fn(model_fn(params))) > 10 * best
+  tx = mo.gauss_newton(optax.sgd(**HEAVY_BALL), 100, layerwise=layerwise)
+  _, states = _run(tx, params, model_fn, loss_fn, max_steps)
+  assert float(states.loss_after[-1]) <= 1.01 * best, (
+      np.asarray(states.loss_after) / best)
+  assert np.all(np.diff(np.asarray(states.loss_after)) <= 1e-6)
+
+
+def test_one_step_equals_numpy_newton_and_block_solves():
+  """Direction (alpha = 1) vs the exact full and block-diagonal GN solves."""
+  x, y, params, model_fn, loss_fn, _ = _least_squares(seed=3)
+  n, d1 = x.shape[0], params["first"]["w"].shape[0]
+  theta = np.concatenate([np.asarray(params["first"]["w"], np.float64),
+                          np.asarray(params["second"]["w"], np.float64),
+                          [float(params["first"]["b"])]])
+  j = np.concatenate([x, np.ones((n, 1))], 1)
+  g = j.T @ (j @ theta - y) / n
+  gn_matrix = j.T @ j / n
+  damping = 1e-3
+  eye = damping * np.eye(len(theta))
+  full = -np.linalg.solve(gn_matrix + eye, g)
+  first = np.r_[np.arange(d1), len(theta) - 1]  # w and b of layer "first"
+  second = np.arange(d1, len(theta) - 1)
+  block = np.zeros_like(theta)
+  for idx in (first, second):
+    block[idx] = -np.linalg.solve(
+        gn_matrix[np.ix_(idx, idx)] + eye[np.ix_(idx, idx)], g[idx])
+
+  def flat(u):
+    return np.concatenate([np.asarray(u["first"]["w"]),
+                           np.asarray(u["second"]["w"]),
+                           [float(u["first"]["b"])]]).astype(np.float64)
+
+  got = {}
+  for layerwise in (False, True):
+    tx = mo.gauss_newton(optax.sgd(0.3, momentum=0.9), 400,
+                         layerwise=layerwise, linesearch=(1.0,),
+                         damping=damping)
+    u, state = _one_step(tx, params, model_fn, loss_fn)
+    got[layerwise] = flat(u)
+    want = block if layerwise else full
+    np.testing.assert_allclose(got[layerwise], want, rtol=2e-3, atol=2e-4)
+    # The inner objective's decrease, -L~(delta) of the exact model.
+    d = want
+    decrease = -(g @ d + 0.5 * d @ gn_matrix @ d
+                 if not layerwise else sum(
+                     g[i] @ d[i] + 0.5 * d[i] @ gn_matrix[np.ix_(i, i)] @ d[i]
+                     for i in (first, second)))
+    decrease -= 0.5 * damping * d @ d
+    np.testing.assert_allclose(float(state.inner_decrease), decrease,
+                               rtol=1e-3)
+  # The correlated layers make block-diagonal GN differ from full GN.
+  assert np.linalg.norm(got[True] - got[False]) > 0.1 * np.linalg.norm(full)
+
+
+# ---------------------------------------------------------------------------
+# A nonlinear problem: tanh MLP student of a tanh MLP teacher.
+
+
+def _mlp(p, x):
+  h = jnp.tanh(x @ p["layer1"]["w"] + p["layer1"]["b"])
+  return h @ p["layer2"]["w"] + p["layer2"]["b"]
+
+
+def _mlp_problem(seed=1, n=256, din=4):
+  rng = np.random.default_rng(seed)
+
+  def init(h):
+    return _f32({
+        "layer1": {"w": rng.normal(size=(din, h)) / np.sqrt(din),
+                   "b": 0.1 * rng.normal(size=h)},
+        "layer2": {"w": rng.normal(size=(h, 1)) / np.sqrt(h),
+                   "b": 0.1 * rng.normal(size=1)}})
+
+  teacher, student = init(8), init(16)
+  x = jnp.asarray(rng.normal(size=(n, din)), jnp.float32)
+  y = _mlp(teacher, x)
+  return student, (lambda p: _mlp(p, x)), (
+      lambda z: 0.5 * jnp.mean((z - y) ** 2))
+
+
+ADAM_STEPS = 500
+ADAM_LRS = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+SPEEDUP = 5.4
+
+
+def test_mlp_gauss_newton_beats_tuned_adam_by_5_4x_in_iterations():
+  params, model_fn, loss_fn = _mlp_problem()
+  loss = lambda p: loss_fn(model_fn(p))
+
+  @jax.jit
+  def adam_curve(lr):
+    tx = optax.adam(lr)
+
+    def step(carry, _):
+      p, s = carry
+      u, s = tx.update(jax.grad(loss)(p), s, p)
+      p = optax.apply_updates(p, u)
+      return (p, s), loss(p)
+
+    return jax.lax.scan(step, (params, tx.init(params)), None,
+                        length=ADAM_STEPS)[1]
+
+  best = {lr: float(jnp.min(adam_curve(lr))) for lr in ADAM_LRS}
+  target = min(best.values())
+  best_lr = min(best, key=best.get)
+  # The grid brackets Adam's best learning rate, so the baseline is tuned.
+  assert best_lr not in (ADAM_LRS[0], ADAM_LRS[-1]), best
+  assert target < 1e-3 * float(loss(params))
+
+  budget = int(ADAM_STEPS / SPEEDUP)  # 92 outer steps
+  for layerwise in (False, True):
+    tx = mo.gauss_newton(optax.sgd(**HEAVY_BALL), 100, layerwise=layerwise)
+    _, states = _run(tx, params, model_fn, loss_fn, budget)
+    curve = np.asarray(states.loss_after)
+    hits = np.nonzero(curve <= target)[0]
+    # Measured: full GN 12 outer steps, layerwise 35 (Adam lr 0.1: 500).
+    assert hits.size, (layerwise, target, curve[-5:])
+    print(f"layerwise={layerwise}: Adam's best loss {target:.3g} (lr "
+          f"{best_lr}) in {hits[0] + 1} outer steps vs {ADAM_STEPS}")
+
+
+# ---------------------------------------------------------------------------
+# Cross-entropy: the output Hessian, the inner gradients, the step.
+
+
+def _softmax_problem(seed=2, batch=12, din=5, classes=4):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(batch, din))
+  labels = rng.integers(0, classes, size=batch)
+  params = {"w": rng.normal(size=(din, classes)),
+            "b": 0.5 * rng.normal(size=classes)}
+  xj, lj = jnp.asarray(x, jnp.float32), jnp.asarray(labels)
+
+  def model_fn(p):
+    return xj @ p["w"] + p["b"]
+
+  def loss_fn(z):
+    return optax.softmax_cross_entropy_with_integer_labels(z, lj).mean()
+
+  return x, labels, params, model_fn, loss_fn
+
+
+def _np_softmax(z):
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _np_hvp(p, v):
+  """Batch-mean cross-entropy Hessian (diag(p) - p p^T) / B, row by row."""
+  out = np.stack([(np.diag(pi) - np.outer(pi, pi)) @ vi
+                  for pi, vi in zip(p, v)])
+  return out / p.shape[0]
+
+
+def test_cross_entropy_output_hvp_matches_numpy():
+  x, labels, params, model_fn, loss_fn = _softmax_problem()
+  z = model_fn(_f32(params))
+  v = np.random.default_rng(7).normal(size=z.shape)
+  loss, grad, hvp = mo.output_hvp(loss_fn, z)
+  p = _np_softmax(np.asarray(z, np.float64))
+  onehot = np.eye(p.shape[1])[labels]
+  np.testing.assert_allclose(
+      float(loss), -np.mean(np.log(p[np.arange(len(labels)), labels])),
+      rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(grad), (p - onehot) / len(labels),
+                             rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(hvp(jnp.asarray(v, jnp.float32))),
+                             _np_hvp(p, v), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("variant", ["gn", "prox_linear"])
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_two_sgd_inner_steps_replay_in_numpy(variant, layerwise):
+  """delta_2 = delta_1 - lr (J^T(g + H J delta_1) + damping delta_1)."""
+  x, labels, params64, model_fn, loss_fn = _softmax_problem(seed=4)
+  params = _f32(params64)
+  lr, damping = 0.7, 0.05
+  batch, classes = x.shape[0], params64["b"].shape[0]
+  onehot = np.eye(classes)[labels]
+  p0 = _np_softmax(x @ params64["w"] + params64["b"])
+
+  def jvp(d, which):  # J_which d, which in {"w", "b", None (both)}
+    return ((x @ d["w"] if which in ("w", None) else 0.0)
+            + np.ones((batch, 1)) * (d["b"] if which in ("b", None) else 0.0))
+
+  def vjp(c):
+    return {"w": x.T @ c, "b": c.sum(0)}
+
+  def cotangent(u):
+    if variant == "gn":
+      return (p0 - onehot) / batch + _np_hvp(p0, u)
+    z = x @ params64["w"] + params64["b"] + u
+    return (_np_softmax(z) - onehot) / batch
+
+  d1 = {k: -lr * v for k, v in vjp((p0 - onehot) / batch).items()}
+  if layerwise:
+    d2 = {k: d1[k] - lr * (vjp(cotangent(jvp(d1, k)))[k] + damping * d1[k])
+          for k in d1}
+  else:
+    g = vjp(cotangent(jvp(d1, None)))
+    d2 = {k: d1[k] - lr * (g[k] + damping * d1[k]) for k in d1}
+
+  tx = mo.gauss_newton(optax.sgd(lr), 2, layerwise=layerwise,
+                       variant=variant, linesearch=None, damping=damping)
+  updates, state = _one_step(tx, params, model_fn, loss_fn)
+  for k in d2:
+    np.testing.assert_allclose(np.asarray(updates[k]), d2[k], rtol=2e-4,
+                               atol=1e-6)
+  assert float(state.step_size) == 1.0
+  assert np.isnan(float(state.loss_after))  # line search off: not evaluated
+
+
+def test_gauss_newton_step_decreases_cross_entropy_and_logs_state():
+  _, _, params64, model_fn, loss_fn = _softmax_problem(seed=5, batch=32)
+  params = _f32(params64)
+  for inner in (optax.sgd(1.0, momentum=0.9), optax.contrib.muon(0.05)):
+    tx = mo.gauss_newton(inner, 10)
+    updates, state = jax.jit(
+        lambda p, s: tx.update(None, s, p, model_fn=model_fn,
+                               loss_fn=loss_fn))(params, tx.init(params))
+    new = optax.apply_updates(params, updates)
+    before, after = float(loss_fn(model_fn(params))), float(
+        loss_fn(model_fn(new)))
+    assert after < 0.9 * before
+    np.testing.assert_allclose(float(state.loss_before), before, rtol=1e-6)
+    np.testing.assert_allclose(float(state.loss_after), after, rtol=1e-6)
+    assert float(state.step_size) in mo.DEFAULT_LINESEARCH[1:]
+    assert float(state.inner_decrease) > 0
+    assert int(state.count) == 1
+
+
+def test_line_search_never_increases_the_loss():
+  _, _, params64, model_fn, loss_fn = _softmax_problem(seed=6)
+  params = _f32(params64)
+  tx = mo.gauss_newton(optax.sgd(1e4), 3)  # a wildly divergent inner solve
+  updates, state = _one_step(tx, params, model_fn, loss_fn)
+  assert float(state.step_size) == 0.0
+  assert float(state.inner_decrease) < 0
+  assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates))
+  assert float(state.loss_after) == float(state.loss_before)
+  # Without the zero step size the same solve must move.
+  tx = mo.gauss_newton(optax.sgd(1e4), 3, linesearch=(0.5, 1.0))
+  _, state = _one_step(tx, params, model_fn, loss_fn)
+  assert float(state.loss_after) > float(state.loss_before)
+
+
+def test_line_search_picks_the_best_candidate():
+  _, _, params, model_fn, loss_fn, _ = _least_squares(seed=8)
+  sizes = (0.0, 0.1, 0.3, 1.0, 3.0)
+  tx = mo.gauss_newton(optax.sgd(**HEAVY_BALL), 100, linesearch=sizes)
+  updates, state = _one_step(tx, params, model_fn, loss_fn)
+  tx1 = mo.gauss_newton(optax.sgd(**HEAVY_BALL), 100, linesearch=None)
+  delta, _ = _one_step(tx1, params, model_fn, loss_fn)
+  losses = [float(loss_fn(model_fn(jax.tree.map(
+      lambda p, d: p + a * d, params, delta)))) for a in sizes]
+  assert float(state.step_size) == sizes[int(np.argmin(losses))] == 1.0
+  np.testing.assert_allclose(float(state.loss_after), min(losses), rtol=1e-5)
+  for u, d in zip(jax.tree.leaves(updates), jax.tree.leaves(delta)):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(d), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Layers.
+
+
+def test_default_layers_and_layer_partition():
+  params = {"params": {"Dense_0": {"kernel": jnp.ones((2, 3)),
+                                   "bias": jnp.ones(3)},
+                       "Dense_1": {"kernel": jnp.ones((3, 1))}}}
+  part = mo.layer_partition(params)
+  assert list(part.values()) == [
+      ["['params']['Dense_0']['bias']", "['params']['Dense_0']['kernel']"],
+      ["['params']['Dense_1']['kernel']"]]
+  assert len(mo.layer_partition(params, 1)) == 1
+  assert len(mo.layer_partition(params, 3)) == 3
+  part = mo.layer_partition(params["params"], ["Dense_1"])
+  assert list(part.values()) == [["['Dense_0']['bias']",
+                                  "['Dense_0']['kernel']"],
+                                 ["['Dense_1']['kernel']"]]
+  stacked = {"blocks": jnp.ones((3, 2, 2)), "head": jnp.ones(2)}
+  part = mo.layer_partition(
+      stacked, lambda path, leaf: np.arange(3) if leaf.ndim == 3 else "head")
+  assert [len(v) for v in part.values()] == [1, 1, 1, 1]
+  assert part[2] == ["['blocks'][2]"]
+
+
+def _deep_tanh(seed=9, depth=3, width=5, n=40):
+  rng = np.random.default_rng(seed)
+  ws = rng.normal(size=(depth, width, width)) / np.sqrt(width)
+  head = rng.normal(size=width)
+  x = jnp.asarray(rng.normal(size=(n, width)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=n), jnp.float32)
+
+  def model_fn(p):  # p: {"blocks": (depth, w, w), "head": (w,)}
+    h = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["blocks"])[0]
+    return h @ p["head"]
+
+  return _f32({"blocks": ws, "head": head}), model_fn, (
+      lambda z: 0.5 * jnp.mean((z - y) ** 2))
+
+
+def test_stacked_layers_match_unstacked_and_batching_is_exact():
+  params, model_fn, loss_fn = _deep_tanh()
+  depth = params["blocks"].shape[0]
+  ids = lambda path, leaf: (np.arange(depth) if leaf.ndim == 3 else "head")
+  kw = dict(linesearch=(1.0,), layerwise=True)
+  inner = optax.sgd(0.2, momentum=0.5)
+  results = []
+  for batch in (1, 3, None):
+    tx = mo.gauss_newton(inner, 5, layers=ids, layer_batch_size=batch, **kw)
+    results.append(_one_step(tx, params, model_fn, loss_fn)[0])
+  # The same blocks written as separate top-level keys.
+  unstacked = {f"b{i}": params["blocks"][i] for i in range(depth)}
+  unstacked["head"] = params["head"]
+  stack = lambda p: {"blocks": jnp.stack([p[f"b{i}"] for i in range(depth)]),
+                     "head": p["head"]}
+  tx = mo.gauss_newton(inner, 5, **kw)
+  u, _ = _one_step(tx, unstacked, lambda p: model_fn(stack(p)), loss_fn)
+  results.append(stack(u))
+  for other in results[1:]:
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(other)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                 atol=1e-7)
+  # ...and differ from full Gauss-Newton.
+  tx = mo.gauss_newton(inner, 5, linesearch=(1.0,))
+  full, _ = _one_step(tx, params, model_fn, loss_fn)
+  assert not np.allclose(np.asarray(full["blocks"]),
+                         np.asarray(results[0]["blocks"]), rtol=1e-2)
+
+
+# ---------------------------------------------------------------------------
+# State, dtypes, optax plumbing.
+
+
+def test_inner_state_reset_or_carried():
+  params, model_fn, loss_fn = _deep_tanh(seed=10)
+  for carry in (False, True):
+    tx = mo.gauss_newton(optax.adam(1e-2), 4, carry_inner_state=carry)
+    _, states = _run(tx, params, model_fn, loss_fn, 3)
+    if carry:
+      np.testing.assert_array_equal(
+          np.asarray(states.inner_state[0].count), [4, 8, 12])
+    else:
+      assert states.inner_state == ()
+    np.testing.assert_array_equal(np.asarray(states.count), [1, 2, 3])
+
+
+def test_bf16_params_keep_dtype_and_chain_forwards_extra_args():
+  params, model_fn, loss_fn = _deep_tanh(seed=11)
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  tx = optax.chain(mo.gauss_newton(optax.sgd(0.2), 5),
+                   optax.identity())
+  updates, state = _one_step(tx, params, model_fn, loss_fn)
+  assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
+  assert float(state[0].loss_after) < float(state[0].loss_before)
+
+
+# ---------------------------------------------------------------------------
+# Flax.
+
+
+class _NnxMLP(nnx.Module):
+
+  def __init__(self, rngs):
+    self.linear1 = nnx.Linear(3, 16, rngs=rngs)
+    self.linear2 = nnx.Linear(16, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.linear2(jnp.tanh(self.linear1(x)))
+
+
+class _LinenMLP(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(2)(jnp.tanh(nn.Dense(16)(x)))
+
+
+def _batches(seed, count=5, n=256):
+  rng = np.random.default_rng(seed)
+  w = rng.normal(size=(3, 2))
+  for _ in range(count):
+    x = rng.normal(size=(n, 3))
+    yield (jnp.asarray(x, jnp.float32),
+           jnp.asarray(np.sin(x @ w), jnp.float32))
+
+
+def _mse(y):
+  return lambda z: jnp.mean((z - y) ** 2)
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_flax_nnx_model_compiles_once(layerwise):
+  model = _NnxMLP(nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  assert len(mo.layer_partition(params)) == 2  # linear1, linear2
+  tx = mo.gauss_newton(optax.sgd(**HEAVY_BALL), 20, layerwise=layerwise)
+  opt_state = tx.init(params)
+  traces = []
+
+  @jax.jit
+  def train_step(params, opt_state, x, y):
+    traces.append(1)
+    model_fn = lambda p: nnx.merge(graphdef, p)(x)
+    updates, opt_state = tx.update(None, opt_state, params,
+                                   model_fn=model_fn, loss_fn=_mse(y))
+    return optax.apply_updates(params, updates), opt_state
+
+  held_out = []  # each batch's loss before its step: unseen data
+  for x, y in _batches(12):
+    params, opt_state = train_step(params, opt_state, x, y)
+    assert float(opt_state.loss_after) <= float(opt_state.loss_before)
+    held_out.append(float(opt_state.loss_before))
+  assert len(traces) == 1
+  assert held_out[-1] < 0.3 * held_out[0], held_out
+  nnx.update(model, params)
+  np.testing.assert_allclose(np.asarray(model(x)), np.asarray(
+      nnx.merge(graphdef, params)(x)), rtol=1e-6)
+  np.testing.assert_allclose(float(_mse(y)(model(x))),
+                             float(opt_state.loss_after), rtol=1e-5)
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_flax_linen_model_compiles_once(layerwise):
+  model = _LinenMLP()
+  x0, _ = next(_batches(14, 1))
+  variables = model.init(jax.random.key(0), x0)
+  assert len(mo.layer_partition(variables)) == 2  # Dense_0, Dense_1
+  tx = mo.gauss_newton(optax.sgd(**HEAVY_BALL), 20, layerwise=layerwise)
+  opt_state = tx.init(variables)
+  traces = []
+
+  @jax.jit
+  def train_step(variables, opt_state, x, y):
+    traces.append(1)
+    model_fn = lambda v: model.apply(v, x)
+    updates, opt_state = tx.update(None, opt_state, variables,
+                                   model_fn=model_fn, loss_fn=_mse(y))
+    return optax.apply_updates(variables, updates), opt_state
+
+  held_out = []  # each batch's loss before its step: unseen data
+  for x, y in _batches(15):
+    variables, opt_state = train_step(variables, opt_state, x, y)
+    held_out.append(float(opt_state.loss_before))
+  assert len(traces) == 1
+  assert held_out[-1] < 0.3 * held_out[0], held_out
+
+
+# ---------------------------------------------------------------------------
+# Errors.
+
+
+@pytest.mark.parametrize("missing", ["model_fn", "loss_fn", "params"])
+def test_missing_extra_args_raise_type_error_naming_them(missing):
+  _, _, params, model_fn, loss_fn, _ = _least_squares()
+  tx = mo.gauss_newton(optax.sgd(0.1))
+  state = tx.init(params)
+  kwargs = dict(model_fn=model_fn, loss_fn=loss_fn)
+  kwargs.pop(missing, None)
+  with pytest.raises(TypeError, match=missing):
+    tx.update(None, state, None if missing == "params" else params, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(inner_steps=0), r"inner_steps .*>= 1.*0"),
+    (dict(inner_steps=2.5), "inner_steps"),
+    (dict(variant="newton"), r"variant .*'gn'.*'newton'"),
+    (dict(damping=-1.0), r"damping .*>= 0.*-1"),
+    (dict(damping=float("nan")), "damping"),
+    (dict(linesearch=()), "linesearch"),
+    (dict(linesearch=(1.0, -0.5)), r"linesearch .*>= 0"),
+    (dict(linesearch=(float("inf"),)), "linesearch"),
+    (dict(linesearch="fast"), "linesearch"),
+    (dict(layerwise="yes"), "layerwise"),
+    (dict(layers=0), "layers"),
+    (dict(layers="Dense_0"), "layers"),
+    (dict(layer_batch_size=0), "layer_batch_size"),
+    (dict(carry_inner_state=1), "carry_inner_state"),
+])
+def test_invalid_arguments_raise_value_error(kwargs, match):
+  kwargs = dict(kwargs)
+  steps = kwargs.pop("inner_steps", 10)
+  with pytest.raises(ValueError, match=match):
+    mo.gauss_newton(optax.sgd(0.1), steps, **kwargs)
+
+
+def test_bad_inner_optimizer_layers_and_params_raise():
+  with pytest.raises(ValueError, match="inner_optimizer"):
+    mo.gauss_newton(lambda g: g)
+  params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+  tx = mo.gauss_newton(optax.sgd(0.1), layerwise=True, layers=["c"])
+  with pytest.raises(ValueError, match=r"\['c'\]"):
+    tx.update(None, tx.init(params), params, model_fn=lambda p: p["a"],
+              loss_fn=jnp.sum)
+  with pytest.raises(TypeError, match=r"\['n'\].*int32"):
+    mo.gauss_newton(optax.sgd(0.1)).init({"n": jnp.ones(2, jnp.int32)})
+  bad = lambda path, leaf: np.arange(3)
+  with pytest.raises(ValueError, match="one layer id per slice"):
+    mo.layer_partition(params, bad)
