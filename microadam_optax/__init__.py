@@ -6,6 +6,14 @@
 """
 
 from microadam_optax import model_shapes
+from microadam_optax.adam_mini import ADAM_MINI_DEFAULT_RULES
+from microadam_optax.adam_mini import ADAM_MINI_STATIC_ARGS
+from microadam_optax.adam_mini import AdamMiniRules
+from microadam_optax.adam_mini import AdamMiniSpec
+from microadam_optax.adam_mini import ScaleByAdamMiniState
+from microadam_optax.adam_mini import adam_mini
+from microadam_optax.adam_mini import adam_mini_partition
+from microadam_optax.adam_mini import scale_by_adam_mini
 from microadam_optax.gauss_newton import DEFAULT_LINESEARCH
 from microadam_optax.gauss_newton import GaussNewtonState
 from microadam_optax.gauss_newton import gauss_newton
@@ -33,4 +41,12 @@ __all__ = [
     "gauss_newton",
     "layer_partition",
     "output_hvp",
+    "ADAM_MINI_DEFAULT_RULES",
+    "ADAM_MINI_STATIC_ARGS",
+    "AdamMiniRules",
+    "AdamMiniSpec",
+    "ScaleByAdamMiniState",
+    "adam_mini",
+    "adam_mini_partition",
+    "scale_by_adam_mini",
 ]
