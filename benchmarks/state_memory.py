@@ -39,11 +39,10 @@ def optimizers() -> dict[str, tuple[object, object]]:
       "mo.microadam m=10, 1 %, fp32 values":
           (mo.microadam(1e-4, values_dtype=jnp.float32), jnp.float32),
   }
-  if hasattr(mo, "adam_mini"):
-    out["mo.adam_mini (fp32 params: fp32 m, fp32 v)"] = (
-        mo.adam_mini(1e-4), jnp.float32)
-    out["mo.adam_mini (bf16 params: bf16 m, fp32 v)"] = (
-        mo.adam_mini(1e-4), jnp.bfloat16)
+  out["mo.adam_mini (fp32 params: fp32 m, fp32 v)"] = (
+      mo.adam_mini(1e-4), jnp.float32)
+  out["mo.adam_mini (bf16 params: bf16 m, fp32 v)"] = (
+      mo.adam_mini(1e-4), jnp.bfloat16)
   return out
 
 

@@ -22,8 +22,7 @@ import microadam_optax as mo
 from microadam_reference import MicroAdamReference
 
 HERE = pathlib.Path(__file__).parent
-CHECKPOINTED = ["microadam"] + (["adam_mini"] if hasattr(mo, "adam_mini")
-                                else [])
+CHECKPOINTED = ["microadam", "adam_mini"]
 
 
 def _random_state(tx, params, steps=3, seed=0):
