@@ -17,7 +17,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._spmd import row_top_k
 
 
 def slot_mask(num_blocks: int, k: int, last_block_k: int) -> jax.Array:
@@ -60,7 +59,9 @@ def block_topk_reference(x: jax.Array, k: int, *,
     row = jnp.arange(num_blocks)[:, None]
     mag = jnp.where((row < num_blocks - 1) | (col < last_block_length), mag,
                     -1.0)
-  _, idx = row_top_k(mag, k)
+  # approx_max_k with recall_target=1 is exact (the same TopK as lax.top_k on
+  # CPU/GPU) and, unlike lax.top_k, XLA partitions it along sharded rows.
+  _, idx = jax.lax.approx_max_k(mag, k, recall_target=1.0)
   values = jnp.take_along_axis(x, idx, axis=1)
   if last_block_k != k:
     keep = slot_mask(num_blocks, k, last_block_k)
