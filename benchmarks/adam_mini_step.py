@@ -148,7 +148,7 @@ def main(argv=None) -> dict:
   """Runs the benchmark; returns (and optionally writes) the results."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="llama2-7b",
-                      choices=["llama2-7b", "llama2-13b"])
+                      choices=list(mo.model_shapes.MODEL_NAMES))
   parser.add_argument("--layers", type=int, default=None,
                       help="keep only this many decoder layers")
   parser.add_argument("--d-model", type=int, default=None,

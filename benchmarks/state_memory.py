@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
   """Measures every optimizer's state on the chosen model; returns the rows."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="llama2-7b",
-                      choices=["llama2-7b", "llama2-13b"])
+                      choices=list(mo.model_shapes.MODEL_NAMES))
   parser.add_argument("--json", default=None, help="write results here")
   args = parser.parse_args(argv)
   rows = []

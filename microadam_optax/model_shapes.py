@@ -18,7 +18,12 @@ _LLAMA2 = {
     # name: (layers, d_model, d_ffn, vocab)
     "llama2-7b": (32, 4096, 11008, 32000),
     "llama2-13b": (40, 5120, 13824, 32000),
+    # A Llama-2-shaped model of 100.4 M parameters, for CPU measurements.
+    "llama-100m": (12, 640, 1728, 32000),
 }
+
+#: The model names :func:`llama2_shapes` accepts.
+MODEL_NAMES = tuple(_LLAMA2)
 
 
 def llama2_shapes(name: str = "llama2-7b", dtype: Any = jnp.bfloat16,
@@ -32,7 +37,8 @@ def llama2_shapes(name: str = "llama2-7b", dtype: Any = jnp.bfloat16,
   ``[4096, 32000]`` output head.
 
   Args:
-    name: ``"llama2-7b"`` or ``"llama2-13b"``.
+    name: ``"llama2-7b"``, ``"llama2-13b"`` or ``"llama-100m"`` (the same
+      architecture at width 640, 12 layers: 100.4 M parameters).
     dtype: dtype of every leaf (bf16 by default, as in mixed-precision runs).
     num_layers: keep only this many decoder layers (default: all), for runs
       that must fit a smaller device or a CPU.
