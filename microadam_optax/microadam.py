@@ -126,6 +126,12 @@ def _validate(*, b1, b2, eps, window, density, topk_block_size,
 
 
 def _resolve_implementation(implementation: str) -> str:
+  """``"auto"`` -> ``"pallas"`` on GPU/TPU, ``"xla"`` elsewhere.
+
+  Under ``"pallas"`` every hot path runs as a Pallas kernel on GPU (Triton)
+  and in interpret mode on CPU; on TPU the quantization runs as Mosaic
+  kernels and the rest (Triton-only kernels) on the XLA path.
+  """
   if implementation != "auto":
     return implementation
   return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
@@ -201,7 +207,8 @@ class _Hyper(NamedTuple):
 
 def _dequantize(codes, lo, hi, lay: LeafLayout, hp: _Hyper) -> jax.Array:
   """The dense float32 error ``(d,)`` held by the packed codes."""
-  e = quant_lib.dequantize_reference(codes, lo, hi, hp.bits, lay.quant_block)
+  e = quant_lib.dequantize(codes, lo, hi, hp.bits, lay.quant_block,
+                           implementation=hp.implementation)
   return e.reshape(-1)[:lay.size]
 
 
@@ -209,25 +216,46 @@ def _quantize(x: jax.Array, lay: LeafLayout, hp: _Hyper):
   """Packs the dense error ``(d,)`` into codes and per-block min/max."""
   x2 = _flat_padded(x, lay.quant_padded).reshape(lay.num_quant_blocks,
                                                   lay.quant_block)
-  return quant_lib.quantize_reference(x2, hp.bits, lay.last_quant_length)
+  return quant_lib.quantize(x2, hp.bits, lay.last_quant_length,
+                            implementation=hp.implementation)
 
 
 def _leaf_update(g, idx_w, val_w, codes, lo, hi, count, lay: LeafLayout,
                  hp: _Hyper):
-  """One MicroAdam step (Algorithm 1) for one flattened parameter."""
+  """One MicroAdam step (Algorithm 1) for one flattened parameter.
+
+  ``hp.implementation == "pallas"``: the Pallas kernels of
+  :mod:`pallas_kernels` (GPU; interpret mode on CPU). With coinciding Top-K
+  and quantization blocks and 4-bit errors, steps 1-4 below are one fused
+  kernel (:func:`pallas_kernels.error_feedback.error_feedback_pallas`);
+  otherwise the separate kernels run. The Triton kernels are not used on
+  TPU, where those steps take the XLA path.
+  """
+  from pallas_kernels import error_feedback as ef_lib  # pylint: disable=g-import-not-at-top
   window = idx_w.shape[0]
-  # a_t = g_t + Q^{-1}(e_t)
-  a = g.reshape(-1).astype(jnp.float32) + _dequantize(codes, lo, hi, lay, hp)
-  # I_t, V_t = TopK(|a_t|) per block; a_t[I_t] = 0.
-  a2 = _flat_padded(a, lay.topk_padded).reshape(lay.num_topk_blocks,
-                                                 lay.topk_block)
-  idx, vals = topk_lib.block_topk_reference(
-      a2, lay.k, last_block_length=lay.last_topk_length,
-      last_block_k=lay.last_k)
-  slots = topk_lib.slot_mask(lay.num_topk_blocks, lay.k, lay.last_k)
-  a = topk_lib.zero_selected(a2, idx, slots).reshape(-1)[:lay.size]
-  # e_{t+1} = Q(a_t) with per-block min/max.
-  codes, lo, hi = _quantize(a, lay, hp)
+  kernels = (hp.implementation == "pallas"
+             and jax.default_backend() != "tpu")
+  if kernels and lay.aligned and hp.bits == 4:
+    # Steps 1-4 in one pass: dequantize + add, Top-K, zero, re-quantize.
+    idx, vals, codes, lo, hi = ef_lib.error_feedback_pallas(
+        g, codes, lo, hi, block_size=lay.topk_block, k=lay.k,
+        last_block_k=lay.last_k, index_dtype=idx_w.dtype,
+        values_dtype=val_w.dtype)
+  else:
+    # a_t = g_t + Q^{-1}(e_t)
+    a = g.reshape(-1).astype(jnp.float32) + _dequantize(codes, lo, hi, lay,
+                                                        hp)
+    # I_t, V_t = TopK(|a_t|) per block; a_t[I_t] = 0.
+    a2 = _flat_padded(a, lay.topk_padded).reshape(lay.num_topk_blocks,
+                                                   lay.topk_block)
+    topk = topk_lib.block_topk_pallas if kernels else (
+        topk_lib.block_topk_reference)
+    idx, vals = topk(a2, lay.k, last_block_length=lay.last_topk_length,
+                     last_block_k=lay.last_k)
+    slots = topk_lib.slot_mask(lay.num_topk_blocks, lay.k, lay.last_k)
+    a = topk_lib.zero_selected(a2, idx, slots).reshape(-1)[:lay.size]
+    # e_{t+1} = Q(a_t) with per-block min/max.
+    codes, lo, hi = _quantize(a, lay, hp)
   # window[(t - 1) mod m] = (I_t, V_t)
   row = jnp.mod(count - 1, window)
   idx_w = jax.lax.dynamic_update_index_in_dim(
@@ -235,10 +263,17 @@ def _leaf_update(g, idx_w, val_w, codes, lo, hi, count, lay: LeafLayout,
   val_w = jax.lax.dynamic_update_index_in_dim(
       val_w, vals.astype(val_w.dtype), row, 0)
   # u_t = m_hat / (sqrt(v_hat) + eps)
-  u = window_lib.window_update_reference(
-      idx_w, val_w, count, block_size=lay.topk_block, b1=hp.b1, b2=hp.b2,
-      eps=hp.eps).reshape(-1)[:lay.size]
-  if not (isinstance(hp.alpha, (int, float)) and hp.alpha == 0):
+  dense = not (isinstance(hp.alpha, (int, float)) and hp.alpha == 0)
+  if kernels:
+    u = window_lib.window_update_pallas(
+        idx_w, val_w, count, block_size=lay.topk_block, b1=hp.b1, b2=hp.b2,
+        eps=hp.eps, out_dtype=jnp.float32 if dense else g.dtype)
+  else:
+    u = window_lib.window_update_reference(
+        idx_w, val_w, count, block_size=lay.topk_block, b1=hp.b1, b2=hp.b2,
+        eps=hp.eps)
+  u = u.reshape(-1)[:lay.size]
+  if dense:
     # Densify: u += alpha * Q^{-1}(e_{t+1}); keep (1 - alpha) of the error.
     err = _dequantize(codes, lo, hi, lay, hp)
     u = u + hp.alpha * err

@@ -15,14 +15,22 @@ A constant block (``Delta == delta``) codes every entry as 0 and dequantizes to
 ``delta`` exactly (no division by zero). With ``bits=4`` two codes share a
 byte: entry ``2j`` in the low nibble, ``2j + 1`` in the high nibble.
 
-This module holds the pure-``jnp`` reference, which is also the XLA path of
-the optimizer.
+This module holds the pure-``jnp`` reference (also the XLA path of the
+optimizer), the 4-bit Pallas kernels (:func:`quantize_pallas`,
+:func:`dequantize_pallas`; Triton on GPU, Mosaic on TPU) and the dispatch
+(:func:`quantize`, :func:`dequantize`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _backend
+from pallas_kernels import _onchip
 
 VALID_BITS = (4, 8)
 
@@ -154,3 +162,292 @@ def dequantize_reference(packed: jax.Array, lo: jax.Array, hi: jax.Array,
   lo = lo.astype(jnp.float32)
   scale = (hi.astype(jnp.float32) - lo) / ((1 << bits) - 1)
   return codes * scale[:, None] + lo[:, None]
+
+
+# ---------------------------------------------------------------------------
+# Pallas kernels (4-bit). On GPU (Triton) and in interpret mode a block of
+# ``P`` codes is held as ``(P/2, 2)`` pairs, byte ``j`` <-> entries 2j, 2j+1.
+# ---------------------------------------------------------------------------
+
+
+def dequantize_pairs(byte: jax.Array, col: jax.Array, lo: jax.Array,
+                     hi: jax.Array) -> jax.Array:
+  """Kernel-body helper: packed bytes ``(rows, h)`` -> float32 ``(rows, h, 2)``.
+
+  ``lo`` and ``hi`` are the rows' minimum and maximum, ``(rows,)``.
+  """
+  code = (byte.astype(jnp.int32)[:, :, None] >> (4 * col)) & 15
+  scale = (hi - lo) / 15.0
+  return (_onchip.small_int_to_float(code) * _onchip.per_row(scale)
+          + _onchip.per_row(lo))
+
+
+def quantize_pairs(x: jax.Array, col: jax.Array, valid: jax.Array
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Kernel-body helper: float32 ``(rows, h, 2)`` -> (bytes, min, max).
+
+  Min and max (``(rows,)``) are taken over ``valid`` entries; invalid
+  entries get code 0. Same arithmetic as :func:`quantize_codes`.
+  """
+  lo = jnp.min(jnp.where(valid, x, jnp.inf), axis=(1, 2))
+  hi = jnp.max(jnp.where(valid, x, -jnp.inf), axis=(1, 2))
+  scale = (hi - lo) / 15.0
+  positive = _onchip.per_row(scale > 0)
+  safe = _onchip.per_row(jnp.where(scale > 0, scale, 1.0))
+  c = jnp.floor((x - _onchip.per_row(lo)) / safe + 0.5)
+  c = jnp.minimum(jnp.maximum(c, 0.0), 15.0)
+  c = _onchip.small_float_to_int(jnp.where(valid & positive, c, 0.0))
+  packed = jnp.sum(c << (4 * col), axis=2)
+  return packed.astype(jnp.uint8), lo, hi
+
+
+def _padded(q: int) -> int:
+  return max(2, _backend.next_pow2(q))
+
+
+def _quantize_gpu(x, last_len, interpret):
+  num_blocks, q = x.shape
+  padded = _padded(q)
+  half = padded // 2
+  xp = x if padded == q else jnp.pad(x, ((0, 0), (0, padded - q)))
+
+  rows = _backend.rows_per_program(num_blocks, "quantize")
+
+  def kernel(x_ref, c_ref, lo_ref, hi_ref):
+    b = _onchip.rows_of(pl.program_id(0), rows)
+    length = jnp.where(b == num_blocks - 1, last_len, q)
+    pos, col = _onchip.pair_iota(rows, half)
+    packed, lo, hi = quantize_pairs(x_ref[...].astype(jnp.float32), col,
+                                    pos < _onchip.per_row(length))
+    c_ref[...] = packed
+    lo_ref[...] = lo
+    hi_ref[...] = hi
+
+  scalar = pl.BlockSpec((rows,), lambda i: (i,))
+  packed, lo, hi = pl.pallas_call(
+      kernel,
+      grid=(num_blocks // rows,),
+      in_specs=[pl.BlockSpec((rows, half, 2), lambda i: (i, 0, 0))],
+      out_specs=[pl.BlockSpec((rows, half), lambda i: (i, 0)), scalar,
+                 scalar],
+      out_shape=[jax.ShapeDtypeStruct((num_blocks, half), jnp.uint8),
+                 jax.ShapeDtypeStruct((num_blocks,), jnp.float32),
+                 jax.ShapeDtypeStruct((num_blocks,), jnp.float32)],
+      compiler_params=None if interpret else _backend.gpu_params(
+          rows * padded, "quantize"),
+      interpret=interpret,
+      name="quantize4",
+  )(xp.reshape(num_blocks, half, 2))
+  return packed[:, :q // 2], lo, hi
+
+
+def _dequantize_gpu(packed, lo, hi, q, interpret):
+  num_blocks = packed.shape[0]
+  padded = _padded(q)
+  half = padded // 2
+  if packed.shape[1] != half:
+    packed = jnp.pad(packed, ((0, 0), (0, half - packed.shape[1])))
+
+  rows = _backend.rows_per_program(num_blocks, "dequantize")
+
+  def kernel(c_ref, lo_ref, hi_ref, x_ref):
+    _, col = _onchip.pair_iota(rows, half)
+    x_ref[...] = dequantize_pairs(c_ref[...], col, lo_ref[...], hi_ref[...])
+
+  scalar = pl.BlockSpec((rows,), lambda i: (i,))
+  x = pl.pallas_call(
+      kernel,
+      grid=(num_blocks // rows,),
+      in_specs=[pl.BlockSpec((rows, half), lambda i: (i, 0)), scalar, scalar],
+      out_specs=pl.BlockSpec((rows, half, 2), lambda i: (i, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct((num_blocks, half, 2), jnp.float32),
+      compiler_params=None if interpret else _backend.gpu_params(
+          rows * padded, "dequantize"),
+      interpret=interpret,
+      name="dequantize4",
+  )(packed, lo.astype(jnp.float32), hi.astype(jnp.float32))
+  return x.reshape(num_blocks, padded)[:, :q]
+
+
+def quantize_pallas(x: jax.Array, bits: int = 4,
+                    last_block_length: int | None = None, *,
+                    interpret: bool | None = None
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """:func:`quantize_reference` (4 bits) as a Pallas kernel, one row a program.
+
+  Args: as :func:`quantize_reference` (``bits`` must be 4), plus
+    ``interpret`` (default: on CPU).
+
+  Returns:
+    ``(packed uint8 (num_blocks, q/2), block_min, block_max)``.
+  """
+  if bits != 4:
+    raise ValueError(f"the quantization kernels are 4-bit, got bits={bits}.")
+  num_blocks, q = x.shape
+  if q % 2:
+    raise ValueError(f"4-bit packing needs an even block, got {q}.")
+  last_len = q if last_block_length is None else int(last_block_length)
+  interpret = _backend.interpret_mode(interpret)
+  if _backend.backend() == "tpu" and not interpret:
+    return _quantize_tpu(x, last_len)
+  return _quantize_gpu(x, last_len, interpret)
+
+
+def dequantize_pallas(packed: jax.Array, lo: jax.Array, hi: jax.Array,
+                      bits: int = 4, block_size: int | None = None, *,
+                      interpret: bool | None = None) -> jax.Array:
+  """:func:`dequantize_reference` (4 bits) as a Pallas kernel.
+
+  Args: as :func:`dequantize_reference` (``bits`` must be 4), plus
+    ``interpret`` (default: on CPU).
+
+  Returns:
+    float32 ``(num_blocks, block_size)``.
+  """
+  if bits != 4:
+    raise ValueError(f"the quantization kernels are 4-bit, got bits={bits}.")
+  q = packed.shape[-1] * 2 if block_size is None else int(block_size)
+  if q % 2:
+    raise ValueError(f"4-bit packing needs an even block, got {q}.")
+  interpret = _backend.interpret_mode(interpret)
+  if _backend.backend() == "tpu" and not interpret:
+    return _dequantize_tpu(packed, lo, hi, q)
+  return _dequantize_gpu(packed, lo, hi, q, interpret)
+
+
+def quantize(x: jax.Array, bits: int = 4,
+             last_block_length: int | None = None, *,
+             implementation: str = "auto"
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Block-wise quantization with packing: reference or kernel.
+
+  ``implementation``: ``"xla"`` (:func:`quantize_reference`), ``"pallas"``
+  (:func:`quantize_pallas`; 8-bit codes and odd blocks use the reference) or
+  ``"auto"`` (the kernel on GPU and TPU, the reference elsewhere).
+  """
+  _check_bits(bits)
+  if (_backend.resolve(implementation, "quantize") == "pallas" and bits == 4
+      and x.shape[-1] % 2 == 0):
+    return quantize_pallas(x, bits, last_block_length)
+  return quantize_reference(x, bits, last_block_length)
+
+
+def dequantize(packed: jax.Array, lo: jax.Array, hi: jax.Array,
+               bits: int = 4, block_size: int | None = None, *,
+               implementation: str = "auto") -> jax.Array:
+  """Block-wise dequantization: reference or kernel (see :func:`quantize`)."""
+  _check_bits(bits)
+  q = packed.shape[-1] * 8 // bits if block_size is None else block_size
+  if (_backend.resolve(implementation, "dequantize") == "pallas" and bits == 4
+      and q % 2 == 0):
+    return dequantize_pallas(packed, lo, hi, bits, q)
+  return dequantize_reference(packed, lo, hi, bits, block_size)
+
+
+# ---------------------------------------------------------------------------
+# Mosaic TPU versions. TPU vregs are (8, 128) tiles: a program takes 8 rows.
+# The even and odd entries of each row are split into two planes by one XLA
+# transpose before the kernel (and merged after dequantization): a copy that
+# a lane-strided load would avoid, not tried for lack of a TPU. Checked here
+# only by lowering for TPU and by the TPU interpreter on CPU (``interpret=
+# pltpu.InterpretParams()``); never compiled or run on a TPU.
+# ---------------------------------------------------------------------------
+
+_TPU_ROWS = 8
+
+
+def _rows_padded(x: jax.Array, rows: int) -> jax.Array:
+  n = x.shape[0]
+  target = -(-n // rows) * rows
+  if target == n:
+    return x
+  return jnp.pad(x, ((0, target - n),) + ((0, 0),) * (x.ndim - 1))
+
+
+def _quantize_tpu(x: jax.Array, last_len: int, interpret: Any = None):
+  num_blocks, q = x.shape
+  half = q // 2
+  xr = _rows_padded(x.astype(jnp.float32), _TPU_ROWS)
+  nbp = xr.shape[0]
+  # Even and odd entries as separate (rows, q/2) planes (one XLA transpose).
+  planes = xr.reshape(nbp, half, 2).transpose(2, 0, 1)
+
+  def kernel(p_ref, c_ref, lo_ref, hi_ref):
+    i = pl.program_id(0)
+    even = p_ref[0]
+    odd = p_ref[1]
+    row = i * _TPU_ROWS + jax.lax.broadcasted_iota(jnp.int32, even.shape, 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, even.shape, 1)
+    limit = jnp.where(row == num_blocks - 1, last_len, q)
+    v_even = 2 * col < limit
+    v_odd = 2 * col + 1 < limit
+    lo = jnp.minimum(jnp.min(jnp.where(v_even, even, jnp.inf), axis=1,
+                             keepdims=True),
+                     jnp.min(jnp.where(v_odd, odd, jnp.inf), axis=1,
+                             keepdims=True))
+    hi = jnp.maximum(jnp.max(jnp.where(v_even, even, -jnp.inf), axis=1,
+                             keepdims=True),
+                     jnp.max(jnp.where(v_odd, odd, -jnp.inf), axis=1,
+                             keepdims=True))
+    scale = (hi - lo) / 15.0
+    safe = jnp.where(scale > 0, scale, 1.0)
+
+    def code(v, ok):
+      c = jnp.clip(jnp.floor((v - lo) / safe + 0.5), 0.0, 15.0)
+      return jnp.where(ok & (scale > 0), c, 0.0).astype(jnp.int32)
+
+    c_ref[...] = code(even, v_even) | (code(odd, v_odd) << 4)
+    lo_ref[...] = jnp.broadcast_to(lo, lo_ref.shape)
+    hi_ref[...] = jnp.broadcast_to(hi, hi_ref.shape)
+
+  rows = _TPU_ROWS
+  codes, lo, hi = pl.pallas_call(
+      kernel,
+      grid=(nbp // rows,),
+      in_specs=[pl.BlockSpec((2, rows, half), lambda i: (0, i, 0))],
+      out_specs=[pl.BlockSpec((rows, half), lambda i: (i, 0)),
+                 pl.BlockSpec((rows, 128), lambda i: (i, 0)),
+                 pl.BlockSpec((rows, 128), lambda i: (i, 0))],
+      out_shape=[jax.ShapeDtypeStruct((nbp, half), jnp.int32),
+                 jax.ShapeDtypeStruct((nbp, 128), jnp.float32),
+                 jax.ShapeDtypeStruct((nbp, 128), jnp.float32)],
+      compiler_params=_backend.tpu_params(),
+      interpret=interpret,
+      name="quantize4_tpu",
+  )(planes)
+  return (codes[:num_blocks].astype(jnp.uint8), lo[:num_blocks, 0],
+          hi[:num_blocks, 0])
+
+
+def _dequantize_tpu(packed: jax.Array, lo: jax.Array, hi: jax.Array, q: int,
+                    interpret: Any = None):
+  num_blocks = packed.shape[0]
+  half = q // 2
+  rows = _TPU_ROWS
+  codes = _rows_padded(packed[:, :half].astype(jnp.int32), rows)
+  nbp = codes.shape[0]
+  lo2 = _rows_padded(jnp.broadcast_to(lo.astype(jnp.float32)[:, None],
+                                      (num_blocks, 128)), rows)
+  hi2 = _rows_padded(jnp.broadcast_to(hi.astype(jnp.float32)[:, None],
+                                      (num_blocks, 128)), rows)
+
+  def kernel(c_ref, lo_ref, hi_ref, x_ref):
+    c = c_ref[...]
+    lo_ = lo_ref[:, :1]
+    scale = (hi_ref[:, :1] - lo_) / 15.0
+    x_ref[0] = (c & 15).astype(jnp.float32) * scale + lo_
+    x_ref[1] = (c >> 4).astype(jnp.float32) * scale + lo_
+
+  planes = pl.pallas_call(
+      kernel,
+      grid=(nbp // rows,),
+      in_specs=[pl.BlockSpec((rows, half), lambda i: (i, 0)),
+                pl.BlockSpec((rows, 128), lambda i: (i, 0)),
+                pl.BlockSpec((rows, 128), lambda i: (i, 0))],
+      out_specs=pl.BlockSpec((2, rows, half), lambda i: (0, i, 0)),
+      out_shape=jax.ShapeDtypeStruct((2, nbp, half), jnp.float32),
+      compiler_params=_backend.tpu_params(),
+      interpret=interpret,
+      name="dequantize4_tpu",
+  )(codes, lo2, hi2)
+  return planes.transpose(1, 2, 0).reshape(nbp, q)[:num_blocks]

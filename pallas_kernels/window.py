@@ -15,14 +15,25 @@ row of step ``s`` is ``r = (s - 1) mod m`` and its age ``(t - 1 - r) mod m``):
 Rows not written yet (``age >= t``) are ignored. Entries outside every stored
 index get ``u = 0``.
 
-This module holds the pure-``jnp`` reference, which is also the XLA path of
-the optimizer.
+This module holds the pure-``jnp`` reference (:func:`window_update_reference`,
+also the XLA path of the optimizer), the Pallas kernel
+(:func:`window_update_pallas`) and the dispatch (:func:`window_update`); and
+the same three for the fused parameter update ``p - lr (u + wd p)``
+(:func:`window_param_update`), for users who apply MicroAdam's update without
+:func:`optax.apply_updates`.
 """
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _backend
+from pallas_kernels import _onchip
 
 
 def row_weights(count: jax.Array, window: int, b1: float, b2: float
@@ -82,3 +93,368 @@ def window_update_reference(indices: jax.Array, values: jax.Array,
 
   # One scatter per block (vmap): XLA partitions it along sharded blocks.
   return jax.vmap(block, in_axes=1)(indices, v)
+
+
+def window_param_update_reference(params: jax.Array, indices: jax.Array,
+                                  values: jax.Array, count: jax.Array, *,
+                                  block_size: int, learning_rate: Any,
+                                  weight_decay: Any = 0.0, b1: float = 0.9,
+                                  b2: float = 0.999, eps: float = 1e-8
+                                  ) -> jax.Array:
+  """``params - lr * (u + wd * params)`` with ``u`` rebuilt from the window.
+
+  Args:
+    params: the parameter, any shape, ``d`` elements (flattened row-major
+      into blocks of ``block_size``).
+    indices: block-relative indices ``(m, num_blocks, k)``.
+    values: signed values ``(m, num_blocks, k)``.
+    count: the current step ``t >= 1``.
+    block_size: ``B``.
+    learning_rate: scalar (may be traced).
+    weight_decay: decoupled weight decay (may be traced).
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: added to ``sqrt(v_hat)``.
+
+  Returns:
+    The new parameter, same shape and dtype; computed in float32 and rounded
+    once.
+  """
+  d = params.size
+  u = window_update_reference(indices, values, count, block_size=block_size,
+                              b1=b1, b2=b2, eps=eps).reshape(-1)[:d]
+  p = params.reshape(-1).astype(jnp.float32)
+  lr = jnp.asarray(learning_rate, jnp.float32)
+  wd = jnp.asarray(weight_decay, jnp.float32)
+  return (p - lr * (u + wd * p)).astype(params.dtype).reshape(params.shape)
+
+
+# ---------------------------------------------------------------------------
+# Pallas kernel (GPU, Triton back end; interpret mode on CPU).
+# ---------------------------------------------------------------------------
+
+#: How a program combines the ``m * k`` window entries of its block that
+#: share a position (Triton has no scatter into on-chip memory):
+#:
+#: * ``"elect"``: every entry writes its slot number at its position of a
+#:   per-program table in global memory (L2-resident); the one that reads its
+#:   own number back is the position's representative, the others add their
+#:   terms to it with atomics (rare: only repeated positions); the
+#:   representatives compute ``u`` and store it into the zero-filled block.
+#:   About 4 scattered accesses per entry, no dense scratch traffic.
+#: * ``"atomic"``: every entry adds its two terms into a dense per-program
+#:   ``(2, B)`` float32 scratch with atomics; the program reads the scratch
+#:   back densely, writes ``u`` and re-zeroes it. 2 atomics per entry plus
+#:   4 * 2 * B bytes of scratch traffic per block.
+WINDOW_VARIANTS = ("elect", "atomic")
+
+
+def _default_variant() -> str:
+  return os.environ.get("PALLAS_KERNELS_WINDOW_VARIANT", "elect")
+
+
+def _window_kernel_call(indices, values, count, *, block_size, b1, b2, eps,
+                        out_dtype, params=None, learning_rate=None,
+                        weight_decay=0.0, variant=None, programs=None,
+                        interpret=None):
+  """Shared wrapper of the window kernel (``u`` or the new parameter).
+
+  A persistent grid of programs walks groups of ``rows`` consecutive blocks
+  (see :func:`pallas_kernels._backend.rows_per_program`); each program owns
+  a scratch area in global memory, small enough to stay in the L2 cache.
+  """
+  m, num_blocks, k = indices.shape
+  if values.shape != indices.shape:
+    raise ValueError(f"indices {indices.shape} and values {values.shape} "
+                     "must have the same shape.")
+  variant = variant or _default_variant()
+  if variant not in WINDOW_VARIANTS:
+    raise ValueError(f"variant must be one of {WINDOW_VARIANTS}, got "
+                     f"{variant!r}.")
+  interpret = _backend.interpret_mode(interpret)
+  padded = _backend.next_pow2(block_size)
+  entries = m * k
+  ep = _backend.next_pow2(entries)
+  rows = _backend.rows_per_program(num_blocks, "window")
+  groups = num_blocks // rows
+  g_count = programs or _backend.persistent_programs(groups)
+  g_count = max(1, min(int(g_count), groups))
+  update_params = params is not None
+  wd_is_zero = (not update_params) or (
+      isinstance(weight_decay, (int, float)) and weight_decay == 0)
+  w1, w2 = row_weights(count, m, b1, b2)
+  weights = jnp.concatenate([w1, w2])
+  lr = 0.0 if learning_rate is None else learning_rate
+  consts = jnp.stack([jnp.asarray(eps, jnp.float32),
+                      jnp.asarray(lr, jnp.float32),
+                      jnp.asarray(weight_decay, jnp.float32),
+                      jnp.float32(0)])
+  stride = num_blocks * k
+  # Scratch per program: "elect" a tag table (rows, P) and two sums
+  # (rows, EP); "atomic" dense sums (2, rows, P).
+  tag_size = rows * padded
+  sums_size = rows * ep
+  acc_size = 2 * rows * padded
+
+  def entries_of(b, idx_ref, val_ref, w_ref):
+    """The window entries of blocks ``b`` ``(rows,)``, as ``(rows, EP)``."""
+    e = jax.lax.broadcasted_iota(jnp.int32, (rows, ep), 1)
+    r = e // k
+    valid = e < entries
+    addr = r * stride + b[:, None] * k + (e - r * k)
+    pos = _onchip.load_scattered(idx_ref, addr, valid, 0).astype(jnp.int32)
+    v = _onchip.load_scattered(val_ref, addr, valid, 0).astype(jnp.float32)
+    w1r = _onchip.load_scattered(w_ref, r, valid, 0.0)
+    w2r = _onchip.load_scattered(w_ref, m + r, valid, 0.0)
+    return e, valid, pos, w1r * v, (w2r * v) * v
+
+  def kernel(idx_ref, val_ref, w_ref, c_ref, *rest):
+    if update_params:
+      p_ref, out_ref, *scratch = rest
+    else:
+      p_ref = None
+      out_ref, *scratch = rest
+    g = pl.program_id(0)
+    eps_ = c_ref[0]
+    lr_ = c_ref[1]
+    wd_ = c_ref[2]
+    count_g = (groups - g + g_count - 1) // g_count
+    local = jax.lax.broadcasted_iota(jnp.int32, (rows,), 0)
+
+    def dense(group):
+      return pl.ds(group * rows * padded, rows * padded)
+
+    def dense_update(group, u):
+      """Writes u (or the updated parameter) for the group's blocks."""
+      u = u.reshape(rows * padded)
+      if update_params:
+        p = p_ref[dense(group)].astype(jnp.float32)
+        u = p - lr_ * (u + wd_ * p)
+      out_ref[dense(group)] = u.astype(out_ref.dtype)
+
+    if variant == "atomic":
+      (acc_ref,) = scratch
+      base = g * acc_size
+      acc_ref[pl.ds(base, acc_size)] = jnp.zeros((acc_size,), jnp.float32)
+      _backend.barrier(interpret)
+
+      def body(i, carry):
+        group = g + i * g_count
+        b = group * rows + local
+        _, valid, pos, x1, x2 = entries_of(b, idx_ref, val_ref, w_ref)
+        at = base + local[:, None] * padded + pos
+        _onchip.scatter_add(acc_ref, at, x1, valid, interpret)
+        _onchip.scatter_add(acc_ref, at + rows * padded, x2, valid,
+                            interpret)
+        _backend.barrier(interpret)
+        m_hat = _onchip.load_block(acc_ref.at[pl.ds(base, rows * padded)],
+                                   volatile=True)
+        v_hat = _onchip.load_block(
+            acc_ref.at[pl.ds(base + rows * padded, rows * padded)],
+            volatile=True)
+        dense_update(group, m_hat / (jnp.sqrt(v_hat) + eps_))
+        acc_ref[pl.ds(base, acc_size)] = jnp.zeros((acc_size,), jnp.float32)
+        _backend.barrier(interpret)
+        return carry
+
+    else:  # "elect"
+      tag_ref, sum1_ref, sum2_ref = scratch
+      tbase = (g * tag_size + local * padded)[:, None]
+      sbase = (g * sums_size + local * ep)[:, None]
+      mine = pl.ds(g * sums_size, sums_size)
+
+      def body(i, carry):
+        group = g + i * g_count
+        b = group * rows + local
+        e, valid, pos, x1, x2 = entries_of(b, idx_ref, val_ref, w_ref)
+        _onchip.store_scattered(tag_ref, tbase + pos, e, valid)
+        sum1_ref[mine] = jnp.zeros((sums_size,), jnp.float32)
+        sum2_ref[mine] = jnp.zeros((sums_size,), jnp.float32)
+        _backend.barrier(interpret)
+        rep = _onchip.load_scattered(tag_ref, tbase + pos, valid, -1,
+                                     volatile=True)
+        loser = valid & (rep != e)
+        _onchip.scatter_add(sum1_ref, sbase + rep, x1, loser, interpret)
+        _onchip.scatter_add(sum2_ref, sbase + rep, x2, loser, interpret)
+        _backend.barrier(interpret)
+        s1 = _onchip.load_block(sum1_ref.at[mine], volatile=True).reshape(
+            rows, ep)
+        s2 = _onchip.load_block(sum2_ref.at[mine], volatile=True).reshape(
+            rows, ep)
+        winner = valid & (rep == e)
+        u = (x1 + s1) / (jnp.sqrt(x2 + s2) + eps_)
+        at = b[:, None] * padded + pos
+        if update_params:
+          p = _onchip.load_scattered(p_ref, at, winner, 0).astype(jnp.float32)
+          if not wd_is_zero:
+            _backend.barrier(interpret)
+            dense_update(group, jnp.zeros((rows * padded,), jnp.float32))
+            _backend.barrier(interpret)
+          new = p - lr_ * (u + wd_ * p)
+          _onchip.store_scattered(out_ref, at, new, winner)
+        else:
+          out_ref[dense(group)] = jnp.zeros((rows * padded,), out_ref.dtype)
+          _backend.barrier(interpret)
+          _onchip.store_scattered(out_ref, at, u, winner)
+        _backend.barrier(interpret)
+        return carry
+
+    jax.lax.fori_loop(0, count_g, body, 0)
+
+  out_len = num_blocks * padded
+  if variant == "atomic":
+    scratch_shapes = [jax.ShapeDtypeStruct((g_count * acc_size,),
+                                           jnp.float32)]
+  else:
+    scratch_shapes = [jax.ShapeDtypeStruct((g_count * tag_size,), jnp.int32)]
+    scratch_shapes += [jax.ShapeDtypeStruct((g_count * sums_size,),
+                                            jnp.float32)] * 2
+  operands = [indices.reshape(-1), values.reshape(-1), weights, consts]
+  aliases = {}
+  if update_params:
+    d = params.size
+    p = params.reshape(-1)
+    if out_len != d:
+      p = jnp.pad(p, (0, num_blocks * block_size - d)).reshape(
+          num_blocks, block_size)
+      p = jnp.pad(p, ((0, 0), (0, padded - block_size))).reshape(-1)
+    operands.append(p)
+    aliases = {4: 0}
+  outs = pl.pallas_call(
+      kernel,
+      grid=(g_count,),
+      in_specs=[pl.no_block_spec] * len(operands),
+      out_specs=[pl.no_block_spec] * (1 + len(scratch_shapes)),
+      out_shape=[jax.ShapeDtypeStruct((out_len,), jnp.dtype(out_dtype))]
+      + scratch_shapes,
+      input_output_aliases=aliases,
+      compiler_params=None if interpret else _backend.gpu_params(
+          rows * padded, "window"),
+      interpret=interpret,
+      name=f"window_{variant}",
+  )(*operands)
+  out = outs[0].reshape(num_blocks, padded)
+  if padded != block_size:
+    out = out[:, :block_size]
+  return out
+
+
+def window_update_pallas(indices: jax.Array, values: jax.Array,
+                         count: jax.Array, *, block_size: int,
+                         b1: float = 0.9, b2: float = 0.999,
+                         eps: float = 1e-8, out_dtype: Any = jnp.float32,
+                         variant: str | None = None,
+                         programs: int | None = None,
+                         interpret: bool | None = None) -> jax.Array:
+  """:func:`window_update_reference` as a Pallas kernel.
+
+  A persistent grid of ``programs`` programs (default: a few per GPU
+  multiprocessor) walks the blocks; each program reads its block's ``m * k``
+  window entries, combines repeated positions (see :data:`WINDOW_VARIANTS`)
+  and writes the block of ``u``.
+
+  Args: as :func:`window_update_reference`, plus
+    out_dtype: dtype of ``u`` (the parameters' dtype in the optimizer).
+    variant: one of :data:`WINDOW_VARIANTS` (default ``"elect"``, or the
+      environment variable ``PALLAS_KERNELS_WINDOW_VARIANT``).
+    programs: number of programs (default: see
+      :func:`pallas_kernels._backend.persistent_programs`).
+    interpret: run in interpret mode (default: on CPU).
+
+  Returns:
+    ``u`` ``(num_blocks, block_size)`` in ``out_dtype``.
+  """
+  return _window_kernel_call(indices, values, count, block_size=block_size,
+                             b1=b1, b2=b2, eps=eps, out_dtype=out_dtype,
+                             variant=variant, programs=programs,
+                             interpret=interpret)
+
+
+def window_update(indices: jax.Array, values: jax.Array, count: jax.Array, *,
+                  block_size: int, b1: float = 0.9, b2: float = 0.999,
+                  eps: float = 1e-8, out_dtype: Any = jnp.float32,
+                  implementation: str = "auto") -> jax.Array:
+  """The update direction ``u`` from the window: reference or kernel.
+
+  Args: as :func:`window_update_reference`, plus ``out_dtype`` and
+    ``implementation`` (``"xla"``, ``"pallas"`` or ``"auto"``: the kernel on
+    GPU, the reference elsewhere).
+
+  Returns:
+    ``u`` ``(num_blocks, block_size)`` in ``out_dtype``.
+  """
+  if _backend.resolve(implementation, "window") == "pallas":
+    return window_update_pallas(indices, values, count,
+                                block_size=block_size, b1=b1, b2=b2, eps=eps,
+                                out_dtype=out_dtype)
+  return window_update_reference(indices, values, count,
+                                 block_size=block_size, b1=b1, b2=b2,
+                                 eps=eps).astype(out_dtype)
+
+
+def window_param_update_pallas(params: jax.Array, indices: jax.Array,
+                               values: jax.Array, count: jax.Array, *,
+                               block_size: int, learning_rate: Any,
+                               weight_decay: Any = 0.0, b1: float = 0.9,
+                               b2: float = 0.999, eps: float = 1e-8,
+                               variant: str | None = None,
+                               programs: int | None = None,
+                               interpret: bool | None = None) -> jax.Array:
+  """:func:`window_param_update_reference` as one kernel, in place.
+
+  The parameter buffer is aliased to the output (donate it to avoid a
+  copy). With ``weight_decay`` a Python ``0`` (and the ``"elect"``
+  variant) only the positions held by the window are read and written:
+  ``u`` is zero everywhere else, so the rest of the parameter is untouched.
+
+  Args: as :func:`window_param_update_reference`, plus ``variant``,
+    ``programs`` and ``interpret`` (see :func:`window_update_pallas`).
+
+  Returns:
+    The new parameter, same shape and dtype as ``params``.
+  """
+  d = params.size
+  out = _window_kernel_call(indices, values, count, block_size=block_size,
+                            b1=b1, b2=b2, eps=eps, out_dtype=params.dtype,
+                            params=params, learning_rate=learning_rate,
+                            weight_decay=weight_decay, variant=variant,
+                            programs=programs, interpret=interpret)
+  return out.reshape(-1)[:d].reshape(params.shape)
+
+
+def window_param_update(params: jax.Array, indices: jax.Array,
+                        values: jax.Array, count: jax.Array, *,
+                        block_size: int, learning_rate: Any,
+                        weight_decay: Any = 0.0, b1: float = 0.9,
+                        b2: float = 0.999, eps: float = 1e-8,
+                        implementation: str = "auto") -> jax.Array:
+  """MicroAdam's parameter step from the window, without ``apply_updates``.
+
+  ``params - learning_rate * (u + weight_decay * params)``: the same as
+  ``optax.chain(scale_by_microadam, add_decayed_weights, scale_by_learning_rate)``
+  followed by :func:`optax.apply_updates`, rounded once instead of after
+  every stage.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from pallas_kernels import window
+    >>> idx = jnp.array([[[0, 2]]], jnp.int16)       # m=1, one block, k=2
+    >>> val = jnp.array([[[1.0, -2.0]]], jnp.float32)
+    >>> p = jnp.ones((4,), jnp.float32)
+    >>> window.window_param_update(p, idx, val, 1, block_size=4,
+    ...                            learning_rate=0.1, implementation="xla")
+    Array([0.9      , 1.       , 1.1      , 1.       ], dtype=float32)
+
+  Args: as :func:`window_param_update_reference`, plus ``implementation``
+    (``"xla"``, ``"pallas"`` or ``"auto"``).
+
+  Returns:
+    The new parameter, same shape and dtype as ``params``.
+  """
+  kwargs = dict(block_size=block_size, learning_rate=learning_rate,
+                weight_decay=weight_decay, b1=b1, b2=b2, eps=eps)
+  if _backend.resolve(implementation, "window") == "pallas":
+    return window_param_update_pallas(params, indices, values, count,
+                                      **kwargs)
+  return window_param_update_reference(params, indices, values, count,
+                                       **kwargs)

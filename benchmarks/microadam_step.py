@@ -1,0 +1,308 @@
+"""One optimizer step on real model shapes: MicroAdam (XLA and Pallas) vs AdamW.
+
+Runs in one process, side by side, on bf16 parameters and random bf16
+gradients of a Llama-2 model's shapes (``--layers`` keeps fewer decoder
+layers; ``--model tiny`` is a few small tensors, for CPUs):
+
+* ``optax.adamw`` with ``mu_dtype=bf16`` (bf16 parameters give bf16 ``nu`` as
+  well: the "bf16 states" reference row);
+* ``microadam_optax.microadam`` with ``implementation="pallas"`` and
+  ``"xla"``;
+* the kernel-level fused step (error-feedback kernel, then
+  :func:`pallas_kernels.window.window_param_update_pallas` writing the
+  parameters in place, no ``apply_updates``), with and without weight decay.
+
+Each row times ``jit(update + apply_updates)`` with donated parameters and
+state: the median of ``--steps`` steps after ``--warmup``, each synchronised
+with ``block_until_ready``; the steps cycle through ``--grad-sets`` random
+gradients. Peak device memory is read from
+``memory_stats()`` after each row (rows run in increasing order of expected
+memory, and the peak counter never decreases, so each reading is that row's
+peak unless an earlier row's was higher), and XLA's own count of the
+step's temporary buffers from ``compiled.memory_analysis()`` (what the step
+needs beyond its arguments). ``--kernels`` adds per-kernel
+timings on the largest MLP tensor (see ``benchmarks/kernels.py``).
+
+  python benchmarks/microadam_step.py --model llama2-7b --json step.json
+  python benchmarks/microadam_step.py --model tiny            # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import microadam_optax as mo
+from microadam_optax.microadam import _Hyper  # pylint: disable=protected-access
+from microadam_optax.microadam import _leaf_update  # pylint: disable=protected-access
+from microadam_optax._layout import leaf_layout
+from pallas_kernels import error_feedback as ef_lib
+from pallas_kernels import window as window_lib
+
+LR = 1e-4
+
+
+def tiny_shapes(dtype=jnp.bfloat16) -> dict[str, Any]:
+  """A few small tensors with awkward sizes (for CPU runs)."""
+  s = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
+  return {"embed": s(300, 64), "w1": s(64, 200), "w2": s(200, 64),
+          "norm": s(64), "odd": s(7, 13)}
+
+
+def model_shapes(name: str, layers: int | None) -> dict[str, Any]:
+  if name == "tiny":
+    return tiny_shapes()
+  return mo.model_shapes.llama2_shapes(name, num_layers=layers)
+
+
+def materialize(shapes: Any, seed: int, scale: float) -> Any:
+  """Random bf16 arrays (never zeros) with the given shapes, made on device."""
+  leaves, treedef = jax.tree.flatten(shapes)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  make = jax.jit(lambda k, shape, dtype: (scale * jax.random.normal(
+      k, shape, jnp.float32)).astype(dtype), static_argnums=(1, 2))
+  return treedef.unflatten(
+      [make(k, tuple(l.shape), jnp.dtype(l.dtype)) for k, l in
+       zip(keys, leaves)])
+
+
+def nbytes(tree: Any) -> int:
+  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def memory_stats() -> dict[str, int]:
+  try:
+    stats = jax.devices()[0].memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except
+    stats = {}
+  return {k: int(v) for k, v in stats.items()
+          if k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")}
+
+
+def optax_step(tx) -> Callable:
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def fused_step(*, weight_decay: float, window: int = 10,
+               density: float = 0.01, block: int = mo.DEFAULT_BLOCK_SIZE
+               ) -> Callable:
+  """MicroAdam without apply_updates: EF kernel + in-place parameter kernel.
+
+  The state is :class:`microadam_optax.MicroAdamState` from
+  ``scale_by_microadam(...).init``; the step is AdamW-style decoupled weight
+  decay and learning rate, as :func:`microadam_optax.microadam`.
+  """
+
+  def leaf(p, g, iw, vw, codes, lo, hi, count):
+    lay = leaf_layout(p.size, topk_block_size=block, quant_block_size=block,
+                      density=density, error_bits=4)
+    if not lay.aligned:
+      # Odd-sized leaves (blocks of different grids): the optimizer's path.
+      hp = _Hyper(b1=0.9, b2=0.999, eps=1e-8, alpha=0.0, bits=4,
+                  values_dtype=vw.dtype, implementation="pallas")
+      u, iw, vw, codes, lo, hi = _leaf_update(g, iw, vw, codes, lo, hi,
+                                              count, lay, hp)
+      pf = p.astype(jnp.float32)
+      p = (pf - LR * (u.astype(jnp.float32) + weight_decay * pf)).astype(
+          p.dtype)
+      return p, iw, vw, codes, lo, hi
+    idx, vals, codes, lo, hi = ef_lib.error_feedback_pallas(
+        g, codes, lo, hi, block_size=lay.topk_block, k=lay.k,
+        last_block_k=lay.last_k, index_dtype=iw.dtype, values_dtype=vw.dtype)
+    row = jnp.mod(count - 1, window)
+    iw = jax.lax.dynamic_update_index_in_dim(iw, idx, row, 0)
+    vw = jax.lax.dynamic_update_index_in_dim(vw, vals, row, 0)
+    p = window_lib.window_param_update_pallas(
+        p, iw, vw, count, block_size=lay.topk_block, learning_rate=LR,
+        weight_decay=weight_decay)
+    return p, iw, vw, codes, lo, hi
+
+  def step(params, state, grads):
+    count = state.count + 1
+    treedef = jax.tree.structure(params)
+    cols = [treedef.flatten_up_to(t) for t in (
+        params, grads, state.window_indices, state.window_values,
+        state.error_codes, state.error_min, state.error_max)]
+    outs = [leaf(*args, count) for args in zip(*cols)]
+    parts = [treedef.unflatten([o[i] for o in outs]) for i in range(6)]
+    return parts[0], mo.MicroAdamState(count, *parts[1:])
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def run_row(name: str, init: Callable, step: Callable, shapes: Any,
+            grad_sets: list, *, steps: int, warmup: int) -> dict:
+  """Times one optimizer; frees its parameters and state afterwards.
+
+  Step ``i`` uses ``grad_sets[i % len(grad_sets)]``: a fresh-looking gradient
+  every step (reusing one gradient makes the error feedback pile up on the
+  same entries, an unrealistic input for the Top-K search).
+  """
+  params = materialize(shapes, seed=1, scale=0.02)
+  state = init(params)
+  jax.block_until_ready(state)
+  state_bytes = nbytes(state)
+  t0 = time.perf_counter()
+  step = step.lower(params, state, grad_sets[0]).compile()
+  compile_s = time.perf_counter() - t0
+  analysis = {}
+  try:
+    ma = step.memory_analysis()
+    analysis = {f"xla_{k}": int(getattr(ma, k)) for k in (
+        "temp_size_in_bytes", "argument_size_in_bytes",
+        "output_size_in_bytes", "alias_size_in_bytes")}
+  except Exception:  # pylint: disable=broad-except
+    pass
+  t0 = time.perf_counter()
+  params, state = step(params, state, grad_sets[0])
+  jax.block_until_ready((params, state))
+  first = time.perf_counter() - t0
+  times = []
+  for i in range(warmup - 1 + steps):
+    grads = grad_sets[(i + 1) % len(grad_sets)]
+    t0 = time.perf_counter()
+    params, state = step(params, state, grads)
+    jax.block_until_ready((params, state))
+    if i >= warmup - 1:
+      times.append((time.perf_counter() - t0) * 1e3)
+  finite = bool(all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32))))
+                    for x in jax.tree.leaves(params)[:3]))
+  mem = memory_stats()
+  del params, state
+  gc.collect()
+  n = mo.model_shapes.num_params(shapes)
+  row = {"optimizer": name, "median_ms": statistics.median(times),
+         "min_ms": min(times), "times_ms": times,
+         "compile_s": compile_s, "first_call_s": first,
+         "state_bytes": state_bytes, **analysis,
+         "state_bytes_per_param": state_bytes / n, "params_finite": finite,
+         **{f"mem_{k}": v for k, v in mem.items()}}
+  peak = mem.get("peak_bytes_in_use")
+  temp = analysis.get("xla_temp_size_in_bytes")
+  print(f"{name:<52} {row['median_ms']:9.2f} ms  state "
+        f"{state_bytes / n:5.3f} B/param  peak "
+        f"{(peak or 0) / 1e9:7.2f} GB  temporaries "
+        f"{(temp or 0) / 1e9:6.2f} GB  (compile {compile_s:.1f} s)",
+        flush=True)
+  return row
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", default="llama2-7b",
+                      choices=[*mo.model_shapes.MODEL_NAMES, "tiny"])
+  parser.add_argument("--layers", type=int, default=None,
+                      help="keep this many decoder layers (default: all)")
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--grad-sets", type=int, default=3,
+                      help="random gradients cycled through, one per step")
+  parser.add_argument("--xla-steps", type=int, default=3,
+                      help="steps for the (slow) XLA MicroAdam row")
+  parser.add_argument("--rows", default="fused,pallas,xla,adamw",
+                      help="comma list of fused, pallas, xla, adamw")
+  parser.add_argument("--kernels", action="store_true",
+                      help="also time each kernel on one 4096 x 11008 tensor")
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args(argv)
+
+  shapes = model_shapes(args.model, args.layers)
+  n = mo.model_shapes.num_params(shapes)
+  print(f"{args.model} layers={args.layers}: {n / 1e9:.3f} B params in "
+        f"{len(jax.tree.leaves(shapes))} tensors; {jax.devices()[0]}; jax "
+        f"{jax.__version__}", flush=True)
+  grad_sets = [materialize(shapes, seed=2 + i, scale=1e-3)
+               for i in range(args.grad_sets)]
+  result: dict[str, Any] = {
+      "model": args.model, "layers": args.layers, "num_params": n,
+      "num_tensors": len(jax.tree.leaves(shapes)),
+      "device": str(jax.devices()[0].device_kind),
+      "backend": jax.default_backend(), "jax": jax.__version__,
+      "date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(),
+      "param_bytes": nbytes(shapes), "grad_bytes": nbytes(shapes),
+      "grad_sets": args.grad_sets,
+      "memory_before": memory_stats(), "rows": []}
+  wanted = args.rows.split(",")
+  ma_kw = dict(learning_rate=LR, weight_decay=0.0)
+
+  def ma_init(params):
+    return mo.scale_by_microadam(implementation="pallas").init(params)
+
+  rows = []
+  if "fused" in wanted:
+    for wd in (0.0, 0.01):
+      rows.append((f"kernel-level fused step (no apply_updates), wd={wd}",
+                   ma_init, fused_step(weight_decay=wd), args.steps))
+  if "pallas" in wanted:
+    tx = mo.microadam(implementation="pallas", **ma_kw)
+    rows.append(('mo.microadam implementation="pallas"', tx.init,
+                 optax_step(tx), args.steps))
+  if "xla" in wanted:
+    tx = mo.microadam(implementation="xla", **ma_kw)
+    rows.append(('mo.microadam implementation="xla"', tx.init,
+                 optax_step(tx), args.xla_steps))
+  if "adamw" in wanted:
+    tx = optax.adamw(LR, mu_dtype=jnp.bfloat16)
+    rows.append(("optax.adamw (mu_dtype=bf16; bf16 states)", tx.init,
+                 optax_step(tx), args.steps))
+  def dump():
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+
+  for name, init, step, steps in rows:
+    try:
+      result["rows"].append(run_row(name, init, step, shapes, grad_sets,
+                                    steps=steps, warmup=args.warmup))
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"{name}: FAILED {type(e).__name__}: {str(e)[:2000]}",
+            flush=True)
+      result["rows"].append({"optimizer": name,
+                             "error": f"{type(e).__name__}: {e}"[:4000]})
+    gc.collect()
+    dump()
+
+  if args.kernels:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import kernels  # pylint: disable=g-import-not-at-top
+    bw = kernels.copy_bandwidth(4 << 30)
+    result["copy_bandwidth_GB_per_s"] = bw / 1e9
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
+    result["kernels"] = kernels.time_kernels(4096, 11008, copy_bw=bw)
+
+  # Live during a step: the parameters, every gradient set, the state.
+  base = result["param_bytes"] + args.grad_sets * result["grad_bytes"]
+  print(f"\n{'optimizer':<52} {'step ms':>9} {'B/param':>8} "
+        f"{'peak GB':>8} {'peak-live GB':>12} {'XLA temp GB':>11}")
+  for r in result["rows"]:
+    if "error" in r:
+      print(f"{r['optimizer']:<52} error: {r['error'][:70]}")
+      continue
+    peak = r.get("mem_peak_bytes_in_use", 0)
+    extra = peak - base - r["state_bytes"]
+    temp = r.get("xla_temp_size_in_bytes", float("nan"))
+    print(f"{r['optimizer']:<52} {r['median_ms']:9.2f} "
+          f"{r['state_bytes_per_param']:8.3f} {peak / 1e9:8.2f} "
+          f"{extra / 1e9:12.2f} {temp / 1e9:11.2f}")
+  dump()
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,211 @@
+"""MicroAdam's error-feedback pass, fused into one kernel.
+
+For every block of ``B`` elements of a flattened gradient ``g`` (Top-K blocks
+and quantization blocks coincide):
+
+.. math::
+
+  a = g + Q^{-1}(e), \\quad (I, V) = \\mathrm{TopK}(|a|), \\quad a[I] = 0,
+  \\quad \\delta', \\Delta' = \\min a, \\max a, \\quad e' = Q(a; \\delta', \\Delta').
+
+The kernel reads the gradient, the packed 4-bit codes and the block's
+min/max once and writes the new codes, min/max and the block's Top-K row:
+one pass over the tensor instead of the five of the reference (dequantize,
+add, Top-K, zero, quantize).
+
+This module holds the pure-``jnp`` reference (:func:`error_feedback_reference`,
+composed of the references of :mod:`~pallas_kernels.topk` and
+:mod:`~pallas_kernels.quantize`), the kernel (:func:`error_feedback_pallas`)
+and the dispatch (:func:`error_feedback`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _backend
+from pallas_kernels import _onchip
+from pallas_kernels import quantize as quant_lib
+from pallas_kernels import topk as topk_lib
+
+
+def _check(grad: jax.Array, codes: jax.Array, block_size: int, k: int,
+           last_block_k: int | None) -> tuple[int, int, int]:
+  d = grad.size
+  num_blocks = -(-max(d, 1) // block_size)
+  if block_size % 2:
+    raise ValueError(f"block_size must be even, got {block_size}.")
+  if codes.shape != (num_blocks, block_size // 2):
+    raise ValueError(
+        f"codes must have shape {(num_blocks, block_size // 2)} (4-bit codes "
+        f"of {num_blocks} blocks of {block_size}), got {codes.shape}.")
+  last_len = max(d, 1) - (num_blocks - 1) * block_size
+  last_k = k if last_block_k is None else int(last_block_k)
+  if not 1 <= k <= block_size or not 0 <= last_k <= min(k, last_len):
+    raise ValueError(
+        f"need 1 <= k <= {block_size} and 0 <= last_block_k <= "
+        f"{min(k, last_len)}, got k={k}, last_block_k={last_k}.")
+  return num_blocks, last_len, last_k
+
+
+def error_feedback_reference(grad: jax.Array, codes: jax.Array,
+                             block_min: jax.Array, block_max: jax.Array, *,
+                             block_size: int, k: int,
+                             last_block_k: int | None = None,
+                             index_dtype: Any = jnp.int32,
+                             values_dtype: Any = jnp.float32):
+  """One error-feedback step of a flattened gradient (pure ``jnp``).
+
+  Args:
+    grad: the gradient, any shape, ``d`` elements (flattened row-major).
+    codes: packed 4-bit error codes ``(num_blocks, block_size // 2)`` uint8.
+    block_min: per-block minimum of the error ``(num_blocks,)`` float32.
+    block_max: per-block maximum of the error ``(num_blocks,)`` float32.
+    block_size: ``B``, elements per block (Top-K and quantization), even.
+    k: entries selected per full block.
+    last_block_k: entries selected in the last block (default ``k``).
+    index_dtype: dtype of the returned indices.
+    values_dtype: dtype of the returned values.
+
+  Returns:
+    ``(indices (num_blocks, k), values (num_blocks, k), codes, block_min,
+    block_max)``: the block's Top-K of ``a = grad + Q^{-1}(codes)``
+    (block-relative indices; empty slots of the last block ``(0, 0)``) and
+    the new error ``a`` with the selection zeroed, re-quantized.
+  """
+  num_blocks, last_len, last_k = _check(grad, codes, block_size, k,
+                                        last_block_k)
+  d = grad.size
+  e = quant_lib.dequantize_reference(codes, block_min, block_max, 4,
+                                     block_size)
+  a = e.reshape(-1)[:d] + grad.reshape(-1).astype(jnp.float32)
+  a2 = jnp.pad(a, (0, num_blocks * block_size - d)).reshape(num_blocks,
+                                                           block_size)
+  idx, vals = topk_lib.block_topk_reference(
+      a2, k, last_block_length=last_len, last_block_k=last_k)
+  slots = topk_lib.slot_mask(num_blocks, k, last_k)
+  rest = topk_lib.zero_selected(a2, idx, slots)
+  new_codes, lo, hi = quant_lib.quantize_reference(rest, 4, last_len)
+  return (idx.astype(index_dtype), vals.astype(values_dtype), new_codes, lo,
+          hi)
+
+
+def error_feedback_pallas(grad: jax.Array, codes: jax.Array,
+                          block_min: jax.Array, block_max: jax.Array, *,
+                          block_size: int, k: int,
+                          last_block_k: int | None = None,
+                          index_dtype: Any = jnp.int32,
+                          values_dtype: Any = jnp.float32,
+                          interpret: bool | None = None):
+  """:func:`error_feedback_reference` as one kernel program per block.
+
+  Each program loads the block's gradient, its codes and min/max, holds the
+  block on chip as ``(P/2, 2)`` pairs (``P`` the next power of two of
+  ``block_size``), selects the Top-K (see
+  :func:`pallas_kernels.topk.block_topk_pallas`), writes the selection in
+  ascending index order, and overwrites the codes and min/max in place
+  (``input_output_aliases``: with donated state no new buffer is made).
+
+  Args: as :func:`error_feedback_reference`, plus ``interpret`` (default: on
+    CPU).
+
+  Returns:
+    As :func:`error_feedback_reference`; the same selected sets (ties may be
+    broken differently).
+  """
+  num_blocks, last_len, last_k = _check(grad, codes, block_size, k,
+                                        last_block_k)
+  interpret = _backend.interpret_mode(interpret)
+  padded = max(2, _backend.next_pow2(block_size))
+  half = padded // 2
+  d = grad.size
+  g = grad.reshape(-1)
+  if num_blocks * padded == d:
+    g = g.reshape(num_blocks, half, 2)
+  else:
+    # Ragged tensors (and blocks that are not a power of two) are padded to
+    # whole (P/2, 2) tiles: a copy, avoided for the usual power-of-two sizes.
+    g = jnp.pad(g, (0, num_blocks * block_size - d))
+    g = topk_lib.to_pairs(g.reshape(num_blocks, block_size), padded)
+  codes_in = codes
+  if half != block_size // 2:
+    codes_in = jnp.pad(codes, ((0, 0), (0, half - block_size // 2)))
+
+  rows = _backend.rows_per_program(num_blocks, "error_feedback")
+
+  def kernel(g_ref, c_ref, lo_ref, hi_ref, idx_ref, val_ref, c_out, lo_out,
+             hi_out):
+    b = _onchip.rows_of(pl.program_id(0), rows)
+    last = b == num_blocks - 1
+    length = jnp.where(last, last_len, block_size)
+    k_b = jnp.where(last, last_k, k)
+    pos, col = _onchip.pair_iota(rows, half)
+    valid = pos < _onchip.per_row(length)
+    err = quant_lib.dequantize_pairs(c_ref[...], col, lo_ref[...],
+                                     hi_ref[...])
+    a = jnp.where(valid, g_ref[...].astype(jnp.float32) + err, 0.0)
+    mag = _onchip.magnitude_bits(a, valid)
+    sel = _onchip.select_topk(mag, col, k_b, length)
+    topk_lib.write_topk(idx_ref, val_ref, a, pos, col, sel, b, k, k_b)
+    packed, lo, hi = quant_lib.quantize_pairs(jnp.where(sel, 0.0, a), col,
+                                              valid)
+    c_out[...] = packed
+    lo_out[...] = lo
+    hi_out[...] = hi
+
+  row = pl.BlockSpec((rows, half), lambda i: (i, 0))
+  scalar = pl.BlockSpec((rows,), lambda i: (i,))
+  idx, val, new_codes, lo, hi = pl.pallas_call(
+      kernel,
+      grid=(num_blocks // rows,),
+      in_specs=[pl.BlockSpec((rows, half, 2), lambda i: (i, 0, 0)), row,
+                scalar, scalar],
+      out_specs=[pl.no_block_spec, pl.no_block_spec, row, scalar, scalar],
+      out_shape=[
+          jax.ShapeDtypeStruct((num_blocks * k,), jnp.dtype(index_dtype)),
+          jax.ShapeDtypeStruct((num_blocks * k,), jnp.dtype(values_dtype)),
+          jax.ShapeDtypeStruct(codes_in.shape, jnp.uint8),
+          jax.ShapeDtypeStruct((num_blocks,), jnp.float32),
+          jax.ShapeDtypeStruct((num_blocks,), jnp.float32),
+      ],
+      input_output_aliases={1: 2, 2: 3, 3: 4},
+      compiler_params=None if interpret else _backend.gpu_params(
+          rows * padded, "error_feedback"),
+      interpret=interpret,
+      name="error_feedback",
+  )(g, codes_in, block_min.astype(jnp.float32),
+    block_max.astype(jnp.float32))
+  if half != block_size // 2:
+    new_codes = new_codes[:, :block_size // 2]
+  return (idx.reshape(num_blocks, k), val.reshape(num_blocks, k), new_codes,
+          lo, hi)
+
+
+def error_feedback(grad: jax.Array, codes: jax.Array, block_min: jax.Array,
+                   block_max: jax.Array, *, block_size: int, k: int,
+                   last_block_k: int | None = None,
+                   index_dtype: Any = jnp.int32,
+                   values_dtype: Any = jnp.float32,
+                   implementation: str = "auto"):
+  """One error-feedback step: the reference or the fused kernel.
+
+  Args: as :func:`error_feedback_reference`, plus ``implementation``:
+    ``"xla"`` (the reference), ``"pallas"`` (the kernel; interpret mode on
+    CPU) or ``"auto"`` (the kernel on GPU, the reference elsewhere).
+
+  Returns:
+    ``(indices, values, codes, block_min, block_max)``.
+  """
+  kwargs = dict(block_size=block_size, k=k, last_block_k=last_block_k,
+                index_dtype=index_dtype, values_dtype=values_dtype)
+  if _backend.resolve(implementation, "error_feedback") == "pallas":
+    return error_feedback_pallas(grad, codes, block_min, block_max, **kwargs)
+  return error_feedback_reference(grad, codes, block_min, block_max, **kwargs)
+
+
+__all__ = ["error_feedback", "error_feedback_pallas",
+           "error_feedback_reference"]
