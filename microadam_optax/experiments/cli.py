@@ -1,0 +1,276 @@
+"""The ``microadam-optax`` command line.
+
+  microadam-optax compare                 # both tasks, CPU-sized, 5-7 min
+  microadam-optax compare --quick         # smoke run, tiny models
+  microadam-optax compare --task lm --preset gpu --out runs/gpu
+  microadam-optax compare --optimizers adamw,microadam --steps 300
+  microadam-optax list                    # the optimizers and whether they run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import sys
+import time
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+import optax
+
+from microadam_optax.experiments import optimizers as opt_lib
+from microadam_optax.experiments import report
+
+#: Steps per (task, preset): first-order steps, steps between evaluations,
+#: steps of each learning-rate trial; then the same three for Gauss-Newton
+#: (outer iterations). ``tiny`` is what ``--quick`` uses.
+SCHEDULES: dict[tuple[str, str], dict[str, int]] = {
+    ("lm", "tiny"): dict(steps=4, eval_every=2, sweep_steps=2, gn_steps=2,
+                         gn_eval_every=1, gn_sweep_steps=1),
+    ("digits", "tiny"): dict(steps=4, eval_every=2, sweep_steps=2,
+                             gn_steps=2, gn_eval_every=1, gn_sweep_steps=1),
+    ("lm", "cpu"): dict(steps=80, eval_every=16, sweep_steps=16, gn_steps=8,
+                        gn_eval_every=2, gn_sweep_steps=2),
+    ("digits", "cpu"): dict(steps=200, eval_every=20, sweep_steps=40,
+                            gn_steps=40, gn_eval_every=5, gn_sweep_steps=10),
+    ("lm", "gpu"): dict(steps=2000, eval_every=100, sweep_steps=200,
+                        gn_steps=100, gn_eval_every=10, gn_sweep_steps=10),
+    ("digits", "gpu"): dict(steps=1000, eval_every=50, sweep_steps=100,
+                            gn_steps=100, gn_eval_every=10, gn_sweep_steps=20),
+}
+
+DEFAULT_OUT = os.path.join("runs", "compare")
+
+#: ``--quick`` compiles the training steps with XLA's cheapest backend
+#: optimization: a smoke run's time is mostly compilation.
+QUICK_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+def _parse_grid(items: Optional[Sequence[str]]) -> dict[str, list[float]]:
+  """``["adamw=1e-3,3e-3", ...]`` -> ``{"adamw": [1e-3, 3e-3], ...}``."""
+  grids = {}
+  for item in items or ():
+    name, sep, values = item.partition("=")
+    try:
+      grid = [float(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+      grid = []
+    if not sep or not grid:
+      raise ValueError(f"--lr-grid expects NAME=LR[,LR...], got {item!r}.")
+    grids[name.strip()] = grid
+  return grids
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The argument parser of ``microadam-optax`` (``compare`` and ``list``)."""
+  parser = argparse.ArgumentParser(
+      prog="microadam-optax",
+      description="Training comparisons of memory-efficient and second-order "
+                  "optimizers (MicroAdam, Adam-mini, Gauss-Newton, ...) on "
+                  "real data.")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+  sub.add_parser("list", help="list the optimizers and whether they can run",
+                 description="List the registered optimizers, their "
+                             "learning-rate grids and whether their code is "
+                             "installed.")
+  p = sub.add_parser(
+      "compare", help="train every optimizer on real data and compare them",
+      description=(
+          "Train a byte-level GPT on the Python standard library's own "
+          "sources (task lm) and a CNN on scikit-learn's 8x8 digits (task "
+          "digits) with each optimizer: a short learning-rate sweep per "
+          "optimizer, then a full run at the best rate, same initial "
+          "parameters and same batches for all. Prints a table and writes "
+          "results.json, table.txt and PNG plots (loss vs step, loss vs "
+          "time, state bytes per parameter, the sweep) to --out. "
+          "Gauss-Newton steps are outer iterations. The defaults (both "
+          "tasks, preset cpu) take 5-7 minutes on two CPU cores."),
+      epilog="Optimizers: " + ", ".join(opt_lib.REGISTRY) + ".")
+  p.add_argument("--task", choices=("lm", "digits", "all"), default="all",
+                 help="which task(s) to run (default: all)")
+  p.add_argument("--preset", choices=("cpu", "gpu", "tiny"), default="cpu",
+                 help="model size (and default step counts): cpu ~1 M-param "
+                      "GPT, gpu ~86 M-param GPT, tiny for smoke runs "
+                      "(default: cpu)")
+  p.add_argument("--optimizers", default="all",
+                 help="comma-separated optimizer names, or 'all' (default)")
+  p.add_argument("--steps", type=int, default=None,
+                 help="first-order training steps (default: per task and "
+                      "preset, e.g. lm/cpu 80, digits/cpu 200)")
+  p.add_argument("--eval-every", type=int, default=None,
+                 help="steps between evaluations (= steps per jitted call; "
+                      "default: per task and preset)")
+  p.add_argument("--sweep-steps", type=int, default=None,
+                 help="steps of each learning-rate trial (0: no sweep, the "
+                      "middle of the grid is used; default: per task and "
+                      "preset)")
+  p.add_argument("--gn-steps", type=int, default=None,
+                 help="Gauss-Newton outer iterations of the full run")
+  p.add_argument("--gn-eval-every", type=int, default=None,
+                 help="Gauss-Newton outer iterations between evaluations")
+  p.add_argument("--gn-sweep-steps", type=int, default=None,
+                 help="Gauss-Newton outer iterations per learning-rate trial")
+  p.add_argument("--gn-inner-steps", type=int, default=5,
+                 help="inner optimizer steps per Gauss-Newton outer "
+                      "iteration (default: 5)")
+  p.add_argument("--lr-grid", action="append", metavar="NAME=LR,LR,...",
+                 help="replace an optimizer's learning-rate grid (repeatable)")
+  p.add_argument("--batch-size", type=int, default=None,
+                 help="batch size (default: per task and preset)")
+  p.add_argument("--weight-decay", type=float, default=0.0,
+                 help="decoupled weight decay of every optimizer, on "
+                      "matrices only (default: 0)")
+  p.add_argument("--target-loss", type=float, default=None,
+                 help="validation loss for 'steps to target' (default: "
+                      "AdamW's final validation loss)")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of the initial parameters and of the batch "
+                      "order (default: 0)")
+  p.add_argument("--out", default=DEFAULT_OUT,
+                 help="output folder for results.json, table.txt and PNGs "
+                      f"(default: {DEFAULT_OUT})")
+  p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+  p.add_argument("--no-progress", action="store_true",
+                 help="no progress bars")
+  p.add_argument("--quick", action="store_true",
+                 help="smoke run (about a minute, mostly compilation): tiny "
+                      "models, 40 files of the corpus, a handful of steps, "
+                      "cheapest XLA optimization (overrides --preset)")
+  return parser
+
+
+def _environment() -> dict:
+  import flax  # pylint: disable=g-import-not-at-top
+  dev = jax.devices()[0]
+  return {
+      "python": platform.python_version(), "platform": platform.platform(),
+      "jax": jax.__version__, "optax": optax.__version__,
+      "flax": flax.__version__, "numpy": np.__version__,
+      "backend": jax.default_backend(), "device": str(dev),
+      "device_kind": getattr(dev, "device_kind", None),
+      "num_devices": jax.device_count(), "cpu_count": os.cpu_count(),
+  }
+
+
+def _select_optimizers(text: str) -> list[str]:
+  if text.strip() == "all":
+    return list(opt_lib.REGISTRY)
+  names = [n.strip() for n in text.split(",") if n.strip()]
+  unknown = [n for n in names if n not in opt_lib.REGISTRY]
+  if unknown:
+    raise SystemExit(
+        f"microadam-optax: unknown optimizer(s) {', '.join(unknown)}; known: "
+        f"{', '.join(opt_lib.REGISTRY)}.")
+  return names
+
+
+def run_list() -> int:
+  """Prints the registry with each optimizer's availability."""
+  for spec in opt_lib.REGISTRY.values():
+    reason = opt_lib.unavailable_reason(spec)
+    grid = ", ".join(f"{x:g}" for x in spec.lr_grid)
+    for task, values in spec.task_lr_grids.items():
+      grid += f"; {task}: " + ", ".join(f"{x:g}" for x in values)
+    state = "ok" if reason is None else f"UNAVAILABLE: {reason}"
+    print(f"{spec.name:<13} {spec.label:<15} lr grid [{grid}]  "
+          f"({spec.note})  {state}")
+  return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+  """Runs ``compare`` with parsed arguments; returns the exit status."""
+  # Imported here, so that `--help` and `list` need neither Flax nor
+  # matplotlib.
+  # pylint: disable=g-import-not-at-top
+  from microadam_optax.experiments import compare
+  from microadam_optax.experiments import plots
+  from microadam_optax.experiments import tasks as task_lib
+  # pylint: enable=g-import-not-at-top
+
+  t_start = time.perf_counter()
+  preset = "tiny" if args.quick else args.preset
+  names = _select_optimizers(args.optimizers)
+  task_names = ["lm", "digits"] if args.task == "all" else [args.task]
+  grids = args.lr_grids
+  out_dir = args.out
+  os.makedirs(out_dir, exist_ok=True)
+
+  task_results, tables, files = [], [], []
+  for name in task_names:
+    sched = dict(SCHEDULES[(name, preset)])
+    for key in sched:
+      value = getattr(args, key)
+      if value is not None:
+        sched[key] = value
+    config = compare.RunConfig(
+        **sched, lr_grids=grids, target_loss=args.target_loss,
+        progress=not args.no_progress,
+        compiler_options=QUICK_COMPILER_OPTIONS if args.quick else None)
+    kwargs = dict(seed=args.seed, batch_size=args.batch_size,
+                  gn_inner_steps=args.gn_inner_steps,
+                  weight_decay=args.weight_decay)
+    if name == "lm" and args.quick:
+      kwargs["max_files"] = 40
+    task = task_lib.TASKS[name](preset, **kwargs)
+    print(f"== {name}: {task.description}; {task.num_params:,} parameters",
+          flush=True)
+    result = compare.compare_task(
+        task, names, config, log=lambda s: print(s, flush=True))
+    result["config"] = dataclasses.asdict(config)
+    task_results.append(result)
+    table = report.format_table(result)
+    tables.append(table)
+    if not args.no_plots:
+      files += plots.plot_task(result, out_dir)
+
+  wall = time.perf_counter() - t_start
+  text = "\n\n".join(tables)
+  print("\n" + text)
+  table_path = os.path.join(out_dir, "table.txt")
+  with open(table_path, "w", encoding="utf-8") as f:
+    f.write(text + "\n")
+  json_path = report.write_json({
+      "command": ["microadam-optax", "compare"] + list(args.argv),
+      "preset": preset, "seed": args.seed, "optimizers": names,
+      "environment": _environment(), "wall_s": wall, "tasks": task_results,
+  }, os.path.join(out_dir, "results.json"))
+  files = [json_path, table_path] + files
+  print(f"\nwrote {len(files)} files to {out_dir}/ in {wall:.0f} s: "
+        + ", ".join(os.path.basename(f) for f in files))
+  failed = [r for t in task_results for r in t["results"]
+            if r.get("status") == "error"]
+  return 1 if failed else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Entry point of the ``microadam-optax`` console script.
+
+  Args:
+    argv: the arguments (without the program name); ``None``: ``sys.argv``.
+
+  Returns:
+    The exit status: 0 on success, 1 when an optimizer failed while running
+    (optimizers whose code is not installed are skipped with a message), 2 on
+    a usage error.
+  """
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.command is None:
+    parser.print_help()
+    return 2
+  if args.command == "list":
+    return run_list()
+  args.argv = argv[1:]
+  try:
+    args.lr_grids = _parse_grid(args.lr_grid)
+  except ValueError as e:
+    parser.error(str(e))
+  return run_compare(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,274 @@
+"""The optimizers of the comparison, as a registry of named builders.
+
+Each :class:`OptimizerSpec` builds an Optax transformation from a learning
+rate (a float, a traced scalar or a schedule) and an
+:class:`OptimizerContext` (what a builder needs to know about the model).
+Optimizers whose code is missing from the installed ``optax`` or from
+``microadam_optax`` stay in the registry but report why they cannot run
+(:func:`unavailable_reason`), so a comparison can skip them with a clear
+message instead of failing halfway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import optax
+
+import microadam_optax as mo
+
+#: Names of parameters that Muon and GaLore leave to Adam although they are
+#: matrices: embeddings and output heads (as the authors of both do).
+NON_HIDDEN_PATTERN = re.compile(
+    r"(^|/)(embed|pos_embed|wte|wpe|lm_head|output)(/|$)")
+
+
+def _path_str(path: Sequence[Any]) -> str:
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def is_hidden_matrix(path: Sequence[Any], leaf: Any) -> bool:
+  """Whether a parameter is a hidden-layer matrix (2-D, not an embedding or
+  an output head): the leaves Muon orthogonalizes and GaLore projects."""
+  return getattr(leaf, "ndim", 0) == 2 and not NON_HIDDEN_PATTERN.search(
+      _path_str(path))
+
+
+def decay_mask(params: Any) -> Any:
+  """Weight decay on parameters of rank >= 2 only (no biases, no norms)."""
+  return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerContext:
+  """What builders may need to know about the model and the run.
+
+  Attributes:
+    weight_decay: decoupled weight decay (on matrices only, see
+      :func:`decay_mask`).
+    head_dim: attention head width, for Adam-mini's one-v-per-head rule on
+      2-D query/key kernels; ``None`` for models without attention.
+    gn_layers: the ``layers`` argument of ``mo.gauss_newton`` (layerwise).
+    gn_inner_steps: inner steps per Gauss-Newton outer step.
+    galore_rank: rank of GaLore's projection.
+    galore_update_proj_gap: steps between GaLore's SVDs.
+  """
+  weight_decay: float = 0.0
+  head_dim: Optional[int] = None
+  gn_layers: Any = None
+  gn_inner_steps: int = 5
+  galore_rank: int = 32
+  galore_update_proj_gap: int = 50
+
+
+Builder = Callable[[optax.ScalarOrSchedule, OptimizerContext],
+                   optax.GradientTransformation]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """A named optimizer of the comparison.
+
+  Attributes:
+    name: registry key (``--optimizers`` value).
+    label: how plots and tables call it.
+    build: ``(learning_rate, context) -> GradientTransformation``.
+    lr_grid: learning rates tried by the sweep (for Gauss-Newton: of the
+      inner optimizer).
+    task_lr_grids: per task name, a grid replacing ``lr_grid`` (see
+      :meth:`grid_for`).
+    requires: the attribute path the builder needs (``"mo.adam_mini"``,
+      ``"optax.contrib.galore"``), checked by :func:`unavailable_reason`.
+    second_order: a Gauss-Newton optimizer: its ``update`` takes
+      ``model_fn``/``loss_fn`` instead of gradients, and one step is one outer
+      iteration.
+    note: one line on the configuration, for the report.
+  """
+  name: str
+  label: str
+  build: Builder
+  lr_grid: tuple[float, ...]
+  requires: str
+  second_order: bool = False
+  note: str = ""
+  task_lr_grids: Mapping[str, tuple[float, ...]] = dataclasses.field(
+      default_factory=dict)
+
+  def grid_for(self, task: Optional[str] = None) -> tuple[float, ...]:
+    """The learning-rate grid for ``task`` (``None``: the default grid)."""
+    return tuple(self.task_lr_grids.get(task, self.lr_grid))
+
+
+def _resolve(requires: str) -> Any:
+  root, *attrs = requires.split(".")
+  obj = {"mo": mo, "optax": optax}[root]
+  for attr in attrs:
+    if obj is optax and attr == "contrib":
+      obj = importlib.import_module("optax.contrib")
+    else:
+      obj = getattr(obj, attr)
+  return obj
+
+
+def unavailable_reason(spec: OptimizerSpec) -> Optional[str]:
+  """Why ``spec`` cannot run here (``None`` when it can).
+
+  Example:
+    >>> from microadam_optax.experiments import optimizers
+    >>> optimizers.unavailable_reason(optimizers.REGISTRY["adamw"]) is None
+    True
+  """
+  try:
+    _resolve(spec.requires)
+  except AttributeError:
+    where = ("microadam_optax (not exported by microadam_optax/__init__.py)"
+             if spec.requires.startswith("mo.")
+             else f"the installed optax {optax.__version__}")
+    return f"{spec.requires} is not available in {where}."
+  return None
+
+
+# ---------------------------------------------------------------------------
+# Builders.
+
+
+def _adamw(lr, ctx):
+  return optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=ctx.weight_decay,
+                     mask=decay_mask)
+
+
+def _microadam(lr, ctx):
+  return mo.microadam(lr, b1=0.9, b2=0.999, weight_decay=ctx.weight_decay,
+                      mask=decay_mask, window=10, density=0.01)
+
+
+def _adam_mini(lr, ctx):
+  # The default rules, with one v per attention head of the 2-D query/key
+  # kernels (without head_dim they would get one v per column).
+  partition = (None if ctx.head_dim is None
+               else mo.AdamMiniRules(head_dim=ctx.head_dim))
+  return mo.adam_mini(lr, b1=0.9, b2=0.95, weight_decay=ctx.weight_decay,
+                      partition=partition)
+
+
+def _adafactor(lr, ctx):
+  return optax.adafactor(lr, min_dim_size_to_factor=32,
+                         weight_decay_rate=ctx.weight_decay or None,
+                         weight_decay_mask=decay_mask)
+
+
+def _hidden_matrices(make: Callable[[], Any]) -> Callable[[Any], Any]:
+  def dims(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: make() if is_hidden_matrix(p, x) else None, params)
+  return dims
+
+
+def _galore(lr, ctx):
+  contrib = importlib.import_module("optax.contrib")
+  return contrib.galore(
+      lr, rank=ctx.galore_rank, update_proj_gap=ctx.galore_update_proj_gap,
+      weight_decay=ctx.weight_decay, mask=decay_mask,
+      weight_dimension_numbers=_hidden_matrices(contrib.GaLoreDimensionNumbers))
+
+
+def _muon(lr, ctx):
+  contrib = importlib.import_module("optax.contrib")
+  return contrib.muon(
+      lr, weight_decay=ctx.weight_decay, adam_weight_decay=ctx.weight_decay,
+      muon_weight_dimension_numbers=_hidden_matrices(
+          contrib.MuonDimensionNumbers),
+      consistent_rms=0.2)
+
+
+def _gauss_newton(layerwise: bool) -> Builder:
+  def build(lr, ctx):
+    return mo.gauss_newton(
+        optax.adam(lr), inner_steps=ctx.gn_inner_steps, layerwise=layerwise,
+        variant="gn", linesearch=mo.DEFAULT_LINESEARCH, damping=0.0,
+        **({"layers": ctx.gn_layers} if layerwise else {}))
+  return build
+
+
+#: Every optimizer the comparison knows, in the order of its tables. The
+#: grids are half-decade steps around the rates that won short runs of the
+#: default comparison on both tasks.
+REGISTRY: dict[str, OptimizerSpec] = {s.name: s for s in (
+    OptimizerSpec("adamw", "AdamW", _adamw, (3e-3, 1e-2, 3e-2),
+                  "optax.adamw", note="b2=0.95"),
+    OptimizerSpec("microadam", "MicroAdam", _microadam, (1e-2, 3e-2, 1e-1),
+                  "mo.microadam", note="m=10, density 1 %"),
+    OptimizerSpec("adam_mini", "Adam-mini", _adam_mini, (3e-3, 1e-2, 3e-2),
+                  "mo.adam_mini", note="b2=0.95, one v per head",
+                  task_lr_grids={"digits": (1e-3, 3e-3, 1e-2)}),
+    OptimizerSpec("adafactor", "Adafactor", _adafactor, (3e-2, 1e-1, 3e-1),
+                  "optax.adafactor", note="factored, parameter scale"),
+    OptimizerSpec("galore", "GaLore", _galore, (1e-3, 3e-3, 1e-2),
+                  "optax.contrib.galore", note="hidden matrices projected",
+                  task_lr_grids={"digits": (3e-3, 1e-2, 3e-2)}),
+    OptimizerSpec("muon", "Muon", _muon, (3e-3, 1e-2, 3e-2),
+                  "optax.contrib.muon",
+                  note="hidden matrices; AdamW elsewhere; RMS 0.2"),
+    OptimizerSpec("gn_full", "GN (full)", _gauss_newton(False),
+                  (1e-3, 3e-3), "mo.gauss_newton", second_order=True,
+                  note="inner Adam, line search"),
+    OptimizerSpec("gn_layerwise", "GN (layerwise)", _gauss_newton(True),
+                  (1e-3, 3e-3), "mo.gauss_newton", second_order=True,
+                  note="inner Adam, one block per layer"),
+)}
+
+
+def get(name: str) -> OptimizerSpec:
+  """The spec registered as ``name``.
+
+  Raises:
+    KeyError: with the list of known names.
+  """
+  try:
+    return REGISTRY[name]
+  except KeyError:
+    raise KeyError(
+        f"Unknown optimizer {name!r}; known: {', '.join(REGISTRY)}.") from None
+
+
+def build(name: str, learning_rate: optax.ScalarOrSchedule,
+          context: Optional[OptimizerContext] = None
+          ) -> optax.GradientTransformation:
+  """Builds the optimizer registered as ``name``.
+
+  Args:
+    name: a key of :data:`REGISTRY`.
+    learning_rate: a float, a traced scalar or a schedule (for the
+      Gauss-Newton entries, the inner optimizer's learning rate).
+    context: model and run details; ``None``: :class:`OptimizerContext()`.
+
+  Returns:
+    An Optax transformation.
+
+  Raises:
+    RuntimeError: when the optimizer's code is not installed
+      (:func:`unavailable_reason`).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from microadam_optax.experiments import optimizers
+    >>> tx = optimizers.build("adamw", 1e-3)
+    >>> state = tx.init({"w": jnp.zeros((4, 4))})
+  """
+  spec = get(name)
+  reason = unavailable_reason(spec)
+  if reason is not None:
+    raise RuntimeError(f"Optimizer {name!r} cannot be built: {reason}")
+  return spec.build(learning_rate, context or OptimizerContext())

@@ -1,0 +1,122 @@
+"""Terminal tables and the JSON file of a comparison."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from typing import Any, Optional
+
+
+def _fmt(x: Any, spec: str = ".4f", none: str = "-") -> str:
+  if x is None:
+    return none
+  if isinstance(x, float) and not math.isfinite(x):
+    return "nan" if math.isnan(x) else "inf"
+  return format(x, spec)
+
+
+def _mib(n: Optional[int]) -> str:
+  return "n/a" if n is None else f"{n / 2**20:.1f}"
+
+
+def format_table(task_result: dict) -> str:
+  """One task's results as a fixed-width text table.
+
+  Columns: optimizer, chosen learning rate (of the grid), steps run, final
+  validation loss (and accuracy), steps and train-seconds to the target
+  loss, optimizer-state bytes per parameter, median step time, compile time,
+  the compiled step's memory (XLA's memory analysis: arguments + outputs +
+  temporaries) and the device's peak memory where the back end reports it
+  (``memory_stats()["peak_bytes_in_use"]``, not available on CPU; it is the
+  process's running maximum, so it is per optimizer only for the first one
+  or when each optimizer runs in its own process). Gauss-Newton "steps" are
+  outer iterations.
+
+  Args:
+    task_result: one entry of :func:`compare.compare_task`.
+
+  Returns:
+    The table, lines joined by newlines (title and notes included).
+  """
+  target = task_result.get("target_loss")
+  head = (f"{task_result['task']}: {task_result['description']}, "
+          f"{task_result['num_params']:,} parameters; target loss "
+          f"{_fmt(target)} {task_result.get('loss_unit', '')}")
+  cols = ["optimizer", "lr", "steps", "val loss", "val acc", "steps→tgt",
+          "s→tgt", "state B/p", "step ms", "compile s", "step MiB",
+          "peak MiB"]
+  rows = []
+  notes = []
+  for r in task_result["results"]:
+    if r.get("status") != "ok":
+      notes.append(f"  {r['label']}: not run ({r.get('status')}): "
+                   f"{r.get('message')}")
+      continue
+    rows.append([
+        r["label"] + (" *" if r.get("second_order") else ""),
+        _fmt(r["best_lr"], ".0e") + ("!" if r.get("best_lr_at_grid_edge")
+                                     else ""),
+        str(r["steps_run"]),
+        _fmt(r["final_val_loss"]),
+        _fmt(r["final_val_acc"], ".3f"),
+        _fmt(r.get("steps_to_target"), "d"),
+        _fmt(r.get("time_to_target_s"), ".1f"),
+        _fmt(r["state_bytes_per_param"], ".3f"),
+        _fmt(1000 * r["step_time_s"], ".1f"),
+        _fmt(r["compile_s"], ".1f"),
+        _mib(r.get("step_memory_bytes")),
+        _mib(r.get("device_peak_bytes")),
+    ])
+  widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c)
+            for i, c in enumerate(cols)]
+  line = lambda cells: "  ".join(
+      c.ljust(w) if i == 0 else c.rjust(w)
+      for i, (c, w) in enumerate(zip(cells, widths)))
+  out = [head, line(cols), "  ".join("-" * w for w in widths)]
+  out += [line(row) for row in rows]
+  if any(r.get("second_order") and r.get("status") == "ok"
+         for r in task_result["results"]):
+    out.append("  * Gauss-Newton: one step = one outer iteration (inner "
+               "solve + line search); its state excludes the inner "
+               "optimizer's, re-made every outer step.")
+  for r in task_result["results"]:
+    sizes = [a for a in r.get("step_sizes") or () if a is not None]
+    if r.get("status") == "ok" and sizes:
+      zeros = sum(a == 0 for a in sizes)
+      out.append(f"  {r['label']}: line-search step size median "
+                 f"{statistics.median(sizes):g}, 0 (step rejected) in {zeros} "
+                 f"of {len(sizes)} outer iterations.")
+  if any(r.get("best_lr_at_grid_edge") for r in task_result["results"]):
+    out.append("  ! the best learning rate is at an end of the grid "
+               "(--lr-grid NAME=... to widen it).")
+  out += notes
+  return "\n".join(out)
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
+    return _jsonable(x.item())
+  if isinstance(x, (str, int, float, bool)) or x is None:
+    return x
+  return str(x)
+
+
+def write_json(report: dict, path: str) -> str:
+  """Writes ``report`` as indented JSON (non-finite floats become ``null``).
+
+  Returns:
+    ``path``.
+  """
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(_jsonable(report), f, indent=1)
+    f.write("\n")
+  return path

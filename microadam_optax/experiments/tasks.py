@@ -1,0 +1,196 @@
+"""The two training problems of the comparison, as pure functions of params.
+
+A :class:`Task` bundles data, a Flax NNX model split into a graph definition
+and a parameter ``dict``, and the functions a training step needs:
+``apply(params, inputs) -> outputs`` (the model on a batch),
+``loss(outputs, targets) -> scalar`` (batch mean) and
+``accuracy(outputs, targets)``. Every optimizer -- first-order ones through
+``jax.grad`` of ``loss(apply(params, x), y)``, Gauss-Newton through
+``model_fn = lambda p: apply(p, x)`` and ``loss_fn = lambda z: loss(z, y)``
+-- uses these same functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from microadam_optax.experiments import data
+from microadam_optax.experiments import models
+from microadam_optax.experiments.optimizers import OptimizerContext
+
+Batch = tuple[np.ndarray, np.ndarray]
+
+#: Per model preset: sequences (LM) or images (digits) per training batch.
+LM_BATCH_SIZE = {"tiny": 4, "cpu": 8, "gpu": 32}
+DIGITS_BATCH_SIZE = {"tiny": 32, "cpu": 64, "gpu": 128}
+#: Per model preset: evaluation batches of the LM validation set.
+LM_EVAL_BATCHES = {"tiny": 2, "cpu": 4, "gpu": 16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A model, its data and its loss.
+
+  Attributes:
+    name: ``"lm"`` or ``"digits"``.
+    description: one line for reports.
+    graphdef: the model's ``nnx.GraphDef``.
+    init_params: the initial parameters (pure ``dict`` of NumPy arrays, so
+      that every run starts from a fresh copy).
+    apply: ``(params, inputs) -> outputs``.
+    loss: ``(outputs, targets) -> scalar``, the batch-mean loss.
+    accuracy: ``(outputs, targets) -> scalar``.
+    train_batches: ``(start_step, num_steps) -> (inputs, targets)`` stacked
+      over ``num_steps``; a pure function of the step indices and the seed.
+    eval_batches: fixed validation batches, stacked.
+    context: what the optimizers need to know about the model.
+    loss_unit: how the loss is measured, for labels.
+    metadata: sizes and counts for the report.
+  """
+  name: str
+  description: str
+  graphdef: Any
+  init_params: dict
+  apply: Callable[[Any, Any], Any]
+  loss: Callable[[Any, Any], jax.Array]
+  accuracy: Callable[[Any, Any], jax.Array]
+  train_batches: Callable[[int, int], Batch]
+  eval_batches: Batch
+  context: OptimizerContext
+  loss_unit: str
+  metadata: dict
+
+  @property
+  def num_params(self) -> int:
+    """Number of scalar parameters of the model."""
+    return models.num_params(self.init_params)
+
+
+def _as_numpy(params: Any) -> Any:
+  return jax.tree.map(np.asarray, params)
+
+
+def _apply_fn(graphdef: Any) -> Callable[[Any, Any], Any]:
+  def apply(params, inputs):
+    return models.merge_params(graphdef, params)(inputs)
+  return apply
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy (nats) over every position of the batch."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), targets).mean()
+
+
+def accuracy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Share of positions whose arg-max logit is the target."""
+  return jnp.mean(jnp.argmax(logits, -1) == targets)
+
+
+def lm_task(preset: str = "cpu", *, seed: int = 0,
+            batch_size: Optional[int] = None, max_files: Optional[int] = None,
+            eval_batches: Optional[int] = None, gn_inner_steps: int = 5,
+            weight_decay: float = 0.0) -> Task:
+  """Byte-level language modelling of the standard library's sources.
+
+  Args:
+    preset: model size, a key of :data:`models.GPT_PRESETS`.
+    seed: seeds the parameters and the order of the training batches.
+    batch_size: sequences per batch; ``None``: :data:`LM_BATCH_SIZE`.
+    max_files: read only this many files (smoke runs); ``None``: all.
+    eval_batches: validation batches; ``None``: :data:`LM_EVAL_BATCHES`.
+    gn_inner_steps: Gauss-Newton inner steps.
+    weight_decay: decoupled weight decay of every optimizer.
+
+  Returns:
+    A :class:`Task`.
+  """
+  config = models.GPT_PRESETS[preset]
+  batch_size = batch_size or LM_BATCH_SIZE[preset]
+  corpus = data.stdlib_corpus(max_files=max_files)
+  model = models.GPT(config, rngs=nnx.Rngs(seed))
+  graphdef, params = models.split_params(model)
+  seq = config.seq_len
+
+  def train_batches(start, num):
+    return data.lm_batches(corpus.train, start, num, batch_size, seq, seed)
+
+  evals = data.lm_eval_batches(
+      corpus.val, eval_batches or LM_EVAL_BATCHES[preset], batch_size, seq)
+  context = OptimizerContext(
+      weight_decay=weight_decay, head_dim=config.head_dim,
+      gn_layers=models.gpt_layer_id, gn_inner_steps=gn_inner_steps,
+      galore_rank=max(4, config.d_model // 4))
+  return Task(
+      name="lm",
+      description=(f"byte-level GPT on the Python stdlib sources ({preset}: "
+                   f"d={config.d_model}, {config.num_layers} layers, "
+                   f"context {seq}, batch {batch_size})"),
+      graphdef=graphdef, init_params=_as_numpy(params),
+      apply=_apply_fn(graphdef), loss=cross_entropy, accuracy=accuracy,
+      train_batches=train_batches, eval_batches=evals, context=context,
+      loss_unit="nats/byte",
+      metadata={
+          "preset": preset, "model": dataclasses.asdict(config),
+          "batch_size": batch_size, "tokens_per_step": batch_size * seq,
+          "train_files": len(corpus.train_files),
+          "val_files": len(corpus.val_files),
+          "train_bytes": int(corpus.train.size),
+          "val_bytes": int(corpus.val.size),
+          "eval_tokens": int(evals[0].size), "corpus_root": corpus.root,
+      })
+
+
+def digits_task(preset: str = "cpu", *, seed: int = 0,
+                batch_size: Optional[int] = None, gn_inner_steps: int = 5,
+                weight_decay: float = 0.0) -> Task:
+  """Classification of scikit-learn's 8x8 digits with a small CNN.
+
+  Args:
+    preset: model size, a key of :data:`models.CNN_PRESETS`.
+    seed: seeds the parameters and the order of the training batches.
+    batch_size: images per batch; ``None``: :data:`DIGITS_BATCH_SIZE`.
+    gn_inner_steps: Gauss-Newton inner steps.
+    weight_decay: decoupled weight decay of every optimizer.
+
+  Returns:
+    A :class:`Task` whose validation set is the whole held-out split.
+  """
+  config = models.CNN_PRESETS[preset]
+  batch_size = batch_size or DIGITS_BATCH_SIZE[preset]
+  dataset = data.digits_dataset()
+  model = models.DigitsCNN(config, rngs=nnx.Rngs(seed))
+  graphdef, params = models.split_params(model)
+
+  def train_batches(start, num):
+    return data.image_batches(dataset, start, num, batch_size, seed)
+
+  evals = (dataset.x_val[None], dataset.y_val[None])
+  context = OptimizerContext(
+      weight_decay=weight_decay, head_dim=None, gn_layers=None,
+      gn_inner_steps=gn_inner_steps, galore_rank=max(4, config.hidden // 8))
+  return Task(
+      name="digits",
+      description=(f"CNN on sklearn 8x8 digits ({preset}: channels "
+                   f"{config.channels}, hidden {config.hidden}, batch "
+                   f"{batch_size})"),
+      graphdef=graphdef, init_params=_as_numpy(params),
+      apply=_apply_fn(graphdef), loss=cross_entropy, accuracy=accuracy,
+      train_batches=train_batches, eval_batches=evals, context=context,
+      loss_unit="nats",
+      metadata={
+          "preset": preset, "model": dataclasses.asdict(config),
+          "batch_size": batch_size, "train_images": int(dataset.y_train.size),
+          "val_images": int(dataset.y_val.size),
+      })
+
+
+#: Task factories by name.
+TASKS: dict[str, Callable[..., Task]] = {"lm": lm_task, "digits": digits_task}

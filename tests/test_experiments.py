@@ -1,0 +1,262 @@
+"""The comparison harness: data loaders, models, registry, CLI and notebooks."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+pytest.importorskip("sklearn")
+
+from flax import nnx
+
+import microadam_optax as mo
+from microadam_optax.experiments import cli
+from microadam_optax.experiments import compare
+from microadam_optax.experiments import data
+from microadam_optax.experiments import models
+from microadam_optax.experiments import optimizers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = ("quickstart.ipynb", "flax_training.ipynb", "gauss_newton.ipynb")
+SMALL = 60  # files of the stdlib corpus read by the loader tests
+
+
+# ---------------------------------------------------------------------------
+# Language-modelling corpus.
+
+
+def test_stdlib_corpus_is_deterministic_and_split_by_file():
+  build = data.stdlib_corpus.__wrapped__  # bypass the cache
+  a, b = build(max_files=SMALL), build(max_files=SMALL)
+  assert a.train_files == b.train_files and a.val_files == b.val_files
+  np.testing.assert_array_equal(a.train, b.train)
+  np.testing.assert_array_equal(a.val, b.val)
+  assert a.train_files and a.val_files
+  assert not set(a.train_files) & set(a.val_files)
+  assert len(a.train_files) + len(a.val_files) == SMALL
+  assert list(a.train_files) == sorted(a.train_files)
+  assert a.train.dtype == np.uint8 and a.val.dtype == np.uint8
+  assert all(f.endswith(".py") and "site-packages" not in f
+             and not f.split("/")[0].startswith("test")
+             for f in a.train_files + a.val_files)
+  # The training stream is the training files' bytes, in order.
+  with open(os.path.join(a.root, a.train_files[0]), "rb") as f:
+    first = f.read()
+  assert a.train[:len(first)].tobytes() == first
+
+
+def test_validation_split_is_a_pure_function_of_the_path():
+  files = data.stdlib_files()
+  assert len(files) > 200  # several MB of real code
+  held_out = [f for f in files if data.is_validation_file(f, 10.0)]
+  assert 0.04 < len(held_out) / len(files) < 0.2
+  assert data.is_validation_file("a/b.py", 10.0) == data.is_validation_file(
+      "a/b.py", 10.0)
+  assert not data.is_validation_file("a/b.py", 0.0)
+  assert data.is_validation_file("a/b.py", 100.0)
+
+
+def test_lm_batches_are_deterministic_shifted_windows():
+  corpus = data.stdlib_corpus(max_files=SMALL)
+  x, y = data.lm_batches(corpus.train, 5, 3, 4, 16, seed=1)
+  x2, y2 = data.lm_batches(corpus.train, 5, 3, 4, 16, seed=1)
+  assert x.shape == y.shape == (3, 4, 16)
+  assert x.dtype == y.dtype == np.int32
+  assert x.min() >= 0 and x.max() < 256
+  np.testing.assert_array_equal(x, x2)
+  np.testing.assert_array_equal(x[..., 1:], y[..., :-1])
+  # Batch s does not depend on where a chunk starts.
+  x_one, _ = data.lm_batch(corpus.train, 6, 4, 16, seed=1)
+  np.testing.assert_array_equal(x[1], x_one)
+  x_other, _ = data.lm_batches(corpus.train, 5, 3, 4, 16, seed=2)
+  assert not np.array_equal(x, x_other)
+  ev1 = data.lm_eval_batches(corpus.val, 2, 4, 16)
+  ev2 = data.lm_eval_batches(corpus.val, 2, 4, 16)
+  np.testing.assert_array_equal(ev1[0], ev2[0])
+  assert ev1[0].shape == (2, 4, 16)
+
+
+def test_digits_split_is_stratified_and_deterministic():
+  ds = data.digits_dataset()
+  assert ds.x_train.shape[1:] == (8, 8, 1) and ds.x_train.dtype == np.float32
+  assert ds.y_train.dtype == np.int32
+  assert len(ds.y_train) + len(ds.y_val) == 1797
+  assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+  assert set(np.unique(ds.y_val)) == set(range(10))
+  again = data.digits_dataset.__wrapped__()
+  np.testing.assert_array_equal(ds.y_val, again.y_val)
+  xb, yb = data.image_batches(ds, 3, 2, 16, seed=0)
+  xb2, yb2 = data.image_batches(ds, 3, 2, 16, seed=0)
+  assert xb.shape == (2, 16, 8, 8, 1) and yb.shape == (2, 16)
+  np.testing.assert_array_equal(yb, yb2)
+
+
+# ---------------------------------------------------------------------------
+# Models.
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt():
+  """A tiny GPT and its split (eager initialization is slow on CPU)."""
+  model = models.GPT(models.GPT_PRESETS["tiny"], rngs=nnx.Rngs(0))
+  graphdef, params = models.split_params(model)
+  return model, graphdef, params
+
+
+def test_gpt_forward_and_sizes(tiny_gpt):
+  config = models.GPT_PRESETS["tiny"]
+  model, graphdef, params = tiny_gpt
+  logits = model(jnp.zeros((2, config.seq_len), jnp.int32))
+  assert logits.shape == (2, config.seq_len, 256)
+  assert models.num_params(params) == config.num_params()
+  again = models.merge_params(graphdef, params)(jnp.zeros((2, 8), jnp.int32))
+  assert again.shape == (2, 8, 256)
+  assert 1e6 <= models.GPT_PRESETS["cpu"].num_params() <= 5e6
+  assert 50e6 <= models.GPT_PRESETS["gpu"].num_params() <= 150e6
+  assert models.GPT_PRESETS["cpu"].seq_len == 128
+  names = {"embed", "pos_embed", "blocks", "ln_f", "lm_head"}
+  assert set(params) == names
+  assert set(params["blocks"][0]["attn"]) == {"query", "key", "value", "out"}
+
+
+def test_gpt_names_drive_adam_mini_partition(tiny_gpt):
+  if not hasattr(mo, "adam_mini_partition"):
+    pytest.skip("mo.adam_mini_partition is not exported")
+  _, _, params = tiny_gpt
+  spec = mo.adam_mini_partition(params)
+  block = spec["blocks"][0]
+  assert spec["embed"]["embedding"].rule == "embedding"
+  assert spec["lm_head"]["kernel"].rule == "output"
+  assert block["attn"]["query"]["kernel"].rule == "head"
+  assert block["attn"]["value"]["kernel"].rule == "value"
+  assert block["attn"]["out"]["kernel"].rule == "neuron"
+  assert block["mlp"]["fc_in"]["kernel"].rule == "neuron"
+  assert block["ln1"]["scale"].rule == "norm"
+
+
+def test_gpt_layers_for_layerwise_gauss_newton(tiny_gpt):
+  config = models.GPT_PRESETS["tiny"]
+  _, _, params = tiny_gpt
+  layers = mo.layer_partition(params, models.gpt_layer_id)
+  assert len(layers) == config.num_layers + 2
+  assert any("lm_head" in p for p in layers["head"])
+
+
+def test_cnn_forward():
+  model = models.DigitsCNN(models.CNNConfig(), rngs=nnx.Rngs(0))
+  assert model(jnp.zeros((3, 8, 8, 1))).shape == (3, 10)
+  _, params = models.split_params(model)
+  assert set(params) == {"conv1", "conv2", "dense1", "output"}
+
+
+# ---------------------------------------------------------------------------
+# Registry and schedule.
+
+
+def test_registry_names_and_clear_errors():
+  assert list(optimizers.REGISTRY) == [
+      "adamw", "microadam", "adam_mini", "adafactor", "galore", "muon",
+      "gn_full", "gn_layerwise"]
+  with pytest.raises(KeyError, match="known"):
+    optimizers.get("sgdx")
+  fake = optimizers.OptimizerSpec("x", "X", lambda lr, ctx: None, (1.0,),
+                                  "mo.does_not_exist")
+  assert "mo.does_not_exist is not available" in optimizers.unavailable_reason(
+      fake)
+  fake_optax = optimizers.OptimizerSpec("y", "Y", lambda lr, ctx: None, (1.0,),
+                                        "optax.contrib.does_not_exist")
+  assert "installed optax" in optimizers.unavailable_reason(fake_optax)
+
+
+def test_hidden_matrices_exclude_embeddings_and_heads(tiny_gpt):
+  _, _, params = tiny_gpt
+  flags = jax.tree_util.tree_map_with_path(optimizers.is_hidden_matrix, params)
+  assert not flags["embed"]["embedding"] and not flags["lm_head"]["kernel"]
+  assert flags["blocks"][0]["attn"]["query"]["kernel"]
+  assert not flags["blocks"][0]["ln1"]["scale"]
+
+
+def test_warmup_cosine():
+  f = lambda c: float(compare.warmup_cosine(c, 100))
+  assert f(0) == pytest.approx(1 / 5)
+  assert f(4) == pytest.approx(1.0)
+  assert f(100) == pytest.approx(compare.FINAL_LR_FRACTION)
+  assert f(50) < f(10)
+
+
+# ---------------------------------------------------------------------------
+# The command line, end to end.
+
+
+def test_cli_help_documents_the_flags(capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["compare", "--help"])
+  assert e.value.code == 0
+  text = capsys.readouterr().out
+  for flag in ("--task", "--preset", "--steps", "--optimizers", "--out",
+               "--seed", "--quick"):
+    assert flag in text
+
+
+def test_cli_quick_run_writes_table_json_and_plots(tmp_path, capsys):
+  out = tmp_path / "run"
+  code = cli.main(["compare", "--quick", "--out", str(out), "--no-progress"])
+  printed = capsys.readouterr().out
+  assert code == 0, printed
+  with open(out / "results.json", encoding="utf-8") as f:
+    results = json.load(f)
+  assert [t["task"] for t in results["tasks"]] == ["lm", "digits"]
+  expected = set(optimizers.REGISTRY)
+  for task in results["tasks"]:
+    by_name = {r["name"]: r for r in task["results"]}
+    assert set(by_name) == expected
+    for name, r in by_name.items():
+      reason = optimizers.unavailable_reason(optimizers.get(name))
+      if reason is not None:
+        assert r["status"] == "unavailable" and r["message"] == reason
+        continue
+      assert r["status"] == "ok", (task["task"], name, r.get("message"))
+      assert r["best_lr"] in r["lr_grid"]
+      assert len(r["sweep"]) == len(r["lr_grid"])
+      assert r["final_val_loss"] is not None
+      assert math.isfinite(r["final_val_loss"])
+      assert r["state_bytes"] > 0 and r["step_time_s"] > 0
+      assert r["steps"][0] == 0 and len(r["steps"]) == len(r["val_loss"])
+    assert by_name["adamw"]["state_bytes_per_param"] == pytest.approx(8, 0.01)
+    if by_name["microadam"]["status"] == "ok":
+      assert by_name["microadam"]["state_bytes_per_param"] < 1.5
+  for name in ("table.txt", "lm_loss_vs_step.png", "lm_loss_vs_time.png",
+               "lm_state_bytes.png", "digits_loss_vs_step.png",
+               "digits_state_bytes.png", "digits_accuracy_vs_step.png"):
+    assert (out / name).stat().st_size > 0, name
+  assert "MicroAdam" in printed and "state B/p" in printed
+  assert "steps→tgt" in (out / "table.txt").read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------
+# Notebooks.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs(name):
+  nbformat = pytest.importorskip("nbformat")
+  nbclient = pytest.importorskip("nbclient")
+  path = os.path.join(REPO, "notebooks", name)
+  nb = nbformat.read(path, as_version=4)
+  assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
+      "commit notebooks without outputs (python notebooks/make_notebooks.py)")
+  client = nbclient.NotebookClient(
+      nb, timeout=600, kernel_name="python3",
+      resources={"metadata": {"path": os.path.join(REPO, "notebooks")}})
+  client.execute()
+  errors = [o for c in nb.cells for o in c.get("outputs", ())
+            if o.get("output_type") == "error"]
+  assert not errors
