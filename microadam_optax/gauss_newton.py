@@ -426,10 +426,12 @@ def gauss_newton(
   def init_fn(params):
     _check_params(params)
     inner_state = inner_optimizer.init(params) if carry_inner_state else ()
-    zero = jnp.zeros([], jnp.float32)
+    # One buffer per field, so the state can be donated to a jitted step.
+    zero = lambda: jnp.zeros([], jnp.float32)
     return GaussNewtonState(
-        count=jnp.zeros([], jnp.int32), step_size=zero, inner_decrease=zero,
-        loss_before=zero, loss_after=zero, inner_state=inner_state)
+        count=jnp.zeros([], jnp.int32), step_size=zero(),
+        inner_decrease=zero(), loss_before=zero(), loss_after=zero(),
+        inner_state=inner_state)
 
   def update_fn(updates, state, params=None, *, model_fn=None, loss_fn=None,
                 **extra_args):

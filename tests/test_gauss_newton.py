@@ -580,3 +580,11 @@ def test_bad_inner_optimizer_layers_and_params_raise():
   bad = lambda path, leaf: np.arange(3)
   with pytest.raises(ValueError, match="one layer id per slice"):
     mo.layer_partition(params, bad)
+
+
+def test_state_can_be_donated():
+  params = {"w": jnp.ones((3, 2))}
+  tx = mo.gauss_newton(optax.sgd(0.1), inner_steps=2)
+  state = tx.init(params)
+  donated = jax.jit(lambda s: s, donate_argnums=0)(state)
+  assert int(donated.count) == 0
