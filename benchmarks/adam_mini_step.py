@@ -72,11 +72,11 @@ def random_tree(shapes: Any, key: jax.Array, scale: float) -> Any:
   """Normal(0, scale) bf16 arrays, generated on the device leaf by leaf."""
   leaves, treedef = jax.tree.flatten(shapes)
   keys = jax.random.split(key, len(leaves))
-  out = []
-  for k, s in zip(keys, leaves):
-    fill = jax.jit(lambda k, shape=s.shape, dtype=s.dtype: (
-        scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
-    out.append(fill(k))
+  # One jitted function, compiled once per distinct (shape, dtype).
+  fill = jax.jit(lambda k, shape, dtype: (
+      scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype),
+                 static_argnums=(1, 2))
+  out = [fill(k, s.shape, s.dtype) for k, s in zip(keys, leaves)]
   return jax.tree.unflatten(treedef, out)
 
 

@@ -135,7 +135,9 @@ def main(argv=None) -> dict:
   batch = args.batch or 4 * devices.size
   dtype = jnp.dtype(args.dtype)
   optimizers = {
-      "mo.microadam": lambda: mo.microadam(1e-4, weight_decay=0.1),
+      "mo.microadam xla": lambda: mo.microadam(1e-4, weight_decay=0.1,
+                                               implementation="xla"),
+      "mo.microadam auto": lambda: mo.microadam(1e-4, weight_decay=0.1),
       "optax.adamw": lambda: optax.adamw(1e-4, weight_decay=0.1),
   }
   rows = []
@@ -150,13 +152,13 @@ def main(argv=None) -> dict:
   print(f"\nFSDP step, {n / 1e9:.3f} B params ({args.dtype}) over "
         f"{devices.size} x {devices.flat[0].device_kind}, batch {batch} x "
         f"{config.seq_len}, jax {jax.__version__}")
-  print(f"{'optimizer':<14} {'step ms':>9} {'state GB':>9} "
+  print(f"{'optimizer':<18} {'step ms':>9} {'state GB':>9} "
         f"{'state GB/dev':>13} {'peak GB/dev':>12} {'loss':>14}")
   for r in rows:
     peak = r["peak_bytes_per_device"]
     peak_s = "n/a" if peak is None else "/".join(f"{p / 1e9:.1f}"
                                                   for p in peak)
-    print(f"{r['optimizer']:<14} {1e3 * r['median_step_s']:9.1f} "
+    print(f"{r['optimizer']:<18} {1e3 * r['median_step_s']:9.1f} "
           f"{r['state_bytes'] / 1e9:9.2f} "
           f"{max(r['state_bytes_per_device']) / 1e9:13.2f} {peak_s:>12} "
           f"{r['first_loss']:6.3f}->{r['last_loss']:6.3f}")
