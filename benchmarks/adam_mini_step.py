@@ -68,18 +68,6 @@ def make_optimizer(name: str, lr: float, weight_decay: float):
   raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}.")
 
 
-def random_tree(shapes: Any, key: jax.Array, scale: float) -> Any:
-  """Normal(0, scale) bf16 arrays, generated on the device leaf by leaf."""
-  leaves, treedef = jax.tree.flatten(shapes)
-  keys = jax.random.split(key, len(leaves))
-  # One jitted function, compiled once per distinct (shape, dtype).
-  fill = jax.jit(lambda k, shape, dtype: (
-      scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype),
-                 static_argnums=(1, 2))
-  out = [fill(k, s.shape, s.dtype) for k, s in zip(keys, leaves)]
-  return jax.tree.unflatten(treedef, out)
-
-
 def device_memory() -> dict[str, int] | None:
   stats = jax.devices()[0].memory_stats()
   if not stats:
@@ -104,8 +92,8 @@ def bench_one(name: str, shapes: Any, args: argparse.Namespace) -> dict:
   """Times ``args.steps`` donated steps of one optimizer."""
   n = mo.model_shapes.num_params(shapes)
   tx = make_optimizer(name, args.lr, args.weight_decay)
-  params = random_tree(shapes, jax.random.key(args.seed), 0.02)
-  grads = random_tree(shapes, jax.random.key(args.seed + 1), 1e-3)
+  params = mo.model_shapes.random_arrays(shapes, args.seed, 0.02)
+  grads = mo.model_shapes.random_arrays(shapes, args.seed + 1, 1e-3)
   state = jax.jit(tx.init)(params)
   state_bytes = mo.state_nbytes(state)
 

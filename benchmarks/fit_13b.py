@@ -26,16 +26,6 @@ import optax
 import microadam_optax as mo
 
 
-def random_tree(shapes, key):
-  """Random bf16 arrays (never zeros) with the given shapes, on the device."""
-  leaves, treedef = jax.tree.flatten(shapes)
-  keys = jax.random.split(key, len(leaves))
-  make = jax.jit(lambda k, shape, dtype: (0.02 * jax.random.normal(
-      k, shape, jnp.float32)).astype(dtype), static_argnums=(1, 2))
-  return treedef.unflatten([make(k, s.shape, s.dtype)
-                            for k, s in zip(keys, leaves)])
-
-
 def peak_gb():
   stats = jax.devices()[0].memory_stats()
   return None if stats is None else stats.get("peak_bytes_in_use", 0) / 1e9
@@ -88,8 +78,8 @@ def main(argv=None) -> dict:
   shapes = mo.model_shapes.llama2_shapes("llama2-13b", jnp.bfloat16,
                                          num_layers=args.layers)
   n = mo.model_shapes.num_params(shapes)
-  params = random_tree(shapes, jax.random.PRNGKey(0))
-  grads = random_tree(shapes, jax.random.PRNGKey(1))
+  params = mo.model_shapes.random_arrays(shapes, seed=0)
+  grads = mo.model_shapes.random_arrays(shapes, seed=1)
   rows = []
   row, params = attempt("mo.microadam (m=10, 1 %, bf16 values, 4-bit)",
                         lambda: mo.microadam(1e-5), jnp.bfloat16, params,

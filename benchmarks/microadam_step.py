@@ -41,7 +41,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import microadam_optax as mo
@@ -65,22 +64,6 @@ def model_shapes(name: str, layers: int | None) -> dict[str, Any]:
   if name == "tiny":
     return tiny_shapes()
   return mo.model_shapes.llama2_shapes(name, num_layers=layers)
-
-
-def materialize(shapes: Any, seed: int, scale: float) -> Any:
-  """Random bf16 arrays (never zeros) with the given shapes, made on device."""
-  leaves, treedef = jax.tree.flatten(shapes)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  make = jax.jit(lambda k, shape, dtype: (scale * jax.random.normal(
-      k, shape, jnp.float32)).astype(dtype), static_argnums=(1, 2))
-  return treedef.unflatten(
-      [make(k, tuple(l.shape), jnp.dtype(l.dtype)) for k, l in
-       zip(keys, leaves)])
-
-
-def nbytes(tree: Any) -> int:
-  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(tree))
 
 
 def memory_stats() -> dict[str, int]:
@@ -154,10 +137,10 @@ def run_row(name: str, init: Callable, step: Callable, shapes: Any,
   every step (reusing one gradient makes the error feedback pile up on the
   same entries, an unrealistic input for the Top-K search).
   """
-  params = materialize(shapes, seed=1, scale=0.02)
+  params = mo.model_shapes.random_arrays(shapes, seed=1, scale=0.02)
   state = init(params)
   jax.block_until_ready(state)
-  state_bytes = nbytes(state)
+  state_bytes = mo.state_nbytes(state)
   t0 = time.perf_counter()
   step = step.lower(params, state, grad_sets[0]).compile()
   compile_s = time.perf_counter() - t0
@@ -227,7 +210,8 @@ def main(argv=None) -> dict:
   print(f"{args.model} layers={args.layers}: {n / 1e9:.3f} B params in "
         f"{len(jax.tree.leaves(shapes))} tensors; {jax.devices()[0]}; jax "
         f"{jax.__version__}", flush=True)
-  grad_sets = [materialize(shapes, seed=2 + i, scale=1e-3)
+  grad_sets = [mo.model_shapes.random_arrays(shapes, seed=2 + i,
+                                                scale=1e-3)
                for i in range(args.grad_sets)]
   result: dict[str, Any] = {
       "model": args.model, "layers": args.layers, "num_params": n,
@@ -235,7 +219,7 @@ def main(argv=None) -> dict:
       "device": str(jax.devices()[0].device_kind),
       "backend": jax.default_backend(), "jax": jax.__version__,
       "date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(),
-      "param_bytes": nbytes(shapes), "grad_bytes": nbytes(shapes),
+      "param_bytes": mo.state_nbytes(shapes), "grad_bytes": mo.state_nbytes(shapes),
       "grad_sets": args.grad_sets,
       "memory_before": memory_stats(), "rows": []}
   wanted = args.rows.split(",")

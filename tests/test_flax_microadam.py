@@ -5,7 +5,6 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 from flax.training import train_state
 
