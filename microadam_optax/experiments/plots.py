@@ -56,54 +56,54 @@ def _target(ax, task_result: dict, horizontal: bool = True) -> None:
     ax.axhline(target, color="0.6", lw=0.8, ls=":", label="target")
 
 
-def plot_loss_vs_step(task_result: dict, path: str, show: bool = False
-                      ) -> Optional[Any]:
-  """Validation loss against step (outer iteration for Gauss-Newton)."""
+def _plot_curves(task_result: dict, path: str, show: bool, *, x_key: str,
+                 y_key: str, xlabel: str, ylabel: str, title: str,
+                 with_target: bool) -> Optional[Any]:
+  """One curve per optimizer of ``y_key`` against ``x_key``."""
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for r in _ok(task_result):
-    _curve(ax, r, "steps", "val_loss")
-  _target(ax, task_result)
-  _maybe_log(ax, task_result)
-  ax.set_xlabel("step (Gauss-Newton: outer iteration)")
-  ax.set_ylabel(f"validation loss ({task_result.get('loss_unit', '')})")
-  ax.set_title(f"{task_result['task']}: validation loss per step")
+    _curve(ax, r, x_key, y_key)
+  if with_target:
+    _target(ax, task_result)
+    _maybe_log(ax, task_result)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(f"{task_result['task']}: {title}")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   return _finish(plt, fig, path, show)
+
+
+def plot_loss_vs_step(task_result: dict, path: str, show: bool = False
+                      ) -> Optional[Any]:
+  """Validation loss against step (outer iteration for Gauss-Newton)."""
+  return _plot_curves(
+      task_result, path, show, x_key="steps", y_key="val_loss",
+      xlabel="step (Gauss-Newton: outer iteration)",
+      ylabel=f"validation loss ({task_result.get('loss_unit', '')})",
+      title="validation loss per step", with_target=True)
 
 
 def plot_loss_vs_time(task_result: dict, path: str, show: bool = False
                       ) -> Optional[Any]:
   """Validation loss against training wall-clock seconds (compile and
   evaluation excluded)."""
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for r in _ok(task_result):
-    _curve(ax, r, "time_s", "val_loss")
-  _target(ax, task_result)
-  _maybe_log(ax, task_result)
-  ax.set_xlabel("training time (s)")
-  ax.set_ylabel(f"validation loss ({task_result.get('loss_unit', '')})")
-  ax.set_title(f"{task_result['task']}: validation loss per wall-second")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  return _finish(plt, fig, path, show)
+  return _plot_curves(
+      task_result, path, show, x_key="time_s", y_key="val_loss",
+      xlabel="training time (s)",
+      ylabel=f"validation loss ({task_result.get('loss_unit', '')})",
+      title="validation loss per wall-second", with_target=True)
 
 
 def plot_accuracy_vs_step(task_result: dict, path: str, show: bool = False
                           ) -> Optional[Any]:
   """Validation accuracy against step."""
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for r in _ok(task_result):
-    _curve(ax, r, "steps", "val_acc")
-  ax.set_xlabel("step (Gauss-Newton: outer iteration)")
-  ax.set_ylabel("validation accuracy")
-  ax.set_title(f"{task_result['task']}: validation accuracy per step")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  return _finish(plt, fig, path, show)
+  return _plot_curves(
+      task_result, path, show, x_key="steps", y_key="val_acc",
+      xlabel="step (Gauss-Newton: outer iteration)",
+      ylabel="validation accuracy", title="validation accuracy per step",
+      with_target=False)
 
 
 def plot_state_bytes(task_result: dict, path: str, show: bool = False
