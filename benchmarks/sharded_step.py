@@ -41,6 +41,15 @@ PRESETS = {
 }
 
 
+#: The optimizers compared, by name.
+OPTIMIZERS = {
+    "mo.microadam xla": lambda: mo.microadam(1e-4, weight_decay=0.1,
+                                             implementation="xla"),
+    "mo.microadam auto": lambda: mo.microadam(1e-4, weight_decay=0.1),
+    "optax.adamw": lambda: optax.adamw(1e-4, weight_decay=0.1),
+}
+
+
 def fsdp_spec(shape: tuple[int, ...], parts: int) -> P:
   """Split the first axis when it divides evenly, else replicate."""
   if shape and shape[0] % parts == 0:
@@ -76,7 +85,10 @@ def peak_bytes_per_device() -> list[int] | None:
 
 def run(name, tx, graphdef, params, mesh, config, batch, steps):
   """Times ``steps`` sharded training steps; returns a result row."""
+  t0 = time.perf_counter()
   state = tx.init(params)  # eager: MicroAdam shards its state like params
+  jax.block_until_ready(state)
+  init_s = time.perf_counter() - t0
   state_bytes = mo.state_nbytes(state)
   per_device_state = [0] * mesh.devices.size
   index = {d: i for i, d in enumerate(mesh.devices.flat)}
@@ -98,18 +110,29 @@ def run(name, tx, graphdef, params, mesh, config, batch, steps):
 
   step = jax.jit(step, donate_argnums=(0, 1))
   rng = np.random.default_rng(0)
-  times, losses = [], []
-  for i in range(steps + 2):
-    tokens = jax.device_put(
+
+  def tokens():
+    return jax.device_put(
         rng.integers(0, config.vocab_size, (batch, config.seq_len + 1),
                      dtype=np.int32), data_sharding)
+
+  t0 = time.perf_counter()
+  compiled = step.lower(params, state, tokens()).compile()
+  compile_s = time.perf_counter() - t0
+  print(f"[{name}] init {init_s:.1f} s, compile {compile_s:.1f} s",
+        flush=True)
+  times, losses = [], []
+  for i in range(steps + 1):
     t0 = time.perf_counter()
-    params, state, loss = step(params, state, tokens)
+    params, state, loss = compiled(params, state, tokens())
     loss = float(loss)
-    if i >= 2:  # the first calls compile
+    if i >= 1:  # the first call warms up
       times.append(time.perf_counter() - t0)
     losses.append(loss)
+  print(f"[{name}] median step {1e3 * statistics.median(times):.1f} ms",
+        flush=True)
   row = {"optimizer": name, "state_bytes": state_bytes,
+         "init_s": init_s, "compile_s": compile_s,
          "state_bytes_per_device": per_device_state,
          "median_step_s": statistics.median(times),
          "first_loss": losses[0], "last_loss": losses[-1],
@@ -127,21 +150,24 @@ def main(argv=None) -> dict:
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--dtype", choices=["bfloat16", "float32"],
                       default="bfloat16")
+  parser.add_argument("--optimizers", default=None,
+                      help="comma-separated subset of: " + ", ".join(OPTIMIZERS))
   parser.add_argument("--json", default=None)
   args = parser.parse_args(argv)
+  names = (list(OPTIMIZERS) if args.optimizers is None
+           else [n.strip() for n in args.optimizers.split(",") if n.strip()])
+  unknown = [n for n in names if n not in OPTIMIZERS]
+  if unknown or not names:
+    parser.error(f"--optimizers must name some of {', '.join(OPTIMIZERS)}; "
+                 f"got {args.optimizers!r}")
   devices = np.array(jax.local_devices())
   mesh = Mesh(devices, ("fsdp",))
   config = PRESETS[args.preset]
   batch = args.batch or 4 * devices.size
   dtype = jnp.dtype(args.dtype)
-  optimizers = {
-      "mo.microadam xla": lambda: mo.microadam(1e-4, weight_decay=0.1,
-                                               implementation="xla"),
-      "mo.microadam auto": lambda: mo.microadam(1e-4, weight_decay=0.1),
-      "optax.adamw": lambda: optax.adamw(1e-4, weight_decay=0.1),
-  }
   rows = []
-  for name, make in optimizers.items():
+  for name in names:
+    make = OPTIMIZERS[name]
     graphdef, params = build(config, mesh, dtype)
     n = models.num_params(params)
     row, params = run(name, make(), graphdef, params, mesh, config, batch,
@@ -162,7 +188,7 @@ def main(argv=None) -> dict:
           f"{r['state_bytes'] / 1e9:9.2f} "
           f"{max(r['state_bytes_per_device']) / 1e9:13.2f} {peak_s:>12} "
           f"{r['first_loss']:6.3f}->{r['last_loss']:6.3f}")
-  print("(peak memory is the process's running maximum: AdamW runs second, "
+  print("(peak memory is the process's running maximum: AdamW runs last, "
         "so its figure includes MicroAdam's run only if that was higher)")
   result = {"preset": args.preset, "num_params": n, "devices": devices.size,
             "device_kind": devices.flat[0].device_kind,
