@@ -31,7 +31,7 @@ Batch = tuple[np.ndarray, np.ndarray]
 LM_BATCH_SIZE = {"tiny": 4, "cpu": 8, "gpu": 32}
 DIGITS_BATCH_SIZE = {"tiny": 32, "cpu": 64, "gpu": 128}
 #: Per model preset: evaluation batches of the LM validation set.
-LM_EVAL_BATCHES = {"tiny": 2, "cpu": 4, "gpu": 16}
+LM_EVAL_BATCHES = {"tiny": 2, "cpu": 16, "gpu": 16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +96,7 @@ def accuracy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 def lm_task(preset: str = "cpu", *, seed: int = 0,
             batch_size: Optional[int] = None, max_files: Optional[int] = None,
-            eval_batches: Optional[int] = None, gn_inner_steps: int = 5,
+            eval_batches: Optional[int] = None, gn_inner_steps: int = 10,
             weight_decay: float = 0.0) -> Task:
   """Byte-level language modelling of the standard library's sources.
 
@@ -149,7 +149,7 @@ def lm_task(preset: str = "cpu", *, seed: int = 0,
 
 
 def digits_task(preset: str = "cpu", *, seed: int = 0,
-                batch_size: Optional[int] = None, gn_inner_steps: int = 5,
+                batch_size: Optional[int] = None, gn_inner_steps: int = 10,
                 weight_decay: float = 0.0) -> Task:
   """Classification of scikit-learn's 8x8 digits with a small CNN.
 
