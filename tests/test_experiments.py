@@ -22,6 +22,7 @@ from microadam_optax.experiments import compare
 from microadam_optax.experiments import data
 from microadam_optax.experiments import models
 from microadam_optax.experiments import optimizers
+from microadam_optax.experiments import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = ("quickstart.ipynb", "flax_training.ipynb", "gauss_newton.ipynb")
@@ -238,6 +239,77 @@ def test_cli_quick_run_writes_table_json_and_plots(tmp_path, capsys):
     assert (out / name).stat().st_size > 0, name
   assert "MicroAdam" in printed and "state B/p" in printed
   assert "steps→tgt" in (out / "table.txt").read_text(encoding="utf-8")
+
+
+def _fake_result(rng, name: str, steps: int, every: int) -> dict:
+  """A result entry shaped like run_optimizer's, with random curves."""
+  xs = list(range(0, steps + 1, every))
+  losses = list(np.sort(rng.uniform(1.0, 5.0, len(xs)))[::-1])
+  lr = float(rng.choice([1e-3, 3e-3]))
+  return {
+      "name": name, "label": optimizers.get(name).label, "status": "ok",
+      "second_order": optimizers.get(name).second_order, "best_lr": lr,
+      "lr_grid": [1e-3, 3e-3], "sweep": [{"lr": 1e-3, "val_loss": 4.0},
+                                         {"lr": 3e-3, "val_loss": 3.5}],
+      "steps": xs, "val_loss": losses, "val_acc": list(rng.uniform(0, 1, len(xs))),
+      "time_s": [0.01 * x for x in xs], "steps_run": steps,
+      "final_val_loss": losses[-1], "final_val_acc": 0.5,
+      "state_bytes_per_param": float(rng.uniform(0.5, 8)),
+      "step_time_s": 0.01, "compile_s": 1.0,
+  }
+
+
+def _fake_report(rng, names, num_params=1000) -> dict:
+  return {"command": ["microadam-optax", "compare"], "tasks": [{
+      "task": "lm", "description": "fake", "num_params": num_params,
+      "loss_unit": "nats/byte", "target_loss": None,
+      "results": [_fake_result(rng, n, 40, 10) for n in names]}]}
+
+
+def test_cli_report_joins_separate_runs(tmp_path, capsys):
+  rng = np.random.default_rng()
+  a = _fake_report(rng, ["adamw", "microadam"])
+  b = _fake_report(rng, ["muon", "gn_full"])
+  b["tasks"][0]["results"][0]["val_loss"][1] = math.nan  # written as null
+  for name, rep in (("a", a), ("b", b)):
+    report.write_json(rep, str(tmp_path / name / "results.json"))
+  out = tmp_path / "ab"
+  code = cli.main(["report", str(tmp_path / "a"),
+                   str(tmp_path / "b" / "results.json"), "--out", str(out)])
+  printed = capsys.readouterr().out
+  assert code == 0, printed
+  with open(out / "results.json", encoding="utf-8") as f:
+    merged = json.load(f)
+  (task,) = merged["tasks"]
+  assert [r["name"] for r in task["results"]] == [
+      "adamw", "microadam", "muon", "gn_full"]
+  # The target is AdamW's final loss; steps to it are recomputed for all.
+  adamw_final = a["tasks"][0]["results"][0]["final_val_loss"]
+  assert task["target_loss"] == pytest.approx(adamw_final)
+  for r, src in zip(task["results"], a["tasks"][0]["results"]
+                    + b["tasks"][0]["results"]):
+    hits = [s for s, v in zip(src["steps"], src["val_loss"])
+            if math.isfinite(v) and v <= adamw_final]
+    assert r["steps_to_target"] == (hits[0] if hits else None)
+  assert len(merged["merged_from"]) == 2
+  for label in ("AdamW", "MicroAdam", "Muon", "GN (full)"):
+    assert label in printed
+  assert (out / "lm_loss_vs_step.png").stat().st_size > 0
+
+
+def test_report_merge_refuses_mismatched_runs(tmp_path, capsys):
+  rng = np.random.default_rng()
+  with pytest.raises(ValueError, match="num_params"):
+    report.merge_reports([_fake_report(rng, ["adamw"]),
+                          _fake_report(rng, ["muon"], num_params=7)],
+                         ["x.json", "y.json"])
+  with pytest.raises(ValueError, match="'adamw'.*both x.json and y.json"):
+    report.merge_reports([_fake_report(rng, ["adamw"]),
+                          _fake_report(rng, ["adamw"])], ["x.json", "y.json"])
+  bad = tmp_path / "bad.json"
+  bad.write_text("[1, 2]", encoding="utf-8")
+  assert cli.main(["report", str(bad), "--out", str(tmp_path / "o")]) == 2
+  assert "not a report" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------

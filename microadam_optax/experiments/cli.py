@@ -5,6 +5,7 @@
   microadam-optax compare --task lm --preset gpu --out runs/gpu
   microadam-optax compare --optimizers adamw,microadam --steps 300
   microadam-optax list                    # the optimizers and whether they run
+  microadam-optax report runs/a runs/b --out runs/ab   # join separate runs
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ SCHEDULES: dict[tuple[str, str], dict[str, int]] = {
                          gn_eval_every=1, gn_sweep_steps=1),
     ("digits", "tiny"): dict(steps=4, eval_every=2, sweep_steps=2,
                              gn_steps=2, gn_eval_every=1, gn_sweep_steps=1),
-    ("lm", "cpu"): dict(steps=80, eval_every=16, sweep_steps=16, gn_steps=8,
-                        gn_eval_every=2, gn_sweep_steps=2),
-    ("digits", "cpu"): dict(steps=200, eval_every=20, sweep_steps=40,
+    ("lm", "cpu"): dict(steps=320, eval_every=20, sweep_steps=80, gn_steps=16,
+                        gn_eval_every=2, gn_sweep_steps=4),
+    ("digits", "cpu"): dict(steps=600, eval_every=50, sweep_steps=150,
                             gn_steps=40, gn_eval_every=5, gn_sweep_steps=10),
-    ("lm", "gpu"): dict(steps=2000, eval_every=100, sweep_steps=200,
-                        gn_steps=100, gn_eval_every=10, gn_sweep_steps=10),
+    ("lm", "gpu"): dict(steps=600, eval_every=50, sweep_steps=100,
+                        gn_steps=20, gn_eval_every=2, gn_sweep_steps=4),
     ("digits", "gpu"): dict(steps=1000, eval_every=50, sweep_steps=100,
                             gn_steps=100, gn_eval_every=10, gn_sweep_steps=20),
 }
@@ -113,9 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="Gauss-Newton outer iterations between evaluations")
   p.add_argument("--gn-sweep-steps", type=int, default=None,
                  help="Gauss-Newton outer iterations per learning-rate trial")
-  p.add_argument("--gn-inner-steps", type=int, default=5,
+  p.add_argument("--gn-inner-steps", type=int, default=10,
                  help="inner optimizer steps per Gauss-Newton outer "
-                      "iteration (default: 5)")
+                      "iteration (default: 10)")
   p.add_argument("--lr-grid", action="append", metavar="NAME=LR,LR,...",
                  help="replace an optimizer's learning-rate grid (repeatable)")
   p.add_argument("--batch-size", type=int, default=None,
@@ -139,6 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
                  help="smoke run (about a minute, mostly compilation): tiny "
                       "models, 40 files of the corpus, a handful of steps, "
                       "cheapest XLA optimization (overrides --preset)")
+  r = sub.add_parser(
+      "report", help="join the results of separate compare runs",
+      description=(
+          "Join the results.json of several `compare` runs of the same "
+          "task(s) -- e.g. optimizers run in separate jobs -- into one "
+          "table, results.json and set of plots, as if one run had made "
+          "them. 'Steps to target' is recomputed over the joined results."))
+  r.add_argument("inputs", nargs="+", metavar="RUN",
+                 help="a results.json, or a folder holding one")
+  r.add_argument("--out", required=True,
+                 help="output folder for the joined results.json, table.txt "
+                      "and PNGs")
+  r.add_argument("--target-loss", type=float, default=None,
+                 help="validation loss for 'steps to target' (default: "
+                      "AdamW's final validation loss)")
+  r.add_argument("--no-plots", action="store_true", help="skip the PNGs")
   return parser
 
 
@@ -245,6 +262,38 @@ def run_compare(args: argparse.Namespace) -> int:
   return 1 if failed else 0
 
 
+def run_report(args: argparse.Namespace) -> int:
+  """Runs ``report``: joins the given runs; returns the exit status."""
+  # pylint: disable=g-import-not-at-top
+  from microadam_optax.experiments import compare
+  from microadam_optax.experiments import plots
+  # pylint: enable=g-import-not-at-top
+  try:
+    reports = [report.read_report(path) for path in args.inputs]
+    merged = report.merge_reports(reports, args.inputs)
+  except (OSError, ValueError) as e:
+    print(f"microadam-optax report: {e}", file=sys.stderr)
+    return 2
+  os.makedirs(args.out, exist_ok=True)
+  config = compare.RunConfig(target_loss=args.target_loss)
+  tables, files = [], []
+  for task in merged["tasks"]:
+    task["target_loss"] = compare.add_targets(task["results"], config)
+    tables.append(report.format_table(task))
+    if not args.no_plots:
+      files += plots.plot_task(task, args.out)
+  text = "\n\n".join(tables)
+  print(text)
+  table_path = os.path.join(args.out, "table.txt")
+  with open(table_path, "w", encoding="utf-8") as f:
+    f.write(text + "\n")
+  json_path = report.write_json(merged, os.path.join(args.out, "results.json"))
+  files = [json_path, table_path] + files
+  print(f"\nwrote {len(files)} files to {args.out}/: "
+        + ", ".join(os.path.basename(f) for f in files))
+  return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Entry point of the ``microadam-optax`` console script.
 
@@ -254,7 +303,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   Returns:
     The exit status: 0 on success, 1 when an optimizer failed while running
     (optimizers whose code is not installed are skipped with a message), 2 on
-    a usage error.
+    a usage error or, for ``report``, unreadable or mismatched inputs.
   """
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
@@ -264,6 +313,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2
   if args.command == "list":
     return run_list()
+  if args.command == "report":
+    return run_report(args)
   args.argv = argv[1:]
   try:
     args.lr_grids = _parse_grid(args.lr_grid)

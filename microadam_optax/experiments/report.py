@@ -6,7 +6,7 @@ import json
 import math
 import os
 import statistics
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 
 def _fmt(x: Any, spec: str = ".4f", none: str = "-") -> str:
@@ -120,3 +120,87 @@ def write_json(report: dict, path: str) -> str:
     json.dump(_jsonable(report), f, indent=1)
     f.write("\n")
   return path
+
+
+def read_report(path: str) -> dict:
+  """Reads a ``results.json`` written by ``microadam-optax compare``.
+
+  Args:
+    path: the file, or the folder holding ``results.json``.
+
+  Returns:
+    The report (``null`` losses read back as ``nan``).
+
+  Raises:
+    FileNotFoundError: when there is no such file.
+    ValueError: when the file is not a comparison report.
+  """
+  if os.path.isdir(path):
+    path = os.path.join(path, "results.json")
+  with open(path, encoding="utf-8") as f:
+    report = json.load(f)
+  if not isinstance(report, dict) or not isinstance(report.get("tasks"), list):
+    raise ValueError(
+        f"{path} is not a report of `microadam-optax compare` (no 'tasks' "
+        f"list).")
+  for task in report["tasks"]:
+    for r in task.get("results", ()):
+      for key in ("val_loss", "val_acc"):
+        if key in r:
+          r[key] = [math.nan if v is None else v for v in r[key]]
+      for key in ("final_val_loss", "final_val_acc", "best_val_loss"):
+        if key in r and r[key] is None:
+          r[key] = math.nan
+  return report
+
+
+def merge_reports(reports: Sequence[dict], names: Sequence[str]) -> dict:
+  """Joins comparison reports of the same tasks run in separate processes.
+
+  Optimizers of one task may run in different jobs (one GPU call each, say);
+  this puts their results side by side, as if one run had made them. Tasks
+  are matched by name and must agree on the model (description and number of
+  parameters), so that the curves are comparable.
+
+  Args:
+    reports: the reports, as :func:`read_report` returns them.
+    names: one label per report (its path), for error messages and the
+      merged report's ``merged_from``.
+
+  Returns:
+    A report with one entry per task, its ``results`` concatenated in the
+    order given (``target_loss`` is left to the caller to recompute).
+
+  Raises:
+    ValueError: when a task's model differs between reports, or an optimizer
+      appears twice in one task.
+  """
+  if not reports:
+    raise ValueError("merge_reports needs at least one report.")
+  tasks: dict[str, dict] = {}
+  origin: dict[tuple[str, str], str] = {}
+  for report, name in zip(reports, names):
+    for task in report["tasks"]:
+      key = task["task"]
+      if key not in tasks:
+        tasks[key] = dict(task, results=[])
+      merged = tasks[key]
+      for field in ("description", "num_params"):
+        if merged.get(field) != task.get(field):
+          raise ValueError(
+              f"Task {key!r} differs between reports: {field} is "
+              f"{merged.get(field)!r} in {origin.get((key, ''), names[0])} "
+              f"but {task.get(field)!r} in {name}.")
+      origin.setdefault((key, ""), name)
+      for r in task["results"]:
+        if (key, r["name"]) in origin:
+          raise ValueError(
+              f"Optimizer {r['name']!r} of task {key!r} is in both "
+              f"{origin[(key, r['name'])]} and {name}.")
+        origin[(key, r["name"])] = name
+        merged["results"].append(r)
+  first = reports[0]
+  return {**{k: v for k, v in first.items() if k != "tasks"},
+          "command": None, "merged_from": list(names),
+          "commands": [r.get("command") for r in reports],
+          "tasks": list(tasks.values())}
