@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="comma-separated optimizer names, or 'all' (default)")
   p.add_argument("--steps", type=int, default=None,
                  help="first-order training steps (default: per task and "
-                      "preset, e.g. lm/cpu 80, digits/cpu 200)")
+                      "preset, e.g. lm/cpu 320, digits/cpu 600)")
   p.add_argument("--eval-every", type=int, default=None,
                  help="steps between evaluations (= steps per jitted call; "
                       "default: per task and preset)")
