@@ -197,6 +197,22 @@ def run_list() -> int:
   return 0
 
 
+def _write_outputs(tables: Sequence[str], results: dict, out_dir: str,
+                   plot_files: Sequence[str], took: str = "") -> list[str]:
+  """Prints the tables and writes ``table.txt`` and ``results.json`` to
+  ``out_dir``; returns every file of the run (``plot_files`` last)."""
+  text = "\n\n".join(tables)
+  print("\n" + text)
+  table_path = os.path.join(out_dir, "table.txt")
+  with open(table_path, "w", encoding="utf-8") as f:
+    f.write(text + "\n")
+  json_path = report.write_json(results, os.path.join(out_dir, "results.json"))
+  files = [json_path, table_path, *plot_files]
+  print(f"\nwrote {len(files)} files to {out_dir}/{took}: "
+        + ", ".join(os.path.basename(f) for f in files))
+  return files
+
+
 def run_compare(args: argparse.Namespace) -> int:
   """Runs ``compare`` with parsed arguments; returns the exit status."""
   # Imported here, so that `--help` and `list` need neither Flax nor
@@ -244,19 +260,11 @@ def run_compare(args: argparse.Namespace) -> int:
       files += plots.plot_task(result, out_dir)
 
   wall = time.perf_counter() - t_start
-  text = "\n\n".join(tables)
-  print("\n" + text)
-  table_path = os.path.join(out_dir, "table.txt")
-  with open(table_path, "w", encoding="utf-8") as f:
-    f.write(text + "\n")
-  json_path = report.write_json({
+  _write_outputs(tables, {
       "command": ["microadam-optax", "compare"] + list(args.argv),
       "preset": preset, "seed": args.seed, "optimizers": names,
       "environment": _environment(), "wall_s": wall, "tasks": task_results,
-  }, os.path.join(out_dir, "results.json"))
-  files = [json_path, table_path] + files
-  print(f"\nwrote {len(files)} files to {out_dir}/ in {wall:.0f} s: "
-        + ", ".join(os.path.basename(f) for f in files))
+  }, out_dir, files, f" in {wall:.0f} s")
   failed = [r for t in task_results for r in t["results"]
             if r.get("status") == "error"]
   return 1 if failed else 0
@@ -282,15 +290,7 @@ def run_report(args: argparse.Namespace) -> int:
     tables.append(report.format_table(task))
     if not args.no_plots:
       files += plots.plot_task(task, args.out)
-  text = "\n\n".join(tables)
-  print(text)
-  table_path = os.path.join(args.out, "table.txt")
-  with open(table_path, "w", encoding="utf-8") as f:
-    f.write(text + "\n")
-  json_path = report.write_json(merged, os.path.join(args.out, "results.json"))
-  files = [json_path, table_path] + files
-  print(f"\nwrote {len(files)} files to {args.out}/: "
-        + ", ".join(os.path.basename(f) for f in files))
+  _write_outputs(tables, merged, args.out, files)
   return 0
 
 

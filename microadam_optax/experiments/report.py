@@ -178,20 +178,21 @@ def merge_reports(reports: Sequence[dict], names: Sequence[str]) -> dict:
   if not reports:
     raise ValueError("merge_reports needs at least one report.")
   tasks: dict[str, dict] = {}
-  origin: dict[tuple[str, str], str] = {}
+  task_origin: dict[str, str] = {}  # task -> the report that first had it
+  origin: dict[tuple[str, str], str] = {}  # (task, optimizer) -> report
   for report, name in zip(reports, names):
     for task in report["tasks"]:
       key = task["task"]
       if key not in tasks:
         tasks[key] = dict(task, results=[])
+        task_origin[key] = name
       merged = tasks[key]
       for field in ("description", "num_params"):
         if merged.get(field) != task.get(field):
           raise ValueError(
               f"Task {key!r} differs between reports: {field} is "
-              f"{merged.get(field)!r} in {origin.get((key, ''), names[0])} "
-              f"but {task.get(field)!r} in {name}.")
-      origin.setdefault((key, ""), name)
+              f"{merged.get(field)!r} in {task_origin[key]} but "
+              f"{task.get(field)!r} in {name}.")
       for r in task["results"]:
         if (key, r["name"]) in origin:
           raise ValueError(
