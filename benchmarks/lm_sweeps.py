@@ -42,9 +42,9 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top
 import microadam_optax as mo
-from microadam_optax.experiments import compare
-from microadam_optax.experiments import optimizers as opt_lib
-from microadam_optax.experiments import tasks as task_lib
+from microadam_compare import compare
+from microadam_compare import optimizers as opt_lib
+from microadam_compare import tasks as task_lib
 # pylint: enable=g-import-not-at-top
 
 

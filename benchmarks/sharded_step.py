@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import microadam_optax as mo
-from microadam_optax.experiments import models
+from microadam_compare import models
 
 PRESETS = {
     "tiny": models.GPTConfig(vocab_size=512, seq_len=64, d_model=128,

@@ -163,7 +163,7 @@ Any Optax transformation plugs into `nnx.Optimizer`.
 """),
     ("code", '''
 from flax import nnx
-from microadam_optax.experiments import data, models
+from microadam_compare import data, models
 
 ds = data.digits_dataset()
 model = models.DigitsCNN(models.CNNConfig(), rngs=nnx.Rngs(0))
@@ -197,7 +197,7 @@ rate; here the sweep is skipped (`sweep_steps=0` takes the middle of each
 grid) to keep the notebook short.
 """),
     ("code", '''
-from microadam_optax.experiments import compare, optimizers, plots, report, tasks
+from microadam_compare import compare, optimizers, plots, report, tasks
 
 task = tasks.digits_task("cpu", seed=0)
 config = compare.RunConfig(steps=80, eval_every=20, sweep_steps=0,
@@ -238,7 +238,7 @@ layerwise) with AdamW and Muon per iteration and per second.
     ("code", '''
 import time
 from flax import nnx
-from microadam_optax.experiments import data, models
+from microadam_compare import data, models
 
 ds = data.digits_dataset()
 x_train = ds.x_train.reshape(len(ds.x_train), -1)

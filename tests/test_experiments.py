@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,16 +19,47 @@ pytest.importorskip("sklearn")
 from flax import nnx
 
 import microadam_optax as mo
-from microadam_optax.experiments import cli
-from microadam_optax.experiments import compare
-from microadam_optax.experiments import data
-from microadam_optax.experiments import models
-from microadam_optax.experiments import optimizers
-from microadam_optax.experiments import report
+from microadam_compare import cli
+from microadam_compare import compare
+from microadam_compare import data
+from microadam_compare import models
+from microadam_compare import optimizers
+from microadam_compare import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = ("quickstart.ipynb", "flax_training.ipynb", "gauss_newton.ipynb")
 SMALL = 60  # files of the stdlib corpus read by the loader tests
+
+
+# ---------------------------------------------------------------------------
+# The application apart from the library.
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-c", code], capture_output=True,
+                        text=True, cwd=REPO, timeout=300, check=False)
+
+
+def test_library_import_needs_no_application_dependency():
+  done = _python(
+      "import sys, microadam_optax, pallas_kernels\n"
+      "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+      "('flax', 'sklearn', 'matplotlib', 'orbax', 'microadam_compare')))")
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.strip() == "[]"
+
+
+def test_compare_without_the_extra_prints_one_line():
+  done = _python(
+      "import sys\n"
+      "sys.modules['flax'] = None  # as if flax were not installed\n"
+      "from microadam_compare import cli\n"
+      "sys.exit(cli.main(['compare', '--quick']))")
+  assert done.returncode == 2
+  lines = (done.stdout + done.stderr).strip().splitlines()
+  assert len(lines) == 1, lines
+  assert "flax" in lines[0] and "pip install" in lines[0]
+  assert "[examples]" in lines[0]
 
 
 # ---------------------------------------------------------------------------

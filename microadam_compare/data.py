@@ -131,7 +131,7 @@ def stdlib_corpus(val_percent: float = 10.0, max_files: Optional[int] = None,
     A :class:`ByteCorpus`. Results are cached per argument tuple.
 
   Example:
-    >>> from microadam_optax.experiments import data
+    >>> from microadam_compare import data
     >>> corpus = data.stdlib_corpus(max_files=40)
     >>> overlap = set(corpus.train_files) & set(corpus.val_files)
     >>> corpus.train.dtype, len(overlap)
@@ -251,7 +251,7 @@ def digits_dataset(val_fraction: float = 0.2, split_seed: int = 0
     An :class:`ImageDataset` with images ``[n, 8, 8, 1]``.
 
   Example:
-    >>> from microadam_optax.experiments import data
+    >>> from microadam_compare import data
     >>> ds = data.digits_dataset()
     >>> ds.x_train.shape, ds.x_val.shape, ds.num_classes
     ((1438, 8, 8, 1), (359, 8, 8, 1), 10)

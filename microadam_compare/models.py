@@ -151,7 +151,7 @@ class GPT(nnx.Module):
   Example:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
-    >>> from microadam_optax.experiments import models
+    >>> from microadam_compare import models
     >>> model = models.GPT(models.GPT_PRESETS["tiny"], rngs=nnx.Rngs(0))
     >>> model(jnp.zeros((2, 32), jnp.int32)).shape
     (2, 32, 256)
@@ -233,7 +233,7 @@ class DigitsCNN(nnx.Module):
   Example:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
-    >>> from microadam_optax.experiments import models
+    >>> from microadam_compare import models
     >>> model = models.DigitsCNN(models.CNNConfig(), rngs=nnx.Rngs(0))
     >>> model(jnp.zeros((5, 8, 8, 1))).shape
     (5, 10)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import platform
 import sys
@@ -22,8 +23,8 @@ import jax
 import numpy as np
 import optax
 
-from microadam_optax.experiments import optimizers as opt_lib
-from microadam_optax.experiments import report
+from microadam_compare import optimizers as opt_lib
+from microadam_compare import report
 
 #: Steps per (task, preset): first-order steps, steps between evaluations,
 #: steps of each learning-rate trial; then the same three for Gauss-Newton
@@ -213,14 +214,47 @@ def _write_outputs(tables: Sequence[str], results: dict, out_dir: str,
   return files
 
 
+#: What ``compare`` and ``report`` need beyond the library: the ``examples``
+#: extra (module names, as imported).
+EXTRA_MODULES = ("flax", "sklearn", "matplotlib", "orbax.checkpoint")
+INSTALL_HINT = ("pip install 'microadam-optax[examples]' (or, in a clone, "
+                "pip install '.[examples]')")
+
+
+def missing_extra(modules: Sequence[str] = EXTRA_MODULES) -> list[str]:
+  """The modules of the ``examples`` extra that cannot be imported here."""
+  missing = []
+  for name in modules:
+    try:
+      found = importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+      found = False
+    if not found:
+      missing.append(name.split(".")[0])
+  return missing
+
+
+def _require_extra(command: str) -> bool:
+  """Prints one line and returns False when the extra is not installed."""
+  missing = missing_extra()
+  if missing:
+    print(f"microadam-optax {command} needs the examples extra "
+          f"({', '.join(missing)} not installed): {INSTALL_HINT}",
+          file=sys.stderr)
+    return False
+  return True
+
+
 def run_compare(args: argparse.Namespace) -> int:
   """Runs ``compare`` with parsed arguments; returns the exit status."""
+  if not _require_extra("compare"):
+    return 2
   # Imported here, so that `--help` and `list` need neither Flax nor
   # matplotlib.
   # pylint: disable=g-import-not-at-top
-  from microadam_optax.experiments import compare
-  from microadam_optax.experiments import plots
-  from microadam_optax.experiments import tasks as task_lib
+  from microadam_compare import compare
+  from microadam_compare import plots
+  from microadam_compare import tasks as task_lib
   # pylint: enable=g-import-not-at-top
 
   t_start = time.perf_counter()
@@ -272,9 +306,11 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
   """Runs ``report``: joins the given runs; returns the exit status."""
+  if not _require_extra("report"):
+    return 2
   # pylint: disable=g-import-not-at-top
-  from microadam_optax.experiments import compare
-  from microadam_optax.experiments import plots
+  from microadam_compare import compare
+  from microadam_compare import plots
   # pylint: enable=g-import-not-at-top
   try:
     reports = [report.read_report(path) for path in args.inputs]

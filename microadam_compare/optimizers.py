@@ -126,7 +126,7 @@ def unavailable_reason(spec: OptimizerSpec) -> Optional[str]:
   """Why ``spec`` cannot run here (``None`` when it can).
 
   Example:
-    >>> from microadam_optax.experiments import optimizers
+    >>> from microadam_compare import optimizers
     >>> optimizers.unavailable_reason(optimizers.REGISTRY["adamw"]) is None
     True
   """
@@ -272,7 +272,7 @@ def build(name: str, learning_rate: optax.ScalarOrSchedule,
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from microadam_optax.experiments import optimizers
+    >>> from microadam_compare import optimizers
     >>> tx = optimizers.build("adamw", 1e-3)
     >>> state = tx.init({"w": jnp.zeros((4, 4))})
   """

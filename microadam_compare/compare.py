@@ -39,8 +39,8 @@ import numpy as np
 import optax
 
 import microadam_optax as mo
-from microadam_optax.experiments import optimizers as opt_lib
-from microadam_optax.experiments.tasks import Task
+from microadam_compare import optimizers as opt_lib
+from microadam_compare.tasks import Task
 
 #: Share of the steps spent warming the learning rate up, and the floor of
 #: the cosine decay (as a fraction of the peak).

@@ -21,9 +21,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from microadam_optax.experiments import data
-from microadam_optax.experiments import models
-from microadam_optax.experiments.optimizers import OptimizerContext
+from microadam_compare import data
+from microadam_compare import models
+from microadam_compare.optimizers import OptimizerContext
 
 Batch = tuple[np.ndarray, np.ndarray]
 
