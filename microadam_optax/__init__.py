@@ -16,7 +16,9 @@ from microadam_optax.adam_mini import adam_mini_partition
 from microadam_optax.adam_mini import scale_by_adam_mini
 from microadam_optax.gauss_newton import DEFAULT_LINESEARCH
 from microadam_optax.gauss_newton import GaussNewtonState
+from microadam_optax.gauss_newton import SQRT2_LINESEARCH
 from microadam_optax.gauss_newton import gauss_newton
+from microadam_optax.gauss_newton import global_cosine_schedule
 from microadam_optax.gauss_newton import layer_partition
 from microadam_optax.gauss_newton import output_hvp
 from microadam_optax.memory import state_nbytes
@@ -38,7 +40,9 @@ __all__ = [
     "state_nbytes",
     "DEFAULT_LINESEARCH",
     "GaussNewtonState",
+    "SQRT2_LINESEARCH",
     "gauss_newton",
+    "global_cosine_schedule",
     "layer_partition",
     "output_hvp",
     "ADAM_MINI_DEFAULT_RULES",

@@ -8,11 +8,14 @@ Gauss-Newton model of the batch loss in the step ``delta``, minimises it with
 any Optax *inner* optimizer for a fixed number of steps (never forming a
 matrix: every inner gradient is one Jacobian-vector product and one
 vector-Jacobian product), and takes the best of a few step sizes on the true
-batch loss.
+batch loss. As in the paper, the inner steps can also each draw a fresh batch
+(``batches``), the model being linearized at the same parameters on each, and
+the line search can use batches of its own (``linesearch_batches``).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import (Any, Callable, Hashable, NamedTuple, Optional, Sequence,
                     Union)
@@ -26,6 +29,10 @@ from optax._src import numerics
 #: Default candidate step sizes of the line search. ``0.0`` is one of them, so
 #: an outer step never increases the batch loss.
 DEFAULT_LINESEARCH = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0)
+
+#: The paper's step sizes: :math:`1/\sqrt2^{\,i}`, ``i < 5`` (1 ... 0.25). It
+#: has no ``0.0``, so an outer step may increase the loss (the paper's choice).
+SQRT2_LINESEARCH = tuple(float(2.0 ** (-i / 2)) for i in range(5))
 
 #: The inner problems :func:`gauss_newton` can solve.
 VARIANTS = ("gn", "prox_linear")
@@ -44,11 +51,16 @@ class GaussNewtonState(NamedTuple):
     step_size: the step size ``alpha`` the line search chose (float32).
     inner_decrease: ``L~(0) - L~(delta_hat)``, how much the inner optimizer
       decreased its objective (the Gauss-Newton model, or the linearized loss
-      for ``variant="prox_linear"``; summed over layers when layerwise). A
-      negative value means the inner solve diverged.
-    loss_before: the batch loss at ``theta_t`` (float32).
-    loss_after: the batch loss at ``theta_t + alpha * delta_hat`` (float32);
-      ``nan`` when the line search is disabled (it is then not evaluated).
+      for ``variant="prox_linear"``; summed over layers when layerwise), on
+      the batch, or with ``batches`` on the last inner batch. A negative value
+      means the inner solve diverged.
+    loss_before: the batch loss at ``theta_t`` (float32); with ``batches``,
+      the mean of the inner batches' losses at ``theta_t`` (each measured
+      before any step was taken on it).
+    loss_after: the line-search loss at ``theta_t + alpha * delta_hat``
+      (float32): on the batch, or with ``batches`` the mean over
+      ``linesearch_batches`` (over ``batches`` when none are given); ``nan``
+      when the line search is disabled (it is then not evaluated).
     inner_state: the inner optimizer's state when ``carry_inner_state=True``,
       else ``()`` (it is re-initialized at every outer step).
   """
@@ -88,6 +100,97 @@ def output_hvp(loss_fn: Callable[[Any], jax.Array], outputs: Any):
   loss, grad = jax.value_and_grad(loss_fn)(outputs)
   _, hvp = jax.linearize(jax.grad(loss_fn), outputs)
   return loss, grad, hvp
+
+
+def global_cosine_schedule(
+    learning_rate: float,
+    outer_steps: int,
+    inner_steps: int,
+    *,
+    warmup_fraction: float = 0.2,
+    init_fraction: float = 0.1,
+    end_value: float = 0.0,
+) -> optax.Schedule:
+  r"""One warmup-cosine schedule over all inner steps of all outer steps.
+
+  The inner learning rate of the paper's ``global_cosine`` runs: with
+  :math:`T = \texttt{outer\_steps} \cdot \texttt{inner\_steps}` inner steps
+  in all and :math:`W = \lfloor \texttt{warmup\_fraction} \cdot T \rfloor`,
+
+  .. math::
+
+    \eta(k) = \begin{cases}
+      \eta_0 + (\eta - \eta_0)\, k / W & k < W, \\
+      \eta_T + \tfrac12 (\eta - \eta_T)\bigl(1 + \cos(\pi
+        \tfrac{k - W}{T - W})\bigr) & W \le k \le T,
+    \end{cases}
+    \qquad \eta_0 = \texttt{init\_fraction} \cdot \eta,
+
+  which is :func:`optax.warmup_cosine_decay_schedule`. It spans the outer
+  steps only if the inner optimizer's step count does, so give the inner
+  optimizer built with it to :func:`gauss_newton` with
+  ``carry_inner_state=True`` (the paper keeps the inner state across outer
+  steps).
+
+  Args:
+    learning_rate: the peak inner learning rate :math:`\eta > 0`.
+    outer_steps: number of outer (Gauss-Newton) steps of the run, ``>= 1``.
+    inner_steps: inner steps per outer step, ``>= 1``, as given to
+      :func:`gauss_newton`.
+    warmup_fraction: share of the :math:`T` inner steps spent warming up, in
+      ``[0, 1)`` (paper: 0.2).
+    init_fraction: the warmup starts at ``init_fraction * learning_rate``, in
+      ``[0, 1]`` (paper: 0.1).
+    end_value: the learning rate after :math:`T` inner steps, ``>= 0``
+      (paper: 0).
+
+  Returns:
+    An :class:`optax.Schedule` of the inner step count.
+
+  Examples:
+    >>> import optax
+    >>> import microadam_optax as mo
+    >>> lr = mo.global_cosine_schedule(1e-3, outer_steps=4, inner_steps=10)
+    >>> [round(float(lr(k)), 6) for k in (0, 8, 40)]  # start, peak, end
+    [0.0001, 0.001, 0.0]
+    >>> tx = mo.gauss_newton(optax.adamw(lr), inner_steps=10,
+    ...                      carry_inner_state=True,
+    ...                      linesearch=mo.SQRT2_LINESEARCH)
+
+  References:
+    Abreu, Vyas, Kakade, Morwani, `The Potential of Second-Order Optimization
+    for LLMs: A Study with Full Gauss-Newton
+    <https://arxiv.org/abs/2510.09378>`_, 2025.
+  """
+  for name, value in (("outer_steps", outer_steps),
+                      ("inner_steps", inner_steps)):
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+        or value < 1):
+      raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+  for name, value, lo, hi, closed in (
+      ("learning_rate", learning_rate, 0.0, math.inf, False),
+      ("warmup_fraction", warmup_fraction, 0.0, 1.0, False),
+      ("init_fraction", init_fraction, 0.0, 1.0, True),
+      ("end_value", end_value, 0.0, math.inf, True)):
+    ok = (not isinstance(value, bool)
+          and isinstance(value, (int, float, np.integer, np.floating))
+          and math.isfinite(value))
+    if ok:
+      ok = (lo <= value <= hi) if closed else (
+          (lo < value) if name == "learning_rate" else (lo <= value < hi))
+    if not ok:
+      valid = {"learning_rate": "a finite number > 0",
+               "warmup_fraction": "a number in [0, 1)",
+               "init_fraction": "a number in [0, 1]",
+               "end_value": "a finite number >= 0"}[name]
+      raise ValueError(f"{name} must be {valid}, got {value!r}.")
+  total = int(outer_steps) * int(inner_steps)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=float(init_fraction) * float(learning_rate),
+      peak_value=float(learning_rate),
+      warmup_steps=int(float(warmup_fraction) * total),
+      decay_steps=total,
+      end_value=float(end_value))
 
 
 # ---------------------------------------------------------------------------
@@ -279,6 +382,84 @@ def _check_params(params: Any) -> None:
           f"optimizer (e.g. nnx.split(model, nnx.Param, ...)).")
 
 
+def _stacked_length(tree: Any, name: str) -> int:
+  """The leading-axis length every leaf of ``tree`` shares; else an error."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  if not leaves:
+    raise ValueError(
+        f"{name} must be a pytree of arrays stacked along a leading axis, got "
+        f"{tree!r} (no arrays).")
+  shapes = [(jax.tree_util.keystr(p) or "<root>", np.shape(x))
+            for p, x in leaves]
+  lengths = {shape[0] if shape else None for _, shape in shapes}
+  if None in lengths or len(lengths) > 1 or 0 in lengths:
+    listing = ", ".join(f"{p}: {shape}" for p, shape in shapes)
+    raise ValueError(
+        f"{name} must be batches stacked along a leading axis that all its "
+        f"leaves share, with at least one batch; got leaves of shapes "
+        f"{listing}.")
+  return int(lengths.pop())
+
+
+def _check_arity(fn: Callable, name: str, nargs: int, hint: str) -> None:
+  """Raise a ``TypeError`` naming ``fn`` if it cannot take ``nargs`` args."""
+  try:
+    signature = inspect.signature(fn)
+  except (TypeError, ValueError):  # builtins etc.: let the call speak
+    return
+  try:
+    signature.bind(*([None] * nargs))
+  except TypeError as e:
+    raise TypeError(
+        f"{name} has the signature {name}{signature}, which cannot take "
+        f"{nargs} positional argument{'s' if nargs > 1 else ''}: {hint}"
+    ) from e
+
+
+def _check_update_args(params, model_fn, loss_fn, batches, linesearch_batches,
+                       inner_steps) -> None:
+  for name, value in (("params", params), ("model_fn", model_fn),
+                      ("loss_fn", loss_fn)):
+    if value is None:
+      raise TypeError(
+          f"gauss_newton's update needs {name}: call tx.update(grads, "
+          f"state, params, model_fn=model_fn, loss_fn=loss_fn) with "
+          f"model_fn(params) -> outputs on the current batch and "
+          f"loss_fn(outputs) -> batch-mean loss, or, streaming one batch "
+          f"per inner step, with model_fn(params, batch), "
+          f"loss_fn(outputs, batch) and batches=<stacked batches>.")
+  if batches is None:
+    if linesearch_batches is not None:
+      raise ValueError(
+          "linesearch_batches was given without batches: the line search "
+          "over batches of its own calls model_fn(params, batch) and "
+          "loss_fn(outputs, batch), the streaming form; pass the inner "
+          "steps' batches too (batches=..., leading axis inner_steps).")
+    _check_arity(model_fn, "model_fn", 1,
+                 "without batches, model_fn(params) evaluates the model on "
+                 "the batch (close over it); to stream batches, pass "
+                 "batches=... and model_fn(params, batch).")
+    _check_arity(loss_fn, "loss_fn", 1,
+                 "without batches, loss_fn(outputs) is the batch-mean loss "
+                 "(close over the targets); to stream batches, pass "
+                 "batches=... and loss_fn(outputs, batch).")
+    return
+  length = _stacked_length(batches, "batches")
+  if length != inner_steps:
+    raise ValueError(
+        f"batches holds {length} batches along its leading axis, but "
+        f"inner_steps={inner_steps}: stack exactly one batch per inner step "
+        f"(leading axis {inner_steps}).")
+  if linesearch_batches is not None:
+    _stacked_length(linesearch_batches, "linesearch_batches")
+  _check_arity(model_fn, "model_fn", 2,
+               "with batches, model_fn(params, batch) evaluates the model on "
+               "one batch (a slice of batches along its leading axis).")
+  _check_arity(loss_fn, "loss_fn", 2,
+               "with batches, loss_fn(outputs, batch) is the batch-mean loss "
+               "of model_fn(params, batch) on that batch.")
+
+
 # ---------------------------------------------------------------------------
 # The transformation.
 
@@ -327,6 +508,30 @@ def gauss_newton(
   and the returned updates are :math:`\alpha^\star\hat\delta`, so that
   ``optax.apply_updates(params, updates)`` gives :math:`\theta_{t+1}`.
 
+  **A batch per inner step** (the paper's protocol; ``update(...,
+  batches=..., linesearch_batches=...)``): inner step :math:`i` draws its
+  own batch :math:`B_i` and takes a step on the Gauss-Newton model of the
+  loss on :math:`B_i`, the model being linearized at the same
+  :math:`\theta_t`,
+
+  .. math::
+
+    \delta_i = \delta_{i-1} + \mathrm{inner}\bigl(J_i^\top(\nabla_z\ell_i
+      + \nabla_z^2\ell_i\, J_i\delta_{i-1}) + \lambda\delta_{i-1}\bigr),
+    \qquad J_i = \tfrac{\partial f(\cdot, B_i)}{\partial\theta}(\theta_t),
+
+  (:math:`\ell_i` the loss on :math:`B_i`, its derivatives at
+  :math:`z_{t,i} = f(\theta_t, B_i)`), and the line search minimises the
+  true loss averaged over the batches :math:`B'_1, \dots, B'_M` of
+  ``linesearch_batches``, :math:`\tfrac1M \sum_m
+  \ell(f(\theta_t + \alpha\hat\delta, B'_m), B'_m)` (over the inner
+  batches when none are given). Each inner step linearizes the model on its
+  batch inside the :func:`jax.lax.scan` over ``batches`` (one forward pass
+  more per inner step than with one batch), so memory holds the parameters,
+  a few params-sized trees and one batch's linearization, whatever the
+  number of batches; the line search, a scan over its batches, holds one
+  forward pass.
+
   **Layerwise** (``layerwise=True``): the parameters are cut into layers
   :math:`\theta = (\theta_1, \dots, \theta_K)`, and each layer's block
   :math:`J_k` is solved with every other layer frozen (block-diagonal
@@ -348,7 +553,11 @@ def gauss_newton(
   batch) and :math:`\delta` restarts from 0, so momentum from the previous
   problem would point the wrong way, and an inner schedule then spans the
   ``inner_steps`` of one solve. ``carry_inner_state=True`` keeps it instead
-  (and stores it in the state), e.g. for one schedule across all outer steps.
+  (and stores it in the state), e.g. for one schedule across all outer steps
+  (:func:`global_cosine_schedule`). The paper's runs keep it, with a global
+  cosine schedule and the line search :data:`SQRT2_LINESEARCH`:
+  ``gauss_newton(optax.adamw(global_cosine_schedule(lr, T, N)), N,
+  carry_inner_state=True, linesearch=SQRT2_LINESEARCH)``.
 
   Args:
     inner_optimizer: any Optax transformation minimising the inner problem,
@@ -367,7 +576,7 @@ def gauss_newton(
       inside the compiled step (one forward pass per non-zero size, in a
       :func:`jax.lax.map`); ties go to the first listed. Keep ``0.0`` in it
       so a step never increases the batch loss. ``None``: no line search,
-      :math:`\alpha = 1`.
+      :math:`\alpha = 1`. The paper's ladder is :data:`SQRT2_LINESEARCH`.
     damping: :math:`\lambda \ge 0`, Levenberg-Marquardt damping of the inner
       problem.
     layers: what a layer is (used when ``layerwise``): ``None`` -- each child
@@ -386,13 +595,22 @@ def gauss_newton(
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` whose state is a
     :class:`GaussNewtonState`. Its ``update(grads, state, params, *,
-    model_fn, loss_fn)`` needs ``params`` and the keyword arguments
-    ``model_fn`` (``params -> outputs`` on the current batch, a closure) and
-    ``loss_fn`` (``outputs -> scalar`` batch-mean loss); ``grads`` is not
-    used (the inner problem computes :math:`J^\top\nabla_z\ell` itself) and
-    may be ``None``.
+    model_fn, loss_fn, batches=None, linesearch_batches=None)`` needs
+    ``params`` and the keyword arguments
 
-  Example:
+    * one batch: ``model_fn`` (``params -> outputs`` on the current batch, a
+      closure) and ``loss_fn`` (``outputs -> scalar`` batch-mean loss);
+    * a batch per inner step: ``model_fn`` (``(params, batch) -> outputs``),
+      ``loss_fn`` (``(outputs, batch) -> scalar``) and ``batches``, a pytree
+      of arrays stacked along a leading axis of length ``inner_steps``
+      (``batch`` is one slice of it); optionally ``linesearch_batches``,
+      stacked the same way along a leading axis of any length ``M >= 1``.
+
+    ``grads`` is not used (the inner problem computes
+    :math:`J^\top\nabla_z\ell` itself) and may be ``None``. The whole
+    outer step is one traceable function: jit it once.
+
+  Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> import microadam_optax as mo
     >>> x = jax.random.normal(jax.random.key(0), (32, 3))
@@ -408,6 +626,31 @@ def gauss_newton(
     ...   params = optax.apply_updates(params, updates)
     >>> bool(state.loss_after < 1e-6)
     True
+
+    The paper's protocol: a fresh batch per inner step, the line search on
+    batches of its own, the inner state (and schedule) kept across steps.
+
+    >>> w_true = jnp.array([1.0, -2.0, 0.5])
+    >>> def draw(key, count):  # count stacked batches of 16 examples
+    ...   x = jax.random.normal(key, (count, 16, 3))
+    ...   return {"x": x, "y": jnp.tanh(x @ w_true)}
+    >>> model_fn = lambda p, batch: jnp.tanh(batch["x"] @ p["w"])
+    >>> loss_fn = lambda z, batch: 0.5 * jnp.mean((z - batch["y"]) ** 2)
+    >>> lr = mo.global_cosine_schedule(0.3, outer_steps=5, inner_steps=20)
+    >>> tx = mo.gauss_newton(optax.adam(lr), inner_steps=20,
+    ...                      carry_inner_state=True,
+    ...                      linesearch=mo.SQRT2_LINESEARCH)
+    >>> step = jax.jit(lambda p, s, b, ls: tx.update(
+    ...     None, s, p, model_fn=model_fn, loss_fn=loss_fn, batches=b,
+    ...     linesearch_batches=ls))
+    >>> params, state = {"w": jnp.zeros(3)}, tx.init({"w": jnp.zeros(3)})
+    >>> for key in jax.random.split(jax.random.key(1), 5):
+    ...   inner_key, search_key = jax.random.split(key)
+    ...   updates, state = step(params, state, draw(inner_key, 20),
+    ...                         draw(search_key, 4))
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(state.loss_after < 1e-3), int(state.inner_state[0].count)
+    (True, 100)
 
   References:
     Abreu, Vyas, Kakade, Morwani, `The Potential of Second-Order Optimization
@@ -434,36 +677,12 @@ def gauss_newton(
         inner_state=inner_state)
 
   def update_fn(updates, state, params=None, *, model_fn=None, loss_fn=None,
-                **extra_args):
+                batches=None, linesearch_batches=None, **extra_args):
     del updates, extra_args
-    for name, value in (("params", params), ("model_fn", model_fn),
-                        ("loss_fn", loss_fn)):
-      if value is None:
-        raise TypeError(
-            f"gauss_newton's update needs {name}: call tx.update(grads, "
-            f"state, params, model_fn=model_fn, loss_fn=loss_fn) with "
-            f"model_fn(params) -> outputs on the current batch and "
-            f"loss_fn(outputs) -> batch-mean loss.")
+    _check_update_args(params, model_fn, loss_fn, batches, linesearch_batches,
+                       inner_steps)
     _check_params(params)
-
-    # Linearize the model and the loss in the outputs once per outer step.
-    outputs, jvp_fn = jax.linearize(model_fn, params)
-    vjp_fn = jax.linear_transpose(jvp_fn, params)
-    loss0, grad_z, hvp = output_hvp(loss_fn, outputs)
-    loss0 = loss0.astype(jnp.float32)
-
-    def output_terms(u):
-      """Cotangent dL~/dz at J delta = u, and L~ without damping."""
-      if variant == "gn":
-        hu = hvp(u)
-        return (_tree_add(grad_z, hu),
-                _tree_vdot(grad_z, u) + 0.5 * _tree_vdot(u, hu))
-      value, cot = jax.value_and_grad(loss_fn)(_tree_add(outputs, u))
-      return cot, value.astype(jnp.float32) - loss0
-
-    def full_pass(delta, with_grad):
-      cot, obj = output_terms(jvp_fn(delta))
-      return (vjp_fn(cot)[0] if with_grad else None), obj
+    streaming = batches is not None
 
     if layerwise:
       leaf_ids, names = _leaf_layer_ids(params, layers)
@@ -485,64 +704,144 @@ def gauss_newton(
           out.append(leaf * keep.astype(leaf.dtype))
         return treedef.unflatten(out)
 
-      def block_pass(delta, with_grad):
-        def one_layer(k):
-          cot, obj = output_terms(jvp_fn(mask(delta, k)))
-          return (mask(vjp_fn(cot)[0], k) if with_grad else None), obj
+      def per_layer(tangent_pass):
+        """The block-diagonal pass: one masked tangent per layer."""
+        def block_pass(delta, with_grad):
+          def one_layer(k):
+            grad, obj = tangent_pass(mask(delta, k), with_grad)
+            return (mask(grad, k) if with_grad else None), obj
 
-        def body(acc, ks):
-          grads, objs = jax.vmap(one_layer)(ks)
+          def body(acc, ks):
+            grads, objs = jax.vmap(one_layer)(ks)
+            if with_grad:
+              acc = jax.tree.map(
+                  lambda a, g: a + jnp.sum(g, 0).astype(a.dtype), acc, grads)
+            return acc, jnp.sum(objs)
+
+          # Padding indices >= num_layers select nothing (all-zero masks).
+          ks = jnp.arange(num_chunks * chunk, dtype=jnp.int32).reshape(
+              num_chunks, chunk)
+          acc0 = jax.tree.map(jnp.zeros_like, params) if with_grad else None
+          grad, objs = jax.lax.scan(body, acc0, ks)
+          return grad, jnp.sum(objs)
+        return block_pass
+
+    def linearized_problem(batch_model_fn, batch_loss_fn):
+      """Linearizes the model at ``params`` on one batch.
+
+      Returns the batch loss at ``params`` and ``delta -> (grad, L~(delta))``,
+      the inner objective of that batch and its gradient.
+      """
+      outputs, jvp_fn = jax.linearize(batch_model_fn, params)
+      vjp_fn = jax.linear_transpose(jvp_fn, params)
+      loss0, grad_z, hvp = output_hvp(batch_loss_fn, outputs)
+      loss0 = loss0.astype(jnp.float32)
+
+      def output_terms(u):
+        """Cotangent dL~/dz at J delta = u, and L~ without damping."""
+        if variant == "gn":
+          hu = hvp(u)
+          return (_tree_add(grad_z, hu),
+                  _tree_vdot(grad_z, u) + 0.5 * _tree_vdot(u, hu))
+        value, cot = jax.value_and_grad(batch_loss_fn)(_tree_add(outputs, u))
+        return cot, value.astype(jnp.float32) - loss0
+
+      def tangent_pass(tangent, with_grad):
+        cot, obj = output_terms(jvp_fn(tangent))
+        return (vjp_fn(cot)[0] if with_grad else None), obj
+
+      block_pass = per_layer(tangent_pass) if layerwise else tangent_pass
+
+      def objective_and_grad(delta, with_grad=True):
+        grad, obj = block_pass(delta, with_grad)
+        if damping:
+          obj = obj + 0.5 * damping * _tree_vdot(delta, delta)
           if with_grad:
-            acc = jax.tree.map(
-                lambda a, g: a + jnp.sum(g, 0).astype(a.dtype), acc, grads)
-          return acc, jnp.sum(objs)
+            grad = jax.tree.map(
+                lambda g, d: (g + damping * d).astype(g.dtype), grad, delta)
+        return grad, obj
 
-        # Padding indices >= num_layers select nothing (all-zero masks).
-        ks = jnp.arange(num_chunks * chunk, dtype=jnp.int32).reshape(
-            num_chunks, chunk)
-        acc0 = jax.tree.map(jnp.zeros_like, params) if with_grad else None
-        grad, objs = jax.lax.scan(body, acc0, ks)
-        return grad, jnp.sum(objs)
-    else:
-      block_pass = full_pass
+      return loss0, objective_and_grad
 
-    def inner_objective_and_grad(delta, with_grad=True):
-      grad, obj = block_pass(delta, with_grad)
-      if damping:
-        obj = obj + 0.5 * damping * _tree_vdot(delta, delta)
-        if with_grad:
-          grad = jax.tree.map(lambda g, d: (g + damping * d).astype(g.dtype),
-                              grad, delta)
-      return grad, obj
+    def on_batch(batch):
+      """``model_fn`` and ``loss_fn`` of the streaming form bound to batch."""
+      return (lambda p: model_fn(p, batch)), (lambda z: loss_fn(z, batch))
 
-    def inner_step(carry, _):
-      delta, inner_state = carry
-      grad, _ = inner_objective_and_grad(delta)
+    def inner_update(delta, inner_state, grad):
       iterate = _tree_add(params, delta)  # dead code unless the tx reads it
       step, inner_state = inner_optimizer.update(grad, inner_state, iterate)
-      delta = optax.apply_updates(delta, step)
-      return (delta, inner_state), None
+      return optax.apply_updates(delta, step), inner_state
 
     inner_state = (state.inner_state if carry_inner_state
                    else inner_optimizer.init(params))
     delta0 = jax.tree.map(jnp.zeros_like, params)
-    (delta, inner_state), _ = jax.lax.scan(
-        inner_step, (delta0, inner_state), None, length=inner_steps)
-    _, final_obj = inner_objective_and_grad(delta, with_grad=False)
+    if not streaming:
+      # One linearization, reused by every inner step.
+      loss0, objective_and_grad = linearized_problem(model_fn, loss_fn)
 
-    # Line search on the true batch loss.
+      def inner_step(carry, _):
+        grad, _ = objective_and_grad(carry[0])
+        return inner_update(*carry, grad), None
+
+      (delta, inner_state), _ = jax.lax.scan(
+          inner_step, (delta0, inner_state), None, length=inner_steps)
+    else:
+      # Inner step i linearizes the model at params on batch i inside the
+      # scan body, so only one batch's linearization is alive at a time.
+      def inner_step(carry, batch):
+        batch_loss0, objective_and_grad = linearized_problem(*on_batch(batch))
+        grad, _ = objective_and_grad(carry[0])
+        return inner_update(*carry, grad), batch_loss0
+
+      (delta, inner_state), batch_losses = jax.lax.scan(
+          inner_step, (delta0, inner_state), batches)
+      loss0 = jnp.mean(batch_losses)
+      last = jax.tree.map(lambda b: b[-1], batches)
+      _, objective_and_grad = linearized_problem(*on_batch(last))
+    _, final_obj = objective_and_grad(delta, with_grad=False)
+
+    # Line search on the true loss.
     if step_sizes is None:
       alpha = jnp.ones([], jnp.float32)
       loss_after = jnp.full([], jnp.nan, jnp.float32)
     else:
       trial = [i for i, a in enumerate(step_sizes) if a != 0.0]
+      zeros = [i for i, a in enumerate(step_sizes) if a == 0.0]
+      trial_sizes = jnp.asarray([step_sizes[i] for i in trial], jnp.float32)
       losses = jnp.full((len(step_sizes),), loss0)
-      if trial:
-        trial_sizes = jnp.asarray([step_sizes[i] for i in trial], jnp.float32)
-        trial_losses = jax.lax.map(
-            lambda a: loss_fn(model_fn(_axpy(a, delta, params))).astype(
-                jnp.float32), trial_sizes)
-        losses = losses.at[np.asarray(trial)].set(trial_losses)
+      if not streaming:
+        if trial:
+          trial_losses = jax.lax.map(
+              lambda a: loss_fn(model_fn(_axpy(a, delta, params))).astype(
+                  jnp.float32), trial_sizes)
+          losses = losses.at[np.asarray(trial)].set(trial_losses)
+      else:
+        # The loss at alpha = 0 is loss0 on the inner batches themselves;
+        # on batches of its own it is measured with the others.
+        own = linesearch_batches is not None
+        search_batches = linesearch_batches if own else batches
+        measure_zero = own and bool(zeros)
+
+        def mean_losses(acc, batch):
+          b_model_fn, b_loss_fn = on_batch(batch)
+          loss_at = lambda p: b_loss_fn(b_model_fn(p)).astype(jnp.float32)
+          parts = []
+          if measure_zero:
+            parts.append(loss_at(params)[None])
+          if trial:
+            parts.append(jax.lax.map(
+                lambda a: loss_at(_axpy(a, delta, params)), trial_sizes))
+          return acc + jnp.concatenate(parts), None
+
+        if measure_zero or trial:
+          count = int(measure_zero) + len(trial)
+          sums, _ = jax.lax.scan(mean_losses, jnp.zeros([count], jnp.float32),
+                                 search_batches)
+          means = sums / _stacked_length(search_batches, "linesearch_batches")
+          if measure_zero:
+            losses = losses.at[np.asarray(zeros)].set(means[0])
+          if trial:
+            losses = losses.at[np.asarray(trial)].set(means[int(measure_zero):])
       losses = jnp.where(jnp.isnan(losses), jnp.inf, losses)
       best = jnp.argmin(losses)
       alpha = jnp.asarray(step_sizes, jnp.float32)[best]
