@@ -10,6 +10,9 @@ test says otherwise):
   momentum (lr 1, momentum 0.9) and Muon (lr 0.05), 10 inner steps;
 * deep tanh net with stacked layers: SGD (lr 0.2, momentum 0.5), 5 steps;
 * Flax NNX / linen: heavy-ball SGD, 20 inner steps, a fresh batch per step.
+* a batch per inner step (the paper's protocol): Adam with the global cosine
+  schedule (peak 0.3), state kept across outer steps, 4 inner steps, against
+  a float64 NumPy loop; Adam (lr 0.05) for 30 inner steps on least squares.
 """
 
 from __future__ import annotations
@@ -588,3 +591,378 @@ def test_state_can_be_donated():
   state = tx.init(params)
   donated = jax.jit(lambda s: s, donate_argnums=0)(state)
   assert int(donated.count) == 0
+
+
+# ---------------------------------------------------------------------------
+# A batch per inner step (the paper's protocol).
+
+
+def _np_mlp_problem(seed, din=3, hidden=5, classes=3):
+  rng = np.random.default_rng(seed)
+  params = {"layer1": {"w": rng.normal(size=(din, hidden)) / np.sqrt(din),
+                       "b": 0.1 * rng.normal(size=hidden)},
+            "layer2": {"w": rng.normal(size=(hidden, classes)) / np.sqrt(hidden),
+                       "b": 0.1 * rng.normal(size=classes)}}
+  teacher = rng.normal(size=(din, classes))
+
+  def draw(count, n=8):
+    x = rng.normal(size=(count, n, din))
+    logits = x @ teacher + 0.5 * rng.normal(size=(count, n, classes))
+    return {"x": x, "y": logits.argmax(-1).astype(np.int32)}
+
+  return params, draw
+
+
+def _mlp_batch(p, batch):
+  return _mlp(p, batch["x"])
+
+
+def _xent_batch(z, batch):
+  return optax.softmax_cross_entropy_with_integer_labels(z, batch["y"]).mean()
+
+
+_NP_KEYS = (("layer1", "w"), ("layer1", "b"), ("layer2", "w"), ("layer2", "b"))
+
+
+def _np_flat(tree):
+  return np.concatenate([np.ravel(np.asarray(tree[a][b], np.float64))
+                         for a, b in _NP_KEYS])
+
+
+def _np_unflat(vec, like):
+  out, i = {"layer1": {}, "layer2": {}}, 0
+  for a, b in _NP_KEYS:
+    shape = np.shape(like[a][b])
+    size = int(np.prod(shape))
+    out[a][b] = vec[i:i + size].reshape(shape)
+    i += size
+  return out
+
+
+def _np_forward(theta, like, x):
+  p = _np_unflat(theta, like)
+  h = np.tanh(x @ p["layer1"]["w"] + p["layer1"]["b"])
+  return h @ p["layer2"]["w"] + p["layer2"]["b"], h, p
+
+
+def _np_jacobian(theta, like, x):
+  """d vec(z) / d theta, rows (example, class), columns in _NP_KEYS order."""
+  z, h, p = _np_forward(theta, like, x)
+  n, classes = z.shape
+  s = 1.0 - h ** 2
+  w2 = p["layer2"]["w"]
+  blocks = [np.einsum("bi,bj,jc->bcij", x, s, w2),  # layer1 w
+            np.einsum("bj,jc->bcj", s, w2),  # layer1 b
+            np.einsum("bj,cd->bcjd", h, np.eye(classes)),  # layer2 w
+            np.broadcast_to(np.eye(classes), (n, classes, classes))]  # b
+  return np.concatenate([b.reshape(n * classes, -1) for b in blocks], 1)
+
+
+def _np_xent(z, y):
+  p = _np_softmax(z)
+  return -np.mean(np.log(p[np.arange(len(y)), y]))
+
+
+def _np_cosine(k, peak, total, warmup_fraction=0.2, init_fraction=0.1):
+  warm = int(warmup_fraction * total)
+  if k < warm:
+    return init_fraction * peak + (peak - init_fraction * peak) * k / warm
+  return 0.5 * peak * (1 + np.cos(np.pi * min(k - warm, total - warm)
+                                  / (total - warm)))
+
+
+def _np_gauss_newton_protocol(params, outer_batches, search_batches, *, lr,
+                              inner_steps, variant, layerwise, damping,
+                              sizes):
+  """The paper's outer loop, by hand in float64: Adam (global cosine, state
+  kept across outer steps) on the Gauss-Newton model of each inner batch,
+  the best of ``sizes`` on the mean loss of the line-search batches."""
+  theta = _np_flat(params)
+  sizes_per_layer = [int(np.size(params[a][b])) for a, b in _NP_KEYS]
+  edges = np.cumsum([0] + sizes_per_layer)
+  layers = ([np.arange(edges[0], edges[2]), np.arange(edges[2], edges[4])]
+            if layerwise else [np.arange(edges[-1])])
+  m, v, k = np.zeros_like(theta), np.zeros_like(theta), 0
+  total = len(outer_batches) * inner_steps
+  b1, b2, eps = 0.9, 0.999, 1e-8
+  history = []
+
+  def problem(batch):
+    x, y = batch["x"], batch["y"]
+    z0 = _np_forward(theta, params, x)[0]
+    n = len(y)
+    onehot = np.eye(z0.shape[1])[y]
+    g0 = ((_np_softmax(z0) - onehot) / n).ravel()
+    hess = np.zeros((g0.size, g0.size))
+    p0 = _np_softmax(z0)
+    for b in range(n):  # block-diagonal: (diag(p) - p p^T) / n per example
+      sl = slice(b * z0.shape[1], (b + 1) * z0.shape[1])
+      hess[sl, sl] = (np.diag(p0[b]) - np.outer(p0[b], p0[b])) / n
+    jac = _np_jacobian(theta, params, x)
+
+    def cot_and_obj(u):
+      if variant == "gn":
+        return g0 + hess @ u, g0 @ u + 0.5 * u @ hess @ u
+      z = z0 + u.reshape(z0.shape)
+      return (((_np_softmax(z) - onehot) / n).ravel(),
+              _np_xent(z, y) - _np_xent(z0, y))
+
+    def grad_and_obj(delta):
+      grad, obj = np.zeros_like(delta), 0.5 * damping * delta @ delta
+      for idx in layers:
+        cot, o = cot_and_obj(jac[:, idx] @ delta[idx])
+        grad[idx] = jac[:, idx].T @ cot
+        obj += o
+      return grad + damping * delta, obj
+
+    return _np_xent(z0, y), grad_and_obj
+
+  for batches, search in zip(outer_batches, search_batches):
+    delta, losses0 = np.zeros_like(theta), []
+    for i in range(inner_steps):
+      loss0, grad_and_obj = problem(jax.tree.map(lambda b: b[i], batches))
+      losses0.append(loss0)
+      g, _ = grad_and_obj(delta)
+      m = b1 * m + (1 - b1) * g
+      v = b2 * v + (1 - b2) * g ** 2
+      mhat, vhat = m / (1 - b1 ** (k + 1)), v / (1 - b2 ** (k + 1))
+      delta = delta - _np_cosine(k, lr, total) * mhat / (np.sqrt(vhat) + eps)
+      k += 1
+    _, grad_and_obj = problem(jax.tree.map(lambda b: b[-1], batches))
+    final_obj = grad_and_obj(delta)[1]
+    ls = [np.mean([_np_xent(_np_forward(theta + a * delta, params,
+                                        search["x"][j])[0], search["y"][j])
+                   for j in range(len(search["y"]))]) for a in sizes]
+    best = int(np.argmin(ls))
+    history.append(dict(updates=_np_unflat(sizes[best] * delta, params),
+                        step_size=sizes[best], loss_before=np.mean(losses0),
+                        loss_after=ls[best], inner_decrease=-final_obj))
+    theta = theta + sizes[best] * delta
+  return history
+
+
+@pytest.mark.parametrize("variant, layerwise", [
+    ("gn", False), ("gn", True), ("prox_linear", False), ("prox_linear", True)])
+def test_streamed_protocol_matches_float64_hand_written_loop(variant,
+                                                             layerwise):
+  params, draw = _np_mlp_problem(seed=20)
+  inner_steps, outer_steps, lr, damping = 4, 3, 0.3, 1e-2
+  outer_batches = [draw(inner_steps) for _ in range(outer_steps)]
+  search_batches = [draw(3) for _ in range(outer_steps)]
+  want = _np_gauss_newton_protocol(
+      params, outer_batches, search_batches, lr=lr, inner_steps=inner_steps,
+      variant=variant, layerwise=layerwise, damping=damping,
+      sizes=mo.SQRT2_LINESEARCH)
+  # The line search must matter: not always the largest step.
+  assert {h["step_size"] for h in want} != {1.0}, want
+
+  with jax.enable_x64(True):
+    schedule = mo.global_cosine_schedule(lr, outer_steps, inner_steps)
+    tx = mo.gauss_newton(optax.adam(schedule), inner_steps, variant=variant,
+                         layerwise=layerwise, damping=damping,
+                         carry_inner_state=True,
+                         linesearch=mo.SQRT2_LINESEARCH)
+    traces = []
+
+    @jax.jit
+    def step(p, s, batches, search):
+      traces.append(1)
+      return tx.update(None, s, p, model_fn=_mlp_batch, loss_fn=_xent_batch,
+                       batches=batches, linesearch_batches=search)
+
+    p = jax.tree.map(jnp.asarray, params)
+    state = tx.init(p)
+    for t, expected in enumerate(want):
+      updates, state = step(p, state, outer_batches[t], search_batches[t])
+      p = optax.apply_updates(p, updates)
+      for path, got in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        a, b = (k.key for k in path)
+        assert got.dtype == jnp.float64
+        # optax computes the schedule in float32 even under x64; Adam's
+        # normalisation magnifies that rounding on small components.
+        np.testing.assert_allclose(np.asarray(got), expected["updates"][a][b],
+                                   rtol=1e-5, atol=1e-8, err_msg=f"{t} {a}/{b}")
+      assert float(state.step_size) == pytest.approx(expected["step_size"],
+                                                     rel=1e-7)
+      for name in ("loss_before", "loss_after", "inner_decrease"):
+        np.testing.assert_allclose(float(getattr(state, name)),
+                                   expected[name], rtol=2e-5, err_msg=name)
+    assert int(state.inner_state[0].count) == outer_steps * inner_steps
+    assert len(traces) == 1
+
+
+def _least_squares_streamed(seed):
+  """The _least_squares problem with its batch as an argument."""
+  x, y, params, model_fn, loss_fn, _ = _least_squares(seed=seed)
+  d1 = params["first"]["w"].shape[0]
+  batch = {"x": jnp.asarray(x, jnp.float32), "y": jnp.asarray(y, jnp.float32)}
+
+  def batch_model_fn(p, b):
+    return (b["x"][:, :d1] @ p["first"]["w"] + p["first"]["b"]
+            + b["x"][:, d1:] @ p["second"]["w"])
+
+  def batch_loss_fn(z, b):
+    return 0.5 * jnp.mean((z - b["y"]) ** 2)
+
+  return params, model_fn, loss_fn, batch, batch_model_fn, batch_loss_fn
+
+
+@pytest.mark.parametrize("own_linesearch_batches", [False, True])
+@pytest.mark.parametrize("variant, layerwise", [
+    ("gn", False), ("gn", True), ("prox_linear", True)])
+def test_streaming_one_batch_n_times_reproduces_single_batch(
+    variant, layerwise, own_linesearch_batches):
+  params, model_fn, loss_fn, batch, b_model_fn, b_loss_fn = (
+      _least_squares_streamed(seed=12))
+  steps, outer = 30, 3
+  batches = jax.tree.map(lambda a: jnp.stack([a] * steps), batch)
+  search = (jax.tree.map(lambda a: a[None], batch) if own_linesearch_batches
+            else None)
+  tx = mo.gauss_newton(optax.adam(0.05), steps, variant=variant,
+                       layerwise=layerwise, damping=1e-3,
+                       carry_inner_state=True)
+
+  @jax.jit
+  def run(params):
+    def outer_step(carry, _):
+      p, s, ps, ss = carry
+      u, s = tx.update(None, s, p, model_fn=model_fn, loss_fn=loss_fn)
+      us, ss = tx.update(None, ss, ps, model_fn=b_model_fn,
+                         loss_fn=b_loss_fn, batches=batches,
+                         linesearch_batches=search)
+      return ((optax.apply_updates(p, u), s, optax.apply_updates(ps, us), ss),
+              (u, s, us, ss))
+    state = tx.init(params)
+    return jax.lax.scan(outer_step, (params, state, params, state), None,
+                        length=outer)[1]
+
+  single, single_states, streamed, streamed_states = run(params)
+  for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(streamed)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5,
+                               atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(streamed_states.step_size),
+                                np.asarray(single_states.step_size))
+  for name in ("loss_before", "loss_after", "inner_decrease"):
+    np.testing.assert_allclose(np.asarray(getattr(streamed_states, name)),
+                               np.asarray(getattr(single_states, name)),
+                               rtol=1e-5, err_msg=name)
+  np.testing.assert_array_equal(
+      np.asarray(streamed_states.inner_state[0].count), [30, 60, 90])
+
+
+def _wide_mlp(din=16, hidden=512, classes=8):
+  k1, k2 = jax.random.split(jax.random.key(0))
+  params = {"l1": {"w": jax.random.normal(k1, (din, hidden)) / 4,
+                   "b": jnp.zeros(hidden)},
+            "l2": {"w": jax.random.normal(k2, (hidden, classes)) / 20,
+                   "b": jnp.zeros(classes)}}
+
+  def model_fn(p, batch):
+    h = jnp.tanh(batch["x"] @ p["l1"]["w"] + p["l1"]["b"])
+    return h @ p["l2"]["w"] + p["l2"]["b"]
+
+  return params, model_fn
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_streaming_memory_does_not_grow_with_the_number_of_batches(layerwise):
+  """Compiled temporaries: O(params + one batch), not O(batches)."""
+  n, din, hidden = 256, 16, 512
+  params, model_fn = _wide_mlp(din, hidden)
+  activation_bytes = n * hidden * 4  # one batch's hidden layer
+
+  def stacked(count):
+    return {"x": jax.ShapeDtypeStruct((count, n, din), jnp.float32),
+            "y": jax.ShapeDtypeStruct((count, n), jnp.int32)}
+
+  def temp_bytes(fn, *args):
+    return jax.jit(fn).lower(*args).compile().memory_analysis(
+    ).temp_size_in_bytes
+
+  def gauss_newton_temp(count):
+    tx = mo.gauss_newton(optax.adam(1e-2), count, layerwise=layerwise,
+                         linesearch=mo.SQRT2_LINESEARCH)
+    return temp_bytes(
+        lambda p, s, b, ls: tx.update(None, s, p, model_fn=model_fn,
+                                      loss_fn=_xent_batch, batches=b,
+                                      linesearch_batches=ls),
+        params, tx.init(params), stacked(count), stacked(count))
+
+  # The measurement sees batch-proportional temporaries: every batch's
+  # linearization made at once (vmapped JVPs) grows by about one activation
+  # per batch.
+  def all_at_once(p, batches):
+    out, tangent = jax.vmap(lambda b: jax.jvp(
+        lambda q: model_fn(q, b), (p,), (p,)))(batches)
+    return jnp.sum(out) + jnp.sum(tangent)
+
+  control = [temp_bytes(all_at_once, params, stacked(c)) for c in (2, 16)]
+  assert control[1] - control[0] > 14 * activation_bytes, control
+
+  small, large = gauss_newton_temp(2), gauss_newton_temp(16)
+  assert large - small < activation_bytes, (small, large)
+
+
+def test_streaming_bad_input_raises_clear_errors():
+  params, model_fn, loss_fn, batch, b_model_fn, b_loss_fn = (
+      _least_squares_streamed(seed=13))
+  tx = mo.gauss_newton(optax.sgd(0.1), inner_steps=4)
+  state = tx.init(params)
+  stack = lambda count: jax.tree.map(lambda a: jnp.stack([a] * count), batch)
+
+  def update(**kwargs):
+    kwargs = {"model_fn": b_model_fn, "loss_fn": b_loss_fn,
+              "batches": stack(4), **kwargs}
+    return tx.update(None, state, params, **kwargs)
+
+  update()  # well-formed
+  mismatched = {"x": stack(4)["x"], "y": stack(3)["y"]}
+  with pytest.raises(ValueError, match=(
+      r"batches must be .*leading axis.*\['x'\]: \(4, 64, 10\).*"
+      r"\['y'\]: \(3, 64\)")):
+    update(batches=mismatched)
+  with pytest.raises(ValueError, match=r"batches holds 3 .*inner_steps=4"):
+    update(batches=stack(3))
+  with pytest.raises(ValueError, match=r"batches .*\['scale'\]: \(\)"):
+    update(batches={**stack(4), "scale": jnp.ones(())})
+  with pytest.raises(ValueError, match=r"batches .*no arrays"):
+    update(batches={})
+  bad_search = {"x": stack(2)["x"], "y": stack(1)["y"]}
+  with pytest.raises(ValueError, match=r"linesearch_batches must be .*\(2, "):
+    update(linesearch_batches=bad_search)
+  # Signatures: the streaming form needs (params, batch) / (outputs, batch).
+  with pytest.raises(TypeError, match=r"loss_fn has the signature "
+                     r"loss_fn\(z\).*loss_fn\(outputs, batch\)"):
+    update(loss_fn=loss_fn)
+  with pytest.raises(TypeError, match=r"model_fn.*model_fn\(params, batch\)"):
+    update(model_fn=model_fn)
+  # ... and the single-batch form closures.
+  with pytest.raises(TypeError, match=r"model_fn has the signature "
+                     r"model_fn\(p, b\).*batches="):
+    tx.update(None, state, params, model_fn=b_model_fn, loss_fn=loss_fn)
+  with pytest.raises(ValueError, match=r"linesearch_batches .*without "
+                     r"batches"):
+    tx.update(None, state, params, model_fn=model_fn, loss_fn=loss_fn,
+              linesearch_batches=stack(2))
+
+
+def test_paper_line_search_ladder_and_global_cosine_schedule():
+  np.testing.assert_allclose(mo.SQRT2_LINESEARCH,
+                             [1.0, 2 ** -0.5, 0.5, 2 ** -1.5, 0.25],
+                             rtol=1e-15)
+  lr = mo.global_cosine_schedule(0.1, outer_steps=3, inner_steps=10)
+  got = [float(lr(k)) for k in range(31)]
+  want = [_np_cosine(k, 0.1, 30) for k in range(31)]
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)  # float32
+  assert got[6] == pytest.approx(0.1) and got[0] == pytest.approx(0.01)
+  for kwargs, match in [
+      (dict(learning_rate=0.0), r"learning_rate .*> 0.*0\.0"),
+      (dict(outer_steps=0), r"outer_steps .*>= 1.*0"),
+      (dict(inner_steps=2.5), r"inner_steps .*2\.5"),
+      (dict(warmup_fraction=1.0), r"warmup_fraction .*\[0, 1\).*1\.0"),
+      (dict(init_fraction=-0.1), r"init_fraction .*\[0, 1\]"),
+      (dict(end_value=float("nan")), r"end_value .*>= 0.*nan")]:
+    args = {"learning_rate": 0.1, "outer_steps": 3, "inner_steps": 10,
+            **kwargs}
+    with pytest.raises(ValueError, match=match):
+      mo.global_cosine_schedule(**args)
