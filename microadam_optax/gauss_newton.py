@@ -63,6 +63,8 @@ class GaussNewtonState(NamedTuple):
       when the line search is disabled (it is then not evaluated).
     inner_state: the inner optimizer's state when ``carry_inner_state=True``,
       else ``()`` (it is re-initialized at every outer step).
+    inner_iterate: where the last inner solve ended, ``theta_t + delta_hat``
+      (like ``params``), when ``carry_inner_iterate=True``, else ``()``.
   """
   count: jax.Array
   step_size: jax.Array
@@ -70,6 +72,7 @@ class GaussNewtonState(NamedTuple):
   loss_before: jax.Array
   loss_after: jax.Array
   inner_state: Any
+  inner_iterate: Any = ()
 
 
 def output_hvp(loss_fn: Callable[[Any], jax.Array], outputs: Any):
@@ -318,7 +321,8 @@ def _axpy(alpha: jax.Array, x: Any, y: Any) -> Any:
 
 
 def _validate(*, inner_optimizer, inner_steps, layerwise, variant, linesearch,
-              damping, layers, layer_batch_size, carry_inner_state) -> None:
+              damping, layers, layer_batch_size, carry_inner_state,
+              carry_inner_iterate) -> None:
   if not (hasattr(inner_optimizer, "init")
           and hasattr(inner_optimizer, "update")):
     raise ValueError(
@@ -330,10 +334,10 @@ def _validate(*, inner_optimizer, inner_steps, layerwise, variant, linesearch,
         f"inner_steps must be an integer >= 1, got {inner_steps!r}.")
   if not isinstance(layerwise, bool):
     raise ValueError(f"layerwise must be True or False, got {layerwise!r}.")
-  if not isinstance(carry_inner_state, bool):
-    raise ValueError(
-        f"carry_inner_state must be True or False, got "
-        f"{carry_inner_state!r}.")
+  for name, value in (("carry_inner_state", carry_inner_state),
+                      ("carry_inner_iterate", carry_inner_iterate)):
+    if not isinstance(value, bool):
+      raise ValueError(f"{name} must be True or False, got {value!r}.")
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
   if linesearch is not None:
@@ -475,6 +479,7 @@ def gauss_newton(
     layers: LayerSpec = None,
     layer_batch_size: Optional[int] = 1,
     carry_inner_state: bool = False,
+    carry_inner_iterate: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gauss-Newton steps whose inner problem an Optax optimizer solves.
 
@@ -554,10 +559,20 @@ def gauss_newton(
   problem would point the wrong way, and an inner schedule then spans the
   ``inner_steps`` of one solve. ``carry_inner_state=True`` keeps it instead
   (and stores it in the state), e.g. for one schedule across all outer steps
-  (:func:`global_cosine_schedule`). The paper's runs keep it, with a global
-  cosine schedule and the line search :data:`SQRT2_LINESEARCH`:
-  ``gauss_newton(optax.adamw(global_cosine_schedule(lr, T, N)), N,
-  carry_inner_state=True, linesearch=SQRT2_LINESEARCH)``.
+  (:func:`global_cosine_schedule`). The paper's runs keep it and the inner
+  iterate (below), with a global cosine schedule and the line search
+  :data:`SQRT2_LINESEARCH`: ``gauss_newton(optax.adamw(
+  global_cosine_schedule(lr, T, N)), N, carry_inner_state=True,
+  carry_inner_iterate=True, linesearch=SQRT2_LINESEARCH)``.
+
+  ``carry_inner_iterate=True`` starts each inner solve where the previous one
+  ended instead of at :math:`\delta = 0`: the inner iterate stays at
+  :math:`\theta_{t-1} + \hat\delta_{t-1}`, so that :math:`\delta_0 =
+  \theta_{t-1} + \hat\delta_{t-1} - \theta_t` (:math:`(1 -
+  \alpha^\star)\hat\delta_{t-1}` when the updates are applied as
+  returned), as in the paper's code, whose inner parameters persist across
+  outer steps unless reset. It costs one params-sized tree of state and
+  changes nothing when the line search takes :math:`\alpha = 1`.
 
   Args:
     inner_optimizer: any Optax transformation minimising the inner problem,
@@ -591,6 +606,8 @@ def gauss_newton(
     layer_batch_size: layers whose JVP/VJP are vmapped together (memory grows
       with it); ``None`` all at once.
     carry_inner_state: keep the inner optimizer's state across outer steps.
+    carry_inner_iterate: start each inner solve from the previous one's final
+      iterate instead of from :math:`\delta = 0`.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -628,7 +645,8 @@ def gauss_newton(
     True
 
     The paper's protocol: a fresh batch per inner step, the line search on
-    batches of its own, the inner state (and schedule) kept across steps.
+    batches of its own, the inner state (and schedule) and iterate kept
+    across outer steps.
 
     >>> w_true = jnp.array([1.0, -2.0, 0.5])
     >>> def draw(key, count):  # count stacked batches of 16 examples
@@ -638,7 +656,7 @@ def gauss_newton(
     >>> loss_fn = lambda z, batch: 0.5 * jnp.mean((z - batch["y"]) ** 2)
     >>> lr = mo.global_cosine_schedule(0.3, outer_steps=5, inner_steps=20)
     >>> tx = mo.gauss_newton(optax.adam(lr), inner_steps=20,
-    ...                      carry_inner_state=True,
+    ...                      carry_inner_state=True, carry_inner_iterate=True,
     ...                      linesearch=mo.SQRT2_LINESEARCH)
     >>> step = jax.jit(lambda p, s, b, ls: tx.update(
     ...     None, s, p, model_fn=model_fn, loss_fn=loss_fn, batches=b,
@@ -660,7 +678,8 @@ def gauss_newton(
   _validate(inner_optimizer=inner_optimizer, inner_steps=inner_steps,
             layerwise=layerwise, variant=variant, linesearch=linesearch,
             damping=damping, layers=layers, layer_batch_size=layer_batch_size,
-            carry_inner_state=carry_inner_state)
+            carry_inner_state=carry_inner_state,
+            carry_inner_iterate=carry_inner_iterate)
   inner_steps = int(inner_steps)
   damping = float(damping)
   step_sizes = None if linesearch is None else tuple(
@@ -669,12 +688,15 @@ def gauss_newton(
   def init_fn(params):
     _check_params(params)
     inner_state = inner_optimizer.init(params) if carry_inner_state else ()
+    # A copy, not params itself, so params and state can both be donated.
+    inner_iterate = (jax.tree.map(jnp.copy, params) if carry_inner_iterate
+                     else ())
     # One buffer per field, so the state can be donated to a jitted step.
     zero = lambda: jnp.zeros([], jnp.float32)
     return GaussNewtonState(
         count=jnp.zeros([], jnp.int32), step_size=zero(),
         inner_decrease=zero(), loss_before=zero(), loss_after=zero(),
-        inner_state=inner_state)
+        inner_state=inner_state, inner_iterate=inner_iterate)
 
   def update_fn(updates, state, params=None, *, model_fn=None, loss_fn=None,
                 batches=None, linesearch_batches=None, **extra_args):
@@ -774,7 +796,11 @@ def gauss_newton(
 
     inner_state = (state.inner_state if carry_inner_state
                    else inner_optimizer.init(params))
-    delta0 = jax.tree.map(jnp.zeros_like, params)
+    if carry_inner_iterate:
+      delta0 = jax.tree.map(lambda w, p: (w - p).astype(p.dtype),
+                            state.inner_iterate, params)
+    else:
+      delta0 = jax.tree.map(jnp.zeros_like, params)
     if not streaming:
       # One linearization, reused by every inner step.
       loss0, objective_and_grad = linearized_problem(model_fn, loss_fn)
@@ -856,6 +882,7 @@ def gauss_newton(
         loss_before=loss0,
         loss_after=loss_after,
         inner_state=inner_state if carry_inner_state else (),
+        inner_iterate=_tree_add(params, delta) if carry_inner_iterate else (),
     )
     return new_updates, new_state
 

@@ -562,6 +562,7 @@ def test_missing_extra_args_raise_type_error_naming_them(missing):
     (dict(layers="Dense_0"), "layers"),
     (dict(layer_batch_size=0), "layer_batch_size"),
     (dict(carry_inner_state=1), "carry_inner_state"),
+    (dict(carry_inner_iterate="no"), r"carry_inner_iterate .*'no'"),
 ])
 def test_invalid_arguments_raise_value_error(kwargs, match):
   kwargs = dict(kwargs)
@@ -587,10 +588,12 @@ def test_bad_inner_optimizer_layers_and_params_raise():
 
 def test_state_can_be_donated():
   params = {"w": jnp.ones((3, 2))}
-  tx = mo.gauss_newton(optax.sgd(0.1), inner_steps=2)
+  tx = mo.gauss_newton(optax.sgd(0.1), inner_steps=2,
+                       carry_inner_iterate=True)
   state = tx.init(params)
-  donated = jax.jit(lambda s: s, donate_argnums=0)(state)
-  assert int(donated.count) == 0
+  donated = jax.jit(lambda p, s: (p, s), donate_argnums=(0, 1))(params, state)
+  assert int(donated[1].count) == 0
+  np.testing.assert_array_equal(donated[1].inner_iterate["w"], 1.0)
 
 
 # ---------------------------------------------------------------------------
@@ -673,16 +676,18 @@ def _np_cosine(k, peak, total, warmup_fraction=0.2, init_fraction=0.1):
 
 def _np_gauss_newton_protocol(params, outer_batches, search_batches, *, lr,
                               inner_steps, variant, layerwise, damping,
-                              sizes):
+                              sizes, carry_iterate):
   """The paper's outer loop, by hand in float64: Adam (global cosine, state
   kept across outer steps) on the Gauss-Newton model of each inner batch,
-  the best of ``sizes`` on the mean loss of the line-search batches."""
+  the best of ``sizes`` on the mean loss of the line-search batches; with
+  ``carry_iterate`` each inner solve starts where the last one ended."""
   theta = _np_flat(params)
   sizes_per_layer = [int(np.size(params[a][b])) for a, b in _NP_KEYS]
   edges = np.cumsum([0] + sizes_per_layer)
   layers = ([np.arange(edges[0], edges[2]), np.arange(edges[2], edges[4])]
             if layerwise else [np.arange(edges[-1])])
   m, v, k = np.zeros_like(theta), np.zeros_like(theta), 0
+  iterate = theta.copy()
   total = len(outer_batches) * inner_steps
   b1, b2, eps = 0.9, 0.999, 1e-8
   history = []
@@ -718,7 +723,8 @@ def _np_gauss_newton_protocol(params, outer_batches, search_batches, *, lr,
     return _np_xent(z0, y), grad_and_obj
 
   for batches, search in zip(outer_batches, search_batches):
-    delta, losses0 = np.zeros_like(theta), []
+    delta = iterate - theta if carry_iterate else np.zeros_like(theta)
+    losses0 = []
     for i in range(inner_steps):
       loss0, grad_and_obj = problem(jax.tree.map(lambda b: b[i], batches))
       losses0.append(loss0)
@@ -737,14 +743,16 @@ def _np_gauss_newton_protocol(params, outer_batches, search_batches, *, lr,
     history.append(dict(updates=_np_unflat(sizes[best] * delta, params),
                         step_size=sizes[best], loss_before=np.mean(losses0),
                         loss_after=ls[best], inner_decrease=-final_obj))
+    iterate = theta + delta
     theta = theta + sizes[best] * delta
   return history
 
 
-@pytest.mark.parametrize("variant, layerwise", [
-    ("gn", False), ("gn", True), ("prox_linear", False), ("prox_linear", True)])
-def test_streamed_protocol_matches_float64_hand_written_loop(variant,
-                                                             layerwise):
+@pytest.mark.parametrize("variant, layerwise, carry_iterate", [
+    ("gn", False, False), ("gn", True, False), ("prox_linear", False, False),
+    ("prox_linear", True, False), ("gn", False, True), ("gn", True, True)])
+def test_streamed_protocol_matches_float64_hand_written_loop(
+    variant, layerwise, carry_iterate):
   params, draw = _np_mlp_problem(seed=20)
   inner_steps, outer_steps, lr, damping = 4, 3, 0.3, 1e-2
   outer_batches = [draw(inner_steps) for _ in range(outer_steps)]
@@ -752,15 +760,23 @@ def test_streamed_protocol_matches_float64_hand_written_loop(variant,
   want = _np_gauss_newton_protocol(
       params, outer_batches, search_batches, lr=lr, inner_steps=inner_steps,
       variant=variant, layerwise=layerwise, damping=damping,
-      sizes=mo.SQRT2_LINESEARCH)
+      sizes=mo.SQRT2_LINESEARCH, carry_iterate=carry_iterate)
   # The line search must matter: not always the largest step.
   assert {h["step_size"] for h in want} != {1.0}, want
+  if carry_iterate:  # ...so that the warm start does too.
+    cold = _np_gauss_newton_protocol(
+        params, outer_batches, search_batches, lr=lr,
+        inner_steps=inner_steps, variant=variant, layerwise=layerwise,
+        damping=damping, sizes=mo.SQRT2_LINESEARCH, carry_iterate=False)
+    assert not np.allclose(_np_flat(cold[-1]["updates"]),
+                           _np_flat(want[-1]["updates"]), rtol=1e-2)
 
   with jax.enable_x64(True):
     schedule = mo.global_cosine_schedule(lr, outer_steps, inner_steps)
     tx = mo.gauss_newton(optax.adam(schedule), inner_steps, variant=variant,
                          layerwise=layerwise, damping=damping,
                          carry_inner_state=True,
+                         carry_inner_iterate=carry_iterate,
                          linesearch=mo.SQRT2_LINESEARCH)
     traces = []
 
