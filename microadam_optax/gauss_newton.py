@@ -32,6 +32,8 @@ DEFAULT_LINESEARCH = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0)
 
 #: The paper's step sizes: :math:`1/\sqrt2^{\,i}`, ``i < 5`` (1 ... 0.25). It
 #: has no ``0.0``, so an outer step may increase the loss (the paper's choice).
+#: (Its layerwise script defaults to ``i < 10``:
+#: ``tuple(2 ** (-i / 2) for i in range(10))``.)
 SQRT2_LINESEARCH = tuple(float(2.0 ** (-i / 2)) for i in range(5))
 
 #: The inner problems :func:`gauss_newton` can solve.
@@ -526,7 +528,9 @@ def gauss_newton(
     \qquad J_i = \tfrac{\partial f(\cdot, B_i)}{\partial\theta}(\theta_t),
 
   (:math:`\ell_i` the loss on :math:`B_i`, its derivatives at
-  :math:`z_{t,i} = f(\theta_t, B_i)`), and the line search minimises the
+  :math:`z_{t,i} = f(\theta_t, B_i)`; for ``"prox_linear"``
+  :math:`J_i^\top\nabla_z\ell_i(z_{t,i} + J_i\delta_{i-1})`; per layer
+  when layerwise), and the line search minimises the
   true loss averaged over the batches :math:`B'_1, \dots, B'_M` of
   ``linesearch_batches``, :math:`\tfrac1M \sum_m
   \ell(f(\theta_t + \alpha\hat\delta, B'_m), B'_m)` (over the inner
