@@ -1,9 +1,9 @@
 """The ``microadam-optax`` command line.
 
-  microadam-optax compare                 # both tasks, CPU-sized, 5-7 min
-  microadam-optax compare --quick         # smoke run, tiny models
+  microadam-optax compare                 # every task, CPU-sized, 2 seeds
+  microadam-optax compare --quick         # smoke run (runs/compare-quick)
   microadam-optax compare --task lm --preset gpu --out runs/gpu
-  microadam-optax compare --optimizers adamw,microadam --steps 300
+  microadam-optax compare --optimizers adamw,microadam --steps 300 --seeds 3
   microadam-optax list                    # the optimizers and whether they run
   microadam-optax report runs/a runs/b --out runs/ab   # join separate runs
 """
@@ -23,32 +23,59 @@ import jax
 import numpy as np
 import optax
 
+import microadam_optax as mo
 from microadam_compare import optimizers as opt_lib
 from microadam_compare import report
 
-#: Steps per (task, preset): first-order steps, steps between evaluations,
-#: steps of each learning-rate trial; then the same three for Gauss-Newton
-#: (outer iterations). ``tiny`` is what ``--quick`` uses.
-SCHEDULES: dict[tuple[str, str], dict[str, int]] = {
-    ("lm", "tiny"): dict(steps=4, eval_every=2, sweep_steps=2, gn_steps=2,
-                         gn_eval_every=1, gn_sweep_steps=1),
-    ("digits", "tiny"): dict(steps=4, eval_every=2, sweep_steps=2,
-                             gn_steps=2, gn_eval_every=1, gn_sweep_steps=1),
-    ("lm", "cpu"): dict(steps=320, eval_every=20, sweep_steps=80, gn_steps=16,
-                        gn_eval_every=2, gn_sweep_steps=4),
-    ("digits", "cpu"): dict(steps=600, eval_every=50, sweep_steps=150,
-                            gn_steps=40, gn_eval_every=5, gn_sweep_steps=10),
-    ("lm", "gpu"): dict(steps=600, eval_every=50, sweep_steps=100,
-                        gn_steps=20, gn_eval_every=2, gn_sweep_steps=4),
-    ("digits", "gpu"): dict(steps=1000, eval_every=50, sweep_steps=100,
-                            gn_steps=100, gn_eval_every=10, gn_sweep_steps=20),
+#: Per (task, preset): first-order steps and steps between evaluations, then
+#: the same two for Gauss-Newton (outer iterations). Tuning runs are as long
+#: as the reported runs. ``skip``: optimizers left out of ``--optimizers
+#: all`` there (named explicitly, they run). ``tiny`` is what ``--quick``
+#: uses.
+SCHEDULES: dict[tuple[str, str], dict] = {
+    ("lm", "tiny"): dict(steps=4, eval_every=2, gn_steps=2, gn_eval_every=1),
+    ("digits", "tiny"): dict(steps=4, eval_every=2, gn_steps=2,
+                             gn_eval_every=1),
+    ("finetune", "tiny"): dict(steps=4, eval_every=2, gn_steps=2,
+                               gn_eval_every=1),
+    ("finetune_cls", "tiny"): dict(steps=4, eval_every=2, gn_steps=2,
+                                   gn_eval_every=1),
+    ("lm", "cpu"): dict(steps=160, eval_every=20, gn_steps=8,
+                        gn_eval_every=2, skip=("gn_layerwise",)),
+    ("digits", "cpu"): dict(steps=250, eval_every=25, gn_steps=20,
+                            gn_eval_every=4),
+    ("finetune", "cpu"): dict(steps=60, eval_every=15, gn_steps=4,
+                              gn_eval_every=1, skip=("gn_layerwise",)),
+    ("finetune_cls", "cpu"): dict(steps=60, eval_every=15, gn_steps=4,
+                                  gn_eval_every=1, skip=("gn_layerwise",)),
+    ("lm", "gpu"): dict(steps=600, eval_every=50, gn_steps=20,
+                        gn_eval_every=2),
+    ("digits", "gpu"): dict(steps=1000, eval_every=50, gn_steps=100,
+                            gn_eval_every=10),
+    ("finetune", "gpu"): dict(steps=300, eval_every=50, gn_steps=10,
+                              gn_eval_every=2),
+    ("finetune_cls", "gpu"): dict(steps=300, eval_every=50, gn_steps=10,
+                                  gn_eval_every=2),
 }
 
+#: What ``--task`` names run.
+TASK_GROUPS = {"lm": ["lm"], "digits": ["digits"],
+               "finetune": ["finetune", "finetune_cls"],
+               "finetune_cls": ["finetune_cls"],
+               "all": ["lm", "digits", "finetune", "finetune_cls"]}
+
+#: Seeds of the final runs per preset (``--seeds``).
+DEFAULT_SEEDS = {"tiny": 2, "cpu": 2, "gpu": 3}
+
 DEFAULT_OUT = os.path.join("runs", "compare")
+QUICK_OUT = os.path.join("runs", "compare-quick")
 
 #: ``--quick`` compiles the training steps with XLA's cheapest backend
 #: optimization: a smoke run's time is mostly compilation.
 QUICK_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+VERSION = (f"microadam-optax {mo.__version__} (jax {jax.__version__}, "
+           f"optax {optax.__version__})")
 
 
 def _parse_grid(items: Optional[Sequence[str]]) -> dict[str, list[float]]:
@@ -73,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
       description="Training comparisons of memory-efficient and second-order "
                   "optimizers (MicroAdam, Adam-mini, Gauss-Newton, ...) on "
                   "real data.")
+  parser.add_argument("--version", action="version", version=VERSION)
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   sub.add_parser("list", help="list the optimizers and whether they can run",
                  description="List the registered optimizers, their "
@@ -82,65 +110,89 @@ def build_parser() -> argparse.ArgumentParser:
       "compare", help="train every optimizer on real data and compare them",
       description=(
           "Train a byte-level GPT on the Python standard library's own "
-          "sources (task lm) and a CNN on scikit-learn's 8x8 digits (task "
-          "digits) with each optimizer: a short learning-rate sweep per "
-          "optimizer, then a full run at the best rate, same initial "
-          "parameters and same batches for all. Prints a table and writes "
-          "results.json, table.txt and PNG plots (loss vs step, loss vs "
-          "time, state bytes per parameter, the sweep) to --out. "
-          "Gauss-Newton steps are outer iterations. The defaults (both "
-          "tasks, preset cpu) take 5-7 minutes on two CPU cores."),
+          "sources (task lm), a CNN on scikit-learn's 8x8 digits (task "
+          "digits), and fine-tune a GPT pre-trained with AdamW on held-out "
+          "packages (task finetune: language modelling, and which package "
+          "a window comes from) with each optimizer. Each optimizer's rate "
+          "is tuned by runs as long as the reported one (the grid grows "
+          "while its best rate is at an end), gradients clipped to norm "
+          "1, each optimizer at its authors' hyper-parameters; the best "
+          "rate is rerun on --seeds seeds. Same initial parameters and "
+          "batches for all. Prints a table (mean ± std over seeds) and "
+          "writes results.json, table.txt and PNG plots to --out. "
+          "Gauss-Newton steps are outer iterations. The defaults (every "
+          "task, preset cpu, 2 seeds) take about 8 minutes on two idle "
+          "CPU cores."),
       epilog="Optimizers: " + ", ".join(opt_lib.REGISTRY) + ".")
-  p.add_argument("--task", choices=("lm", "digits", "all"), default="all",
-                 help="which task(s) to run (default: all)")
+  p.add_argument("--task", choices=tuple(TASK_GROUPS), default="all",
+                 help="which task(s) to run: lm (GPT from scratch), digits "
+                      "(CNN), finetune (a pre-trained GPT fine-tuned on "
+                      "held-out packages, and classifying which package a "
+                      "window comes from), or all (default)")
   p.add_argument("--preset", choices=("cpu", "gpu", "tiny"), default="cpu",
                  help="model size (and default step counts): cpu ~1 M-param "
                       "GPT, gpu ~86 M-param GPT, tiny for smoke runs "
                       "(default: cpu)")
   p.add_argument("--optimizers", default="all",
-                 help="comma-separated optimizer names, or 'all' (default)")
+                 help="comma-separated optimizer names, or 'all' (default; "
+                      "on the cpu preset lm and the fine-tuning tasks leave "
+                      "out gn_layerwise, 4x GN full's time, unless it is "
+                      "named)")
   p.add_argument("--steps", type=int, default=None,
-                 help="first-order training steps (default: per task and "
-                      "preset, e.g. lm/cpu 320, digits/cpu 600)")
+                 help="first-order training steps of every run, tuning runs "
+                      "included (default: per task and preset; cpu: lm 160, "
+                      "digits 250, fine-tuning 60)")
   p.add_argument("--eval-every", type=int, default=None,
                  help="steps between evaluations (= steps per jitted call; "
                       "default: per task and preset)")
-  p.add_argument("--sweep-steps", type=int, default=None,
-                 help="steps of each learning-rate trial (0: no sweep, the "
-                      "middle of the grid is used; default: per task and "
-                      "preset)")
   p.add_argument("--gn-steps", type=int, default=None,
-                 help="Gauss-Newton outer iterations of the full run")
+                 help="Gauss-Newton outer iterations of every run")
   p.add_argument("--gn-eval-every", type=int, default=None,
                  help="Gauss-Newton outer iterations between evaluations")
-  p.add_argument("--gn-sweep-steps", type=int, default=None,
-                 help="Gauss-Newton outer iterations per learning-rate trial")
   p.add_argument("--gn-inner-steps", type=int, default=10,
                  help="inner optimizer steps per Gauss-Newton outer "
                       "iteration (default: 10)")
+  p.add_argument("--seeds", type=int, default=None,
+                 help="seeds of the final runs (initial parameters and batch "
+                      "order); tables give mean ± std (default: 2 on the cpu "
+                      "preset, 3 on gpu)")
+  p.add_argument("--seed", type=int, default=0,
+                 help="the first seed (tunes the rate; default: 0)")
   p.add_argument("--lr-grid", action="append", metavar="NAME=LR,LR,...",
-                 help="replace an optimizer's learning-rate grid (repeatable)")
+                 help="replace an optimizer's first learning-rate grid "
+                      "(repeatable)")
+  p.add_argument("--max-grid-extensions", type=int, default=2,
+                 help="half-decades the tuning may add to a grid whose best "
+                      "rate is at an end (default: 2)")
+  p.add_argument("--no-tune", action="store_true",
+                 help="no tuning: the middle rate of each grid")
   p.add_argument("--batch-size", type=int, default=None,
                  help="batch size (default: per task and preset)")
-  p.add_argument("--weight-decay", type=float, default=0.0,
+  p.add_argument("--weight-decay", type=float, default=None,
                  help="decoupled weight decay of every optimizer, on "
-                      "matrices only (default: 0)")
+                      "matrices only (default: each optimizer's authors' "
+                      "value, see `microadam-optax list`)")
+  p.add_argument("--clip-norm", type=float, default=1.0,
+                 help="global-norm gradient clipping of every first-order "
+                      "optimizer; 0: none (default: 1.0)")
   p.add_argument("--target-loss", type=float, default=None,
                  help="validation loss for 'steps to target' (default: "
-                      "AdamW's final validation loss)")
-  p.add_argument("--seed", type=int, default=0,
-                 help="seed of the initial parameters and of the batch "
-                      "order (default: 0)")
-  p.add_argument("--out", default=DEFAULT_OUT,
+                      "AdamW's final validation loss, mean over seeds)")
+  p.add_argument("--cache-dir", default=None,
+                 help="where the fine-tuning tasks' pre-trained GPT is "
+                      "cached (default: $MICROADAM_COMPARE_CACHE or "
+                      "~/.cache/microadam_compare)")
+  p.add_argument("--out", default=None,
                  help="output folder for results.json, table.txt and PNGs "
-                      f"(default: {DEFAULT_OUT})")
+                      f"(default: {DEFAULT_OUT}; with --quick {QUICK_OUT})")
   p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
   p.add_argument("--no-progress", action="store_true",
                  help="no progress bars")
   p.add_argument("--quick", action="store_true",
                  help="smoke run (about a minute, mostly compilation): tiny "
-                      "models, 40 files of the corpus, a handful of steps, "
-                      "cheapest XLA optimization (overrides --preset)")
+                      "models, a few files of the corpus, a handful of "
+                      "steps, cheapest XLA optimization (overrides "
+                      f"--preset; writes to {QUICK_OUT})")
   r = sub.add_parser(
       "report", help="join the results of separate compare runs",
       description=(
@@ -165,6 +217,7 @@ def _environment() -> dict:
   dev = jax.devices()[0]
   return {
       "python": platform.python_version(), "platform": platform.platform(),
+      "microadam_optax": mo.__version__,
       "jax": jax.__version__, "optax": optax.__version__,
       "flax": flax.__version__, "numpy": np.__version__,
       "backend": jax.default_backend(), "device": str(dev),
@@ -173,9 +226,9 @@ def _environment() -> dict:
   }
 
 
-def _select_optimizers(text: str) -> list[str]:
+def _select_optimizers(text: str, skip: Sequence[str] = ()) -> list[str]:
   if text.strip() == "all":
-    return list(opt_lib.REGISTRY)
+    return [n for n in opt_lib.REGISTRY if n not in skip]
   names = [n.strip() for n in text.split(",") if n.strip()]
   unknown = [n for n in names if n not in opt_lib.REGISTRY]
   if unknown:
@@ -193,8 +246,9 @@ def run_list() -> int:
     for task, values in spec.task_lr_grids.items():
       grid += f"; {task}: " + ", ".join(f"{x:g}" for x in values)
     state = "ok" if reason is None else f"UNAVAILABLE: {reason}"
-    print(f"{spec.name:<13} {spec.label:<15} lr grid [{grid}]  "
-          f"({spec.note})  {state}")
+    print(f"{spec.name:<13} {spec.label:<15} {state:<3}  {spec.note}"
+          f"{'' if spec.second_order else ', clip 1.0'}\n"
+          f"{'':<13} first grid [{grid}]")
   return 0
 
 
@@ -259,44 +313,61 @@ def run_compare(args: argparse.Namespace) -> int:
 
   t_start = time.perf_counter()
   preset = "tiny" if args.quick else args.preset
-  names = _select_optimizers(args.optimizers)
-  task_names = ["lm", "digits"] if args.task == "all" else [args.task]
+  task_names = TASK_GROUPS[args.task]
   grids = args.lr_grids
-  out_dir = args.out
+  out_dir = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
   os.makedirs(out_dir, exist_ok=True)
+  num_seeds = args.seeds if args.seeds is not None else DEFAULT_SEEDS[preset]
+  if num_seeds < 1:
+    raise SystemExit("microadam-optax: --seeds must be at least 1.")
+  seeds = tuple(args.seed + i for i in range(num_seeds))
+  log = lambda s: print(s, flush=True)
 
-  task_results, tables, files = [], [], []
+  task_results, tables, files, all_names = [], [], [], []
   for name in task_names:
     sched = dict(SCHEDULES[(name, preset)])
+    skip = sched.pop("skip", ())
+    names = _select_optimizers(args.optimizers, skip)
+    all_names += [n for n in names if n not in all_names]
     for key in sched:
       value = getattr(args, key)
       if value is not None:
         sched[key] = value
     config = compare.RunConfig(
-        **sched, lr_grids=grids, target_loss=args.target_loss,
-        progress=not args.no_progress,
+        **sched, tune=not args.no_tune,
+        max_grid_extensions=args.max_grid_extensions, seeds=seeds,
+        clip_norm=args.clip_norm or None, lr_grids=grids,
+        target_loss=args.target_loss, progress=not args.no_progress,
         compiler_options=QUICK_COMPILER_OPTIONS if args.quick else None)
-    kwargs = dict(seed=args.seed, batch_size=args.batch_size,
+    kwargs = dict(seed=seeds[0], batch_size=args.batch_size,
                   gn_inner_steps=args.gn_inner_steps,
                   weight_decay=args.weight_decay)
     if name == "lm" and args.quick:
       kwargs["max_files"] = 40
+    if name.startswith("finetune"):
+      kwargs.update(cache_dir=args.cache_dir, log=log)
     task = task_lib.TASKS[name](preset, **kwargs)
-    print(f"== {name}: {task.description}; {task.num_params:,} parameters",
-          flush=True)
-    result = compare.compare_task(
-        task, names, config, log=lambda s: print(s, flush=True))
+    log(f"== {name}: {task.description}; {task.num_params:,} parameters; "
+        f"seeds {', '.join(map(str, seeds))}")
+    result = compare.compare_task(task, names, config, log=log)
     result["config"] = dataclasses.asdict(config)
+    if skip:
+      result["skipped_by_default"] = [n for n in skip if n not in names]
     task_results.append(result)
-    table = report.format_table(result)
-    tables.append(table)
+    tables.append(report.format_table(result))
     if not args.no_plots:
-      files += plots.plot_task(result, out_dir)
+      files += [f for f in plots.plot_task(result, out_dir) if f not in files]
 
   wall = time.perf_counter() - t_start
+  if not args.no_plots and len(task_results) > 1:
+    path = os.path.join(out_dir, "loss_vs_state.png")
+    plots.plot_loss_vs_state(task_results, path)
+    files.append(path)
+  tables.append(report.legend(task_results))
   _write_outputs(tables, {
       "command": ["microadam-optax", "compare"] + list(args.argv),
-      "preset": preset, "seed": args.seed, "optimizers": names,
+      "version": mo.__version__, "preset": preset, "seed": args.seed,
+      "seeds": list(seeds), "optimizers": all_names,
       "environment": _environment(), "wall_s": wall, "tasks": task_results,
   }, out_dir, files, f" in {wall:.0f} s")
   failed = [r for t in task_results for r in t["results"]
@@ -326,6 +397,11 @@ def run_report(args: argparse.Namespace) -> int:
     tables.append(report.format_table(task))
     if not args.no_plots:
       files += plots.plot_task(task, args.out)
+  if not args.no_plots and len(merged["tasks"]) > 1:
+    path = os.path.join(args.out, "loss_vs_state.png")
+    plots.plot_loss_vs_state(merged["tasks"], path)
+    files.append(path)
+  tables.append(report.legend(merged["tasks"]))
   _write_outputs(tables, merged, args.out, files)
   return 0
 
@@ -342,13 +418,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a usage error or, for ``report``, unreadable or mismatched inputs.
   """
   argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    return _main(argv)
+  except BrokenPipeError:
+    # `microadam-optax list | head`: the reader left; say nothing more.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 0
+
+
+def _main(argv: list[str]) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   if args.command is None:
     parser.print_help()
     return 2
   if args.command == "list":
-    return run_list()
+    status = run_list()
+    sys.stdout.flush()  # a closed pipe raises here, inside the try
+    return status
   if args.command == "report":
     return run_report(args)
   args.argv = argv[1:]

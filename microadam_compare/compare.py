@@ -1,24 +1,29 @@
-"""The comparison: every optimizer at its best learning rate, same data.
+"""The comparison: every optimizer tuned at full length, seeded, same data.
 
 For each task and optimizer:
 
-1. **Sweep**: a short run (``sweep_steps``, with the learning-rate schedule
-   compressed to that length) per learning rate of the optimizer's grid;
-   the rate with the lowest validation loss wins (a diverged run counts as
-   ``inf``).
-2. **Run**: the full run with the winner, evaluated every ``eval_every``
-   steps, timed, its optimizer state measured.
+1. **Tuning**: one run per learning rate of the optimizer's grid, each as
+   long as the reported run and on the same schedule (``steps`` first-order
+   steps, ``gn_steps`` Gauss-Newton outer iterations), on the first seed; the
+   rate with the lowest final validation loss wins (a diverged run counts as
+   ``inf``). While the winner is at an end of the grid, the grid grows by a
+   half-decade on that side (1e-3 -> 3e-3 -> 1e-2), at most
+   ``max_grid_extensions`` times; a winner still at an end is reported.
+2. **Seeds**: the winner's tuning run is the first seed's final run; the
+   other seeds (other initial parameters, other batch order) rerun it.
+   Results are the mean and standard deviation over seeds.
 
-Every run starts from the same initial parameters and sees the same batches
-in the same order (batch ``s`` is a pure function of the seed and ``s``).
-First-order optimizers follow a linear-warmup + cosine schedule (5 % warmup,
-decay to 10 % of the peak). Gauss-Newton optimizers run ``gn_steps`` *outer*
-iterations (each one a full inner solve plus a line search, so one of their
-steps costs several first-order steps); their learning rate is the inner
-optimizer's, constant, the line search setting the global step.
+Every run of a seed starts from the same initial parameters and sees the
+same batches in the same order (batch ``s`` is a pure function of the seed
+and ``s``). First-order optimizers clip the gradient's global norm to
+``clip_norm`` (1.0) and follow a linear-warmup + cosine schedule (5 %
+warmup, decay to 10 % of the peak). Gauss-Newton optimizers run ``gn_steps``
+*outer* iterations (each one a full inner solve plus a line search, so one
+of their steps costs several first-order steps); their learning rate is the
+inner optimizer's, constant, the line search setting the global step.
 
 One jitted, buffer-donating function per optimizer runs ``eval_every`` steps
-in a :func:`jax.lax.scan`; sweep and full run reuse the same executable (the
+in a :func:`jax.lax.scan`; every run reuses the same executable (the
 learning rate and the schedule's length are traced arguments), so each
 optimizer compiles once per task.
 """
@@ -50,24 +55,28 @@ FINAL_LR_FRACTION = 0.1
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  """How long each optimizer trains and how it is measured.
+  """How long each optimizer trains, how it is tuned and measured.
 
   Attributes:
-    steps: training steps of the full run (first-order optimizers); rounded
-      up to a multiple of ``eval_every``.
+    steps: training steps of every first-order run (tuning runs included);
+      rounded up to a multiple of ``eval_every``.
     eval_every: steps between evaluations (also the steps per jitted call).
-    sweep_steps: steps of each learning-rate trial (multiple of
-      ``eval_every``); ``0`` skips the sweep and takes the middle of the grid
-      (the lower middle for an even grid).
-    gn_steps: outer iterations of the Gauss-Newton full runs.
+    gn_steps: outer iterations of every Gauss-Newton run.
     gn_eval_every: outer iterations between their evaluations.
-    gn_sweep_steps: outer iterations of their learning-rate trials.
+    tune: run every rate of the grid (and extend it); ``False``: take the
+      middle of the grid (the lower middle for an even grid), for smoke runs.
+    max_grid_extensions: how many half-decades the tuning may add to a grid
+      whose best rate is at an end.
+    seeds: the seeds of the final runs; the first one also tunes.
+    clip_norm: global-norm clipping of the gradient of every first-order
+      optimizer (``None``: none).
     lr_grids: per optimizer name, a learning-rate grid replacing the
       registry's.
     target_loss: validation loss whose first crossing is reported;
       ``None``: the final validation loss of ``reference`` (or, without it,
       the median of the final losses).
-    reference: the optimizer whose final loss is the default target.
+    reference: the optimizer whose final loss is the default target and
+      the baseline of the "vs" column.
     progress: show tqdm progress bars (on stderr).
     compiler_options: XLA options for compiling the training steps (e.g.
       ``{"xla_backend_optimization_level": 0}`` to compile smoke runs
@@ -75,34 +84,53 @@ class RunConfig:
   """
   steps: int = 200
   eval_every: int = 20
-  sweep_steps: int = 40
   gn_steps: int = 40
   gn_eval_every: int = 5
-  gn_sweep_steps: int = 10
+  tune: bool = True
+  max_grid_extensions: int = 2
+  seeds: tuple[int, ...] = (0,)
+  clip_norm: Optional[float] = 1.0
   lr_grids: Optional[dict[str, Sequence[float]]] = None
   target_loss: Optional[float] = None
   reference: str = "adamw"
   progress: bool = True
   compiler_options: Optional[dict[str, Any]] = None
 
-  def steps_for(self, spec: opt_lib.OptimizerSpec) -> tuple[int, int, int]:
-    """``(steps, eval_every, sweep_steps)`` of ``spec``, rounded to whole
-    jitted chunks."""
+  def steps_for(self, spec: opt_lib.OptimizerSpec) -> tuple[int, int]:
+    """``(steps, eval_every)`` of ``spec``, rounded to whole jitted
+    chunks."""
     if spec.second_order:
       steps, every = self.gn_steps, self.gn_eval_every
-      sweep = self.gn_sweep_steps
     else:
-      steps, every, sweep = self.steps, self.eval_every, self.sweep_steps
+      steps, every = self.steps, self.eval_every
     every = max(1, min(every, max(steps, 1)))
-    round_up = lambda n: -(-max(n, 0) // every) * every
-    return round_up(steps), every, round_up(sweep)
+    return -(-max(steps, 1) // every) * every, every
 
   def grid_for(self, spec: opt_lib.OptimizerSpec,
                task: Optional[str] = None) -> tuple[float, ...]:
-    """The learning rates tried for ``spec`` on ``task``."""
+    """The first learning rates tried for ``spec`` on ``task``."""
     if self.lr_grids and spec.name in self.lr_grids:
-      return tuple(float(x) for x in self.lr_grids[spec.name])
-    return spec.grid_for(task)
+      grid = self.lr_grids[spec.name]
+    else:
+      grid = spec.grid_for(task)
+    return tuple(sorted(float(x) for x in grid))
+
+
+def half_decade(lr: float, up: bool) -> float:
+  """The next rate of a 1-3-10 ladder above (``up``) or below ``lr``.
+
+  >>> half_decade(1e-3, up=True), half_decade(1e-3, up=False)
+  (0.003, 0.0003)
+  >>> half_decade(3e-3, up=True), half_decade(3e-3, up=False)
+  (0.01, 0.001)
+  """
+  exponent = math.floor(math.log10(lr) + 1e-9)
+  mantissa = round(lr / 10**exponent, 6)
+  ladder = {1.0: (0.3, 3.0), 3.0: (1.0, 10.0)}
+  if mantissa in ladder:
+    down_m, up_m = ladder[mantissa]
+    return float(f"{(up_m if up else down_m) * 10**exponent:.3g}")
+  return lr * 10**(0.5 if up else -0.5)
 
 
 def warmup_cosine(count: jax.Array, total_steps: jax.Array) -> jax.Array:
@@ -127,14 +155,19 @@ def _learning_rate(spec: opt_lib.OptimizerSpec, lr: Any,
 
 
 def make_optimizer(spec: opt_lib.OptimizerSpec, task: Task, lr: Any,
-                   total_steps: Any) -> optax.GradientTransformation:
+                   total_steps: Any, clip_norm: Optional[float] = 1.0
+                   ) -> optax.GradientTransformation:
   """``spec`` built for ``task`` with peak learning rate ``lr`` (the
-  schedule of a first-order optimizer spans ``total_steps``)."""
-  return spec.build(_learning_rate(spec, lr, total_steps), task.context)
+  schedule of a first-order optimizer spans ``total_steps``, its gradient
+  clipped to global norm ``clip_norm`` first)."""
+  tx = spec.build(_learning_rate(spec, lr, total_steps), task.context)
+  if clip_norm is not None and not spec.second_order:
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+  return tx
 
 
-def make_train_chunk(task: Task, spec: opt_lib.OptimizerSpec
-                     ) -> Callable[..., Any]:
+def make_train_chunk(task: Task, spec: opt_lib.OptimizerSpec,
+                     clip_norm: Optional[float] = 1.0) -> Callable[..., Any]:
   """The jitted function running one chunk of training steps.
 
   ``chunk(params, opt_state, batches, lr, total_steps) -> (params, opt_state,
@@ -146,7 +179,7 @@ def make_train_chunk(task: Task, spec: opt_lib.OptimizerSpec
   """
 
   def chunk(params, opt_state, batches, lr, total_steps):
-    tx = make_optimizer(spec, task, lr, total_steps)
+    tx = make_optimizer(spec, task, lr, total_steps, clip_norm)
 
     def body(carry, batch):
       params, opt_state = carry
@@ -213,35 +246,36 @@ def _finite_or_inf(x: float) -> float:
 
 @dataclasses.dataclass
 class _Runner:
-  """Runs one optimizer on one task (compiled once)."""
+  """Runs one optimizer on one task (compiled once, for every seed)."""
   task: Task
   spec: opt_lib.OptimizerSpec
   evaluate: Callable[..., Any]
   eval_batches: Any
   every: int
+  clip_norm: Optional[float] = 1.0
   compiler_options: Optional[dict[str, Any]] = None
 
   def __post_init__(self):
-    self.chunk = make_train_chunk(self.task, self.spec)
+    self.chunk = make_train_chunk(self.task, self.spec, self.clip_norm)
     self.compiled = None
     self.compile_s = 0.0
     self.step_memory_bytes = None
 
-  def fresh(self, lr: float, total: int):
-    params = jax.tree.map(jnp.asarray, self.task.init_params)
-    tx = make_optimizer(self.spec, self.task, lr, total)
+  def fresh(self, task: Task, lr: float, total: int):
+    params = jax.tree.map(jnp.asarray, task.init_params)
+    tx = make_optimizer(self.spec, task, lr, total, self.clip_norm)
     # Fresh buffers for every leaf: an init that returns one array in several
     # fields could not be donated ("donate the same buffer twice").
     state = jax.tree.map(jnp.copy, tx.init(params))
     return params, state
 
-  def _batches(self, start: int):
-    return jax.tree.map(jnp.asarray, self.task.train_batches(start, self.every))
+  def _batches(self, task: Task, start: int):
+    return jax.tree.map(jnp.asarray, task.train_batches(start, self.every))
 
   def compile(self, lr: float, total: int) -> None:
-    params, state = self.fresh(lr, total)
+    params, state = self.fresh(self.task, lr, total)
     t0 = time.perf_counter()
-    lowered = self.chunk.lower(params, state, self._batches(0),
+    lowered = self.chunk.lower(params, state, self._batches(self.task, 0),
                                jnp.float32(lr), jnp.float32(total))
     self.compiled = None
     if self.compiler_options:
@@ -254,10 +288,12 @@ class _Runner:
     self.compile_s = time.perf_counter() - t0
     self.step_memory_bytes = _compiled_peak_bytes(self.compiled)
 
-  def run(self, lr: float, steps: int, *, evaluate_every_chunk: bool,
-          bar: Any = None) -> dict:
-    """Trains from the initial parameters for ``steps`` steps."""
-    params, state = self.fresh(lr, steps)
+  def run(self, task: Task, lr: float, steps: int, bar: Any = None,
+          keep_params: bool = False) -> dict:
+    """Trains ``task`` (one seed's parameters and batches) from its initial
+    parameters for ``steps`` steps, evaluating every chunk (the final
+    parameters under ``"params"`` with ``keep_params``)."""
+    params, state = self.fresh(task, lr, steps)
     record = {"steps": [], "val_loss": [], "val_acc": [], "time_s": [],
               "train_loss": [], "chunk_s": []}
     if self.spec.second_order:
@@ -270,13 +306,12 @@ class _Runner:
       record["val_acc"].append(float(acc))
       record["time_s"].append(elapsed)
 
-    if evaluate_every_chunk:
-      do_eval(0, 0.0)
+    do_eval(0, 0.0)
     elapsed = 0.0
     diverged = False
     lr_arr, total_arr = jnp.float32(lr), jnp.float32(steps)
     for start in range(0, steps, self.every):
-      batches = self._batches(start)
+      batches = self._batches(task, start)
       jax.block_until_ready(batches)
       t0 = time.perf_counter()
       params, state, (losses, sizes) = self.compiled(
@@ -297,14 +332,15 @@ class _Runner:
         if bar is not None:
           bar.update(steps - start - self.every)
         break
-      if evaluate_every_chunk or start + self.every >= steps:
-        do_eval(start + self.every, elapsed)
+      do_eval(start + self.every, elapsed)
     if diverged:
       record["steps"].append(len(record["train_loss"]))
       record["val_loss"].append(math.nan)
       record["val_acc"].append(math.nan)
       record["time_s"].append(elapsed)
-    record["state"] = state
+    record["state_bytes"] = mo.state_nbytes(state)
+    if keep_params:
+      record["params"] = params
     return record
 
 
@@ -329,50 +365,120 @@ def _progress_bar(total: int, desc: str, enabled: bool):
               dynamic_ncols=True)
 
 
-def run_optimizer(task: Task, spec: opt_lib.OptimizerSpec, config: RunConfig,
-                  evaluate: Optional[Callable[..., Any]] = None) -> dict:
-  """Sweeps ``spec``'s learning rates on ``task``, then trains with the best.
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (0 for one value); ``nan`` when a
+  value is not finite (a diverged seed)."""
+  if not values or not all(math.isfinite(v) for v in values):
+    return math.nan, math.nan
+  mean = statistics.fmean(values)
+  return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _mean_curve(curves: Sequence[Sequence[float]]) -> tuple[list, list]:
+  """Point-wise mean and standard deviation of curves (``nan`` where a
+  curve is missing or not finite)."""
+  n = max(len(c) for c in curves)
+  means, stds = [], []
+  for i in range(n):
+    mean, std = _mean_std([c[i] if i < len(c) else math.nan for c in curves])
+    means.append(mean)
+    stds.append(std)
+  return means, stds
+
+
+def tune(runner: _Runner, task: Task, grid: Sequence[float], steps: int,
+         max_extensions: int, bar: Any = None,
+         log: Optional[Callable[[str], None]] = None
+         ) -> tuple[float, dict[float, dict], int, bool]:
+  """Full-length runs of every rate of ``grid``, extended by half-decades
+  while the best rate is at an end.
 
   Returns:
-    A JSON-ready ``dict``: the grid and its sweep losses, the chosen rate,
-    the curves (``steps``, ``val_loss``, ``val_acc``, ``time_s``,
-    ``train_loss``), final values, state bytes, step time, compile time and
-    memory. ``status`` is ``"ok"``, ``"unavailable"`` or ``"error"`` (with
-    ``message``).
+    ``(best_lr, records by rate, extensions made, best still at an end)``.
   """
+  records: dict[float, dict] = {}
+
+  def final(lr):
+    return _finite_or_inf(records[lr]["val_loss"][-1])
+
+  for lr in grid:
+    records[lr] = runner.run(task, lr, steps, bar=bar)
+  extensions = 0
+  while True:
+    rates = sorted(records)
+    best = min(rates, key=final)
+    at_edge = len(rates) > 1 and best in (rates[0], rates[-1])
+    if not at_edge or extensions >= max_extensions:
+      return best, records, extensions, at_edge
+    new = half_decade(best, up=best == rates[-1])
+    if log is not None:
+      log(f"    best rate {best:.0e} at an end of the grid: trying {new:.0e}")
+    if bar is not None:
+      bar.total += steps
+      bar.refresh()
+    records[new] = runner.run(task, new, steps, bar=bar)
+    extensions += 1
+
+
+def run_optimizer(task: Task, spec: opt_lib.OptimizerSpec, config: RunConfig,
+                  evaluate: Optional[Callable[..., Any]] = None,
+                  seed_tasks: Sequence[Task] = (),
+                  log: Optional[Callable[[str], None]] = None) -> dict:
+  """Tunes ``spec``'s learning rate on ``task`` at full length, then reruns
+  the best rate on the other seeds.
+
+  Args:
+    task: the task on the first seed (tuning and the first final run).
+    spec: the optimizer.
+    config: lengths, grid, seeds, clipping.
+    evaluate: :func:`make_eval` of ``task`` (shared between optimizers).
+    seed_tasks: the same task on each further seed of ``config.seeds``.
+    log: where to say that a grid grows.
+
+  Returns:
+    A JSON-ready ``dict``: ``seeds``, ``final_val_loss_per_seed``,
+    ``final_val_loss_mean``/``_std``, ``lr_grid`` (every rate tried),
+    ``best_lr``, ``best_lr_at_grid_edge``, ``grid_extensions``,
+    ``sweep_steps`` (= ``steps_run``), ``second_order``, the tuning runs'
+    final losses (``sweep``), the curves averaged over seeds (``steps``,
+    ``val_loss``, ``val_loss_std``, ``val_acc``, ``time_s``) and per seed,
+    state bytes, step time, compile time and memory. ``status`` is ``"ok"``,
+    ``"unavailable"`` or ``"error"`` (with ``message``).
+  """
+  seeds = list(config.seeds)
   result: dict[str, Any] = {
       "name": spec.name, "label": spec.label, "note": spec.note,
       "second_order": spec.second_order,
       "step_unit": "outer iteration" if spec.second_order else "step",
+      "seeds": seeds,
   }
   reason = opt_lib.unavailable_reason(spec)
   if reason is not None:
     result.update(status="unavailable", message=reason)
     return result
-  steps, every, sweep_steps = config.steps_for(spec)
+  steps, every = config.steps_for(spec)
   grid = config.grid_for(spec, task.name)
   evaluate = evaluate or make_eval(task)
   eval_batches = jax.tree.map(jnp.asarray, task.eval_batches)
-  total = (len(grid) if sweep_steps and len(grid) > 1 else 0) * sweep_steps
-  bar = _progress_bar(total + steps, f"{task.name} {spec.label}",
-                      config.progress)
+  tuning = config.tune and len(grid) > 1
+  bar = _progress_bar(((len(grid) if tuning else 1) + len(seed_tasks))
+                      * steps, f"{task.name} {spec.label}", config.progress)
   try:
     with warnings.catch_warnings():
       warnings.filterwarnings("ignore", message=".*donated buffers.*")
       runner = _Runner(task, spec, evaluate, eval_batches, every,
-                       config.compiler_options)
+                       config.clip_norm, config.compiler_options)
       runner.compile(grid[0], steps)
-      sweep = []
-      if sweep_steps and len(grid) > 1:
-        for lr in grid:
-          rec = runner.run(lr, sweep_steps, evaluate_every_chunk=False,
-                           bar=bar)
-          sweep.append({"lr": lr, "val_loss": rec["val_loss"][-1],
-                        "train_loss_last": rec["train_loss"][-1]})
-        best_lr = min(sweep, key=lambda r: _finite_or_inf(r["val_loss"]))["lr"]
+      if tuning:
+        best_lr, records, extensions, at_edge = tune(
+            runner, task, grid, steps, config.max_grid_extensions, bar, log)
       else:
         best_lr = grid[(len(grid) - 1) // 2]
-      rec = runner.run(best_lr, steps, evaluate_every_chunk=True, bar=bar)
+        records = {best_lr: runner.run(task, best_lr, steps, bar=bar)}
+        extensions, at_edge = 0, False
+      runs = [records[best_lr]]
+      for other in seed_tasks:
+        runs.append(runner.run(other, best_lr, steps, bar=bar))
       mem = _memory_stats()
   except Exception as e:  # pylint: disable=broad-except
     if bar is not None:
@@ -381,44 +487,103 @@ def run_optimizer(task: Task, spec: opt_lib.OptimizerSpec, config: RunConfig,
     return result
   if bar is not None:
     bar.close()
-  state_bytes = mo.state_nbytes(rec.pop("state"))
-  chunk_s = rec.pop("chunk_s")
+  first = runs[0]
+  finals = [r["val_loss"][-1] for r in runs]
+  accs = [r["val_acc"][-1] for r in runs]
+  loss_mean, loss_std = _mean_std(finals)
+  acc_mean, acc_std = _mean_std(accs)
+  val_loss, val_loss_std = _mean_curve([r["val_loss"] for r in runs])
+  val_acc, val_acc_std = _mean_curve([r["val_acc"] for r in runs])
+  time_s, _ = _mean_curve([r["time_s"] for r in runs])
+  chunk_s = [c for r in runs for c in r["chunk_s"]]
   per_step = [c / every for c in chunk_s]
-  finite = [v for v in rec["val_loss"] if math.isfinite(v)]
+  finite = [v for v in val_loss if math.isfinite(v)]
+  state_bytes = first["state_bytes"]
+  transient = None
+  if spec.inner is not None:
+    inner = spec.inner(best_lr, task.context)
+    transient = mo.state_nbytes(jax.eval_shape(inner.init, task.init_params))
+  rates = sorted(records)
   result.update(
-      status="ok", lr_grid=list(grid), sweep_steps=sweep_steps, sweep=sweep,
-      best_lr=best_lr,
-      best_lr_at_grid_edge=(len(sweep) >= 3
-                            and best_lr in (min(grid), max(grid))),
-      steps_run=len(rec["train_loss"]), **rec,
-      final_val_loss=rec["val_loss"][-1], final_val_acc=rec["val_acc"][-1],
+      status="ok", lr_grid=rates, initial_lr_grid=list(grid),
+      grid_extensions=extensions,
+      max_grid_extensions=config.max_grid_extensions if tuning else 0,
+      sweep_steps=steps if tuning else 0,
+      sweep=[{"lr": lr, "val_loss": records[lr]["val_loss"][-1],
+              "train_loss_last": records[lr]["train_loss"][-1]}
+             for lr in rates] if tuning else [],
+      best_lr=best_lr, best_lr_at_grid_edge=bool(at_edge),
+      steps_run=len(first["train_loss"]), eval_every=every,
+      steps=first["steps"], val_loss=val_loss, val_loss_std=val_loss_std,
+      val_acc=val_acc, val_acc_std=val_acc_std, time_s=time_s,
+      train_loss=first["train_loss"],
+      val_loss_per_seed=[r["val_loss"] for r in runs],
+      final_val_loss_per_seed=finals, final_val_loss_mean=loss_mean,
+      final_val_loss_std=loss_std, final_val_loss=loss_mean,
+      final_val_acc_per_seed=accs, final_val_acc_mean=acc_mean,
+      final_val_acc_std=acc_std, final_val_acc=acc_mean,
       best_val_loss=min(finite) if finite else math.nan,
       state_bytes=state_bytes,
       state_bytes_per_param=state_bytes / task.num_params,
+      transient_state_bytes=transient,
+      transient_state_bytes_per_param=(None if transient is None
+                                       else transient / task.num_params),
       step_time_s=statistics.median(per_step) if per_step else math.nan,
-      train_time_s=sum(chunk_s), compile_s=runner.compile_s,
+      train_time_s=sum(first["chunk_s"]), compile_s=runner.compile_s,
       step_memory_bytes=runner.step_memory_bytes,
       device_peak_bytes=(mem or {}).get("peak_bytes_in_use"),
   )
+  if spec.second_order:
+    result["step_sizes"] = first["step_sizes"]
   return result
 
 
+def is_tie(a: dict, b: dict, width: float = 2.0) -> Optional[bool]:
+  """Whether the mean final losses of ``a`` and ``b`` differ by at most
+  ``width`` standard deviations over seeds (the larger of the two); ``None``
+  with fewer than two seeds (no spread to compare with)."""
+  if min(len(a.get("final_val_loss_per_seed") or ()),
+         len(b.get("final_val_loss_per_seed") or ())) < 2:
+    return None
+  ma, mb = a["final_val_loss_mean"], b["final_val_loss_mean"]
+  sa, sb = a["final_val_loss_std"], b["final_val_loss_std"]
+  if not all(math.isfinite(x) for x in (ma, mb, sa, sb)):
+    return False
+  return abs(ma - mb) <= width * max(sa, sb)
+
+
 def add_targets(results: list[dict], config: RunConfig) -> Optional[float]:
-  """Fills in ``target_loss``, ``steps_to_target`` and ``time_to_target_s``
-  of every successful result; returns the target."""
+  """Fills in ``target_loss``, ``steps_to_target``, ``time_to_target_s``
+  (first crossings of the seed-mean validation curve) and the comparison
+  with the reference and with the best (``vs_reference``,
+  ``tie_with_reference``, ``tie_with_best``) of every successful result;
+  returns the target."""
   ok = [r for r in results if r.get("status") == "ok"]
+  for r in ok:  # reports written before the seeds carried one seed
+    if "final_val_loss_per_seed" not in r:
+      r["final_val_loss_per_seed"] = [r["final_val_loss"]]
+      r["final_val_loss_mean"] = r["final_val_loss"]
+      r["final_val_loss_std"] = 0.0
   target = config.target_loss
+  ref = [r for r in ok if r["name"] == config.reference
+         and math.isfinite(r["final_val_loss"])]
   if target is None:
-    ref = [r for r in ok if r["name"] == config.reference
-           and math.isfinite(r["final_val_loss"])]
     finals = sorted(r["final_val_loss"] for r in ok
                     if math.isfinite(r["final_val_loss"]))
     if ref:
       target = ref[0]["final_val_loss"]
     elif finals:
       target = statistics.median(finals)
+  finite = [r for r in ok if math.isfinite(r["final_val_loss"])]
+  best = min(finite, key=lambda r: r["final_val_loss"]) if finite else None
   for r in ok:
     r["target_loss"] = target
+    r["vs_reference"] = (r["final_val_loss"] / ref[0]["final_val_loss"] - 1
+                         if ref and math.isfinite(r["final_val_loss"])
+                         else None)
+    r["tie_with_reference"] = is_tie(r, ref[0]) if ref else None
+    r["tie_with_best"] = is_tie(r, best) if best is not None else None
+    r["is_best"] = r is best
     if target is None:
       r["steps_to_target"] = r["time_to_target_s"] = None
       continue
@@ -431,20 +596,29 @@ def compare_task(task: Task, names: Sequence[str], config: RunConfig,
                  log: Callable[[str], None] = print) -> dict:
   """Runs every optimizer of ``names`` on ``task``.
 
+  ``task`` is the task on the first seed of ``config.seeds``; the others are
+  made with ``task.with_seed``.
+
   Returns:
     ``{"task", "description", "num_params", "metadata", "target_loss",
-    "results": [...]}`` (see :func:`run_optimizer`).
+    "seeds", "results": [...]}`` (see :func:`run_optimizer`).
   """
   evaluate = make_eval(task)
+  seeds = list(config.seeds)
+  if len(seeds) > 1 and task.with_seed is None:
+    raise ValueError(f"Task {task.name!r} cannot be re-made for other seeds.")
+  seed_tasks = [task.with_seed(seed=s) for s in seeds[1:]]
   results = []
   for name in names:
     spec = opt_lib.get(name)
     t0 = time.perf_counter()
-    result = run_optimizer(task, spec, config, evaluate)
+    result = run_optimizer(task, spec, config, evaluate, seed_tasks, log=log)
     result["wall_s"] = time.perf_counter() - t0
     if result["status"] == "ok":
-      log(f"[{task.name}] {spec.label:<15} lr={result['best_lr']:.0e}  "
-          f"val loss {result['final_val_loss']:.4f}  "
+      edge = " (at the grid's end)" if result["best_lr_at_grid_edge"] else ""
+      log(f"[{task.name}] {spec.label:<15} lr={result['best_lr']:.0e}{edge} "
+          f"val loss {result['final_val_loss_mean']:.4f} ± "
+          f"{result['final_val_loss_std']:.4f} over {len(seeds)} seed(s)  "
           f"({result['wall_s']:.0f} s)")
     else:
       log(f"[{task.name}] {spec.label:<15} SKIPPED ({result['status']}): "
@@ -453,5 +627,5 @@ def compare_task(task: Task, names: Sequence[str], config: RunConfig,
   target = add_targets(results, config)
   return {"task": task.name, "description": task.description,
           "num_params": task.num_params, "loss_unit": task.loss_unit,
-          "metadata": task.metadata, "target_loss": target,
-          "results": results}
+          "metadata": task.metadata, "target_loss": target, "seeds": seeds,
+          "reference": config.reference, "results": results}

@@ -112,9 +112,16 @@ def _read(root: str, paths: Sequence[str]) -> np.ndarray:
   return np.frombuffer(FILE_SEPARATOR.join(chunks), dtype=np.uint8).copy()
 
 
+def package_of(path: str) -> str:
+  """The top-level package of a relative path (``""`` for a module at the
+  top)."""
+  return path.split("/")[0] if "/" in path else ""
+
+
 @functools.lru_cache(maxsize=4)
 def stdlib_corpus(val_percent: float = 10.0, max_files: Optional[int] = None,
-                  root: Optional[str] = None) -> ByteCorpus:
+                  root: Optional[str] = None,
+                  exclude_packages: tuple[str, ...] = ()) -> ByteCorpus:
   """The byte-level corpus of the standard library's Python sources.
 
   Files are read in sorted order and split by file with
@@ -126,6 +133,8 @@ def stdlib_corpus(val_percent: float = 10.0, max_files: Optional[int] = None,
       (for tests and smoke runs); ``None``: all of them (~600 files, ~11 MB on
       CPython 3.11).
     root: the directory to read; ``None``: :func:`stdlib_root`.
+    exclude_packages: top-level packages left out (the fine-tuning tasks'
+      held-out packages), before ``max_files`` applies.
 
   Returns:
     A :class:`ByteCorpus`. Results are cached per argument tuple.
@@ -140,7 +149,8 @@ def stdlib_corpus(val_percent: float = 10.0, max_files: Optional[int] = None,
   if not 0 <= val_percent <= 100:
     raise ValueError(f"val_percent must be in [0, 100], got {val_percent}.")
   root = stdlib_root() if root is None else root
-  files = stdlib_files(root)
+  files = [f for f in stdlib_files(root)
+           if package_of(f) not in exclude_packages]
   if max_files is not None:
     files = files[:max_files]
   if not files:
@@ -157,6 +167,140 @@ def stdlib_corpus(val_percent: float = 10.0, max_files: Optional[int] = None,
     train, val = val[:1], val[1:]
   return ByteCorpus(train=_read(root, train), val=_read(root, val),
                     train_files=train, val_files=val, root=root)
+
+
+#: The stdlib packages held out of the pre-training corpus for the
+#: fine-tuning tasks (present in CPython 3.10-3.13; each several files).
+HELD_OUT_PACKAGES = ("asyncio", "email", "xml", "multiprocessing", "unittest",
+                     "http")
+
+
+@dataclasses.dataclass(frozen=True)
+class PackageCorpus:
+  """The sources of a few packages, each split by file.
+
+  Attributes:
+    packages: the package names (class ``i`` is ``packages[i]``).
+    train: per package, its training files' bytes, concatenated.
+    val: per package, its validation files' bytes, concatenated.
+    train_files: per package, its training files.
+    val_files: per package, its validation files.
+  """
+  packages: tuple[str, ...]
+  train: tuple[np.ndarray, ...]
+  val: tuple[np.ndarray, ...]
+  train_files: tuple[tuple[str, ...], ...]
+  val_files: tuple[tuple[str, ...], ...]
+
+
+@functools.lru_cache(maxsize=4)
+def package_corpus(packages: tuple[str, ...] = HELD_OUT_PACKAGES,
+                   val_percent: float = 20.0,
+                   max_files_per_package: Optional[int] = None,
+                   root: Optional[str] = None) -> PackageCorpus:
+  """The held-out packages' sources, each split by file into training and
+  validation (:func:`is_validation_file`; at least one file on each side).
+
+  Args:
+    packages: top-level stdlib packages.
+    val_percent: share of each package's files held out for validation.
+    max_files_per_package: read only the first files of each (smoke runs).
+    root: the directory to read; ``None``: :func:`stdlib_root`.
+
+  Returns:
+    A :class:`PackageCorpus`. Results are cached per argument tuple.
+
+  Example:
+    >>> from microadam_compare import data
+    >>> corpus = data.package_corpus(("json", "email"),
+    ...                              max_files_per_package=3)
+    >>> corpus.packages, [len(f) for f in corpus.val_files]
+    (('json', 'email'), [1, 1])
+  """
+  root = stdlib_root() if root is None else root
+  all_files = stdlib_files(root)
+  train, val, train_files, val_files = [], [], [], []
+  for package in packages:
+    files = [f for f in all_files if package_of(f) == package]
+    if max_files_per_package is not None:
+      files = files[:max_files_per_package]
+    if len(files) < 2:
+      raise ValueError(f"Package {package!r} has fewer than two files under "
+                       f"{root!r}.")
+    held = [f for f in files if is_validation_file(f, val_percent)] or [
+        files[-1]]
+    if len(held) == len(files):
+      held = held[1:]
+    kept = [f for f in files if f not in held]
+    train.append(_read(root, kept))
+    val.append(_read(root, held))
+    train_files.append(tuple(kept))
+    val_files.append(tuple(held))
+  return PackageCorpus(packages=tuple(packages), train=tuple(train),
+                       val=tuple(val), train_files=tuple(train_files),
+                       val_files=tuple(val_files))
+
+
+def concatenate(streams: Sequence[np.ndarray]) -> np.ndarray:
+  """Byte streams joined by :data:`FILE_SEPARATOR`."""
+  sep = np.frombuffer(FILE_SEPARATOR, dtype=np.uint8)
+  parts = []
+  for i, s in enumerate(streams):
+    if i:
+      parts.append(sep)
+    parts.append(s)
+  return np.concatenate(parts)
+
+
+def package_batches(streams: Sequence[np.ndarray], start_step: int,
+                    num_steps: int, batch_size: int, seq_len: int,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Training batches of "which package is this window from": a uniformly
+  drawn package, then a random window of its training stream.
+
+  Returns:
+    ``(windows, labels)`` of shapes ``[num_steps, batch_size, seq_len]``
+    (``int32`` bytes) and ``[num_steps, batch_size]`` (``int32``); batch
+    ``s`` is a pure function of ``(seed, s)``.
+  """
+  xs, ys = [], []
+  for s in range(start_step, start_step + num_steps):
+    rng = _rng(seed, s, 2)
+    labels = rng.integers(0, len(streams), size=batch_size)
+    rows = []
+    for c in labels:
+      n = streams[c].shape[0] - seq_len
+      start = int(rng.integers(0, max(n, 1)))
+      rows.append(streams[c][start:start + seq_len])
+    xs.append(np.stack(rows).astype(np.int32))
+    ys.append(labels.astype(np.int32))
+  return np.stack(xs), np.stack(ys)
+
+
+def package_eval_batches(streams: Sequence[np.ndarray], num_batches: int,
+                         batch_size: int, seq_len: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+  """Fixed, class-balanced evaluation batches: windows spread evenly over
+  each package's validation stream, the packages interleaved.
+
+  Returns:
+    ``(windows, labels)`` of shapes ``[num_batches, batch_size, seq_len]``
+    and ``[num_batches, batch_size]``.
+  """
+  count = num_batches * batch_size
+  per_class = -(-count // len(streams))
+  windows, labels = [], []
+  for c, stream in enumerate(streams):
+    last = stream.shape[0] - seq_len
+    if last <= 0:
+      raise ValueError("A validation stream is shorter than one window.")
+    starts = np.linspace(0, last, per_class).astype(np.int64)
+    windows.append(stream[starts[:, None] + np.arange(seq_len)])
+    labels.append(np.full(per_class, c))
+  x = np.stack(windows, 1).reshape(-1, seq_len)[:count].astype(np.int32)
+  y = np.stack(labels, 1).reshape(-1)[:count].astype(np.int32)
+  return (x.reshape(num_batches, batch_size, seq_len),
+          y.reshape(num_batches, batch_size))
 
 
 def _rng(seed: int, step: int, stream: int) -> np.random.Generator:

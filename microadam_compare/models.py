@@ -178,6 +178,47 @@ class GPT(nnx.Module):
     return self.lm_head(self.ln_f(x))
 
 
+class GPTClassifier(nnx.Module):
+  """A :class:`GPT` backbone (``embed``, ``pos_embed``, ``blocks``,
+  ``ln_f``) with a sequence-classification head (``output``) on the mean of
+  the final hidden states. Maps ``int32`` tokens ``[batch, time]`` to logits
+  ``[batch, num_classes]``; the backbone's parameters have the GPT's names,
+  so a pre-trained GPT's (minus ``lm_head``) drop in.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from microadam_compare import models
+    >>> model = models.GPTClassifier(models.GPT_PRESETS["tiny"], 6,
+    ...                              rngs=nnx.Rngs(0))
+    >>> model(jnp.zeros((2, 32), jnp.int32)).shape
+    (2, 6)
+  """
+
+  def __init__(self, config: GPTConfig, num_classes: int, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embed = nnx.Embed(config.vocab_size, config.d_model,
+                           embedding_init=_normal(0.02), rngs=rngs)
+    self.pos_embed = nnx.Embed(config.seq_len, config.d_model,
+                               embedding_init=_normal(0.01), rngs=rngs)
+    self.blocks = _ModuleList(
+        [Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.ln_f = nnx.LayerNorm(config.d_model, rngs=rngs)
+    self.output = nnx.Linear(config.d_model, num_classes,
+                             kernel_init=_normal(0.02), rngs=rngs)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    t = tokens.shape[-1]
+    x = self.embed(tokens) + self.pos_embed(jnp.arange(t))
+    for block in self.blocks:
+      x = block(x)
+    return self.output(jnp.mean(self.ln_f(x), axis=-2))
+
+
+#: The parameters a :class:`GPTClassifier` takes from a pre-trained GPT.
+BACKBONE = ("embed", "pos_embed", "blocks", "ln_f")
+
+
 def gpt_layer_id(path: tuple, leaf: Any) -> Hashable:
   """The Gauss-Newton layer of a :class:`GPT` parameter.
 

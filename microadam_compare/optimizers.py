@@ -57,20 +57,25 @@ class OptimizerContext:
 
   Attributes:
     weight_decay: decoupled weight decay (on matrices only, see
-      :func:`decay_mask`).
+      :func:`decay_mask`); ``None``: each optimizer's own
+      (:attr:`OptimizerSpec.weight_decay`, its authors' recommendation).
     head_dim: attention head width, for Adam-mini's one-v-per-head rule on
       2-D query/key kernels; ``None`` for models without attention.
     gn_layers: the ``layers`` argument of ``mo.gauss_newton`` (layerwise).
     gn_inner_steps: inner steps per Gauss-Newton outer step.
     galore_rank: rank of GaLore's projection.
-    galore_update_proj_gap: steps between GaLore's SVDs.
+    galore_update_proj_gap: steps between GaLore's SVDs (the authors' 200).
   """
-  weight_decay: float = 0.0
+  weight_decay: Optional[float] = None
   head_dim: Optional[int] = None
   gn_layers: Any = None
   gn_inner_steps: int = 10
   galore_rank: int = 32
-  galore_update_proj_gap: int = 50
+  galore_update_proj_gap: int = 200
+
+  def decay(self, default: float) -> float:
+    """The weight decay to use: the context's, else ``default``."""
+    return default if self.weight_decay is None else self.weight_decay
 
 
 Builder = Callable[[optax.ScalarOrSchedule, OptimizerContext],
@@ -94,7 +99,12 @@ class OptimizerSpec:
     second_order: a Gauss-Newton optimizer: its ``update`` takes
       ``model_fn``/``loss_fn`` instead of gradients, and one step is one outer
       iteration.
-    note: one line on the configuration, for the report.
+    note: one line on the configuration (the authors' recommended
+      hyper-parameters it uses), for the report.
+    weight_decay: the decoupled weight decay its authors recommend (used
+      unless ``--weight-decay`` overrides it).
+    inner: for Gauss-Newton, the builder of the inner optimizer, whose
+      state exists during each outer step (reported as transient state).
   """
   name: str
   label: str
@@ -105,6 +115,8 @@ class OptimizerSpec:
   note: str = ""
   task_lr_grids: Mapping[str, tuple[float, ...]] = dataclasses.field(
       default_factory=dict)
+  weight_decay: float = 0.0
+  inner: Optional[Builder] = None
 
   def grid_for(self, task: Optional[str] = None) -> tuple[float, ...]:
     """The learning-rate grid for ``task`` (``None``: the default grid)."""
@@ -145,27 +157,36 @@ def unavailable_reason(spec: OptimizerSpec) -> Optional[str]:
 
 
 def _adamw(lr, ctx):
-  return optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=ctx.weight_decay,
-                     mask=decay_mask)
+  # GPT-2/3 recipe (Radford et al.; Brown et al.): b2 0.95, weight decay 0.1.
+  return optax.adamw(lr, b1=0.9, b2=0.95, eps=1e-8,
+                     weight_decay=ctx.decay(0.1), mask=decay_mask)
 
 
 def _microadam(lr, ctx):
-  return mo.microadam(lr, b1=0.9, b2=0.999, weight_decay=ctx.weight_decay,
-                      mask=decay_mask, window=10, density=0.01)
+  # The authors' defaults (ISTA-DASLab/MicroAdam): betas (0.9, 0.999),
+  # eps 1e-8, m = 10 gradients, 1 % density, no weight decay.
+  return mo.microadam(lr, b1=0.9, b2=0.999, eps=1e-8,
+                      weight_decay=ctx.decay(0.0), mask=decay_mask, window=10,
+                      density=0.01)
 
 
 def _adam_mini(lr, ctx):
-  # The default rules, with one v per attention head of the 2-D query/key
-  # kernels (without head_dim they would get one v per column).
+  # The authors' GPT-2 recipe: AdamW's (b2 0.95, weight decay 0.1), with one v
+  # per attention head of the 2-D query/key kernels (without head_dim they
+  # would get one v per column).
   partition = (None if ctx.head_dim is None
                else mo.AdamMiniRules(head_dim=ctx.head_dim))
-  return mo.adam_mini(lr, b1=0.9, b2=0.95, weight_decay=ctx.weight_decay,
+  return mo.adam_mini(lr, b1=0.9, b2=0.95, weight_decay=ctx.decay(0.1),
                       partition=partition)
 
 
 def _adafactor(lr, ctx):
+  # Shazeer & Stern's defaults as optax has them (decay 0.8, update clipping
+  # 1.0, relative step scaled by the parameter's RMS, no momentum, no weight
+  # decay); matrices from 32 rows factored (the small models' widths).
+  wd = ctx.decay(0.0)
   return optax.adafactor(lr, min_dim_size_to_factor=32,
-                         weight_decay_rate=ctx.weight_decay or None,
+                         weight_decay_rate=wd or None,
                          weight_decay_mask=decay_mask)
 
 
@@ -177,65 +198,103 @@ def _hidden_matrices(make: Callable[[], Any]) -> Callable[[Any], Any]:
 
 
 def _galore(lr, ctx):
+  # The authors' pre-training recipe: rank d/4, SVD every 200 steps, scale
+  # 0.25, Adam inside, no weight decay.
   contrib = importlib.import_module("optax.contrib")
   return contrib.galore(
       lr, rank=ctx.galore_rank, update_proj_gap=ctx.galore_update_proj_gap,
-      weight_decay=ctx.weight_decay, mask=decay_mask,
+      scale=0.25, weight_decay=ctx.decay(0.0), mask=decay_mask,
       weight_dimension_numbers=_hidden_matrices(contrib.GaLoreDimensionNumbers))
 
 
 def _muon(lr, ctx):
+  # Moonlight's recipe (Liu et al. 2025): Nesterov momentum 0.95, 5
+  # Newton-Schulz steps, update RMS matched to AdamW's (0.2) so that AdamW's
+  # rate and weight decay (0.1) transfer; AdamW on embeddings, head, norms.
   contrib = importlib.import_module("optax.contrib")
+  wd = ctx.decay(0.1)
   return contrib.muon(
-      lr, weight_decay=ctx.weight_decay, adam_weight_decay=ctx.weight_decay,
+      lr, beta=0.95, nesterov=True, weight_decay=wd, adam_weight_decay=wd,
+      adam_b2=0.95,
       muon_weight_dimension_numbers=_hidden_matrices(
           contrib.MuonDimensionNumbers),
       consistent_rms=0.2)
 
 
-def _gauss_newton(layerwise: bool) -> Builder:
+def _gn_inner(lr, ctx):
   # The paper's inner optimizer: Muon on the hidden matrices, Adam on the
   # rest, no weight decay (the inner problem is the Gauss-Newton model).
+  return _muon(lr, dataclasses.replace(ctx, weight_decay=0.0))
+
+
+def _gauss_newton(layerwise: bool) -> Builder:
   def build(lr, ctx):
-    inner = _muon(lr, dataclasses.replace(ctx, weight_decay=0.0))
     return mo.gauss_newton(
-        inner, inner_steps=ctx.gn_inner_steps, layerwise=layerwise,
-        variant="gn", linesearch=mo.DEFAULT_LINESEARCH, damping=0.0,
-        **({"layers": ctx.gn_layers} if layerwise else {}))
+        _gn_inner(lr, ctx), inner_steps=ctx.gn_inner_steps,
+        layerwise=layerwise, variant="gn", linesearch=mo.DEFAULT_LINESEARCH,
+        damping=0.0, **({"layers": ctx.gn_layers} if layerwise else {}))
   return build
 
 
-#: Every optimizer the comparison knows, in the order of its tables. The
-#: grids are half-decade steps around the rates that won full-length runs of
-#: the comparison (LM: 400 steps on the CPU and 2000 on an H200; digits:
-#: 200-600 steps); benchmarks/RESULTS.md records the sweeps. MicroAdam's
-#: update is larger than Adam's for the same rate (about 4-6x once the window
-#: is full: its bias correction spans t steps, its window only m), so its
-#: grid sits lower.
+#: Every optimizer the comparison knows, in the order of its tables, with
+#: its authors' recommended hyper-parameters (``note``) and the first grid
+#: of its tuning: three rates, half a decade apart, around the rates that
+#: won earlier full-length runs (benchmarks/RESULTS.md). The tuning extends
+#: a grid by half-decades while its best rate is at an end
+#: (:class:`compare.RunConfig`'s ``max_grid_extensions``). MicroAdam's update
+#: is larger than Adam's for the same rate (about 4-6x once the window is
+#: full: its bias correction spans t steps, its window only m), so its grid
+#: sits lower; GaLore's scale 0.25 puts its grid higher.
+_FINETUNE = "finetune"
+_CLASSIFY = "finetune_cls"
 REGISTRY: dict[str, OptimizerSpec] = {s.name: s for s in (
     OptimizerSpec("adamw", "AdamW", _adamw, (1e-3, 3e-3, 1e-2),
-                  "optax.adamw", note="b2=0.95",
-                  task_lr_grids={"digits": (3e-3, 1e-2, 3e-2)}),
-    OptimizerSpec("microadam", "MicroAdam", _microadam, (1e-4, 3e-4, 1e-3),
-                  "mo.microadam", note="m=10, density 1 %",
-                  task_lr_grids={"digits": (3e-3, 1e-2, 3e-2)}),
+                  "optax.adamw", weight_decay=0.1,
+                  note="b1 0.9, b2 0.95, wd 0.1 (GPT-2/3)",
+                  task_lr_grids={"digits": (1e-2, 3e-2, 1e-1),
+                                 _FINETUNE: (1e-4, 3e-4, 1e-3),
+                                 _CLASSIFY: (3e-4, 1e-3, 3e-3)}),
+    OptimizerSpec("microadam", "MicroAdam", _microadam, (3e-4, 1e-3, 3e-3),
+                  "mo.microadam",
+                  note="b2 0.999, m 10, density 1 %, wd 0 (authors')",
+                  task_lr_grids={"digits": (1e-2, 3e-2, 1e-1),
+                                 _FINETUNE: (3e-5, 1e-4, 3e-4),
+                                 _CLASSIFY: (1e-4, 3e-4, 1e-3)}),
     OptimizerSpec("adam_mini", "Adam-mini", _adam_mini, (3e-4, 1e-3, 3e-3),
-                  "mo.adam_mini", note="b2=0.95, one v per head",
-                  task_lr_grids={"digits": (3e-3, 1e-2, 3e-2)}),
+                  "mo.adam_mini", weight_decay=0.1,
+                  note="b2 0.95, wd 0.1, one v per head (authors' GPT-2)",
+                  task_lr_grids={"digits": (3e-3, 1e-2, 3e-2),
+                                 _FINETUNE: (1e-4, 3e-4, 1e-3),
+                                 _CLASSIFY: (3e-4, 1e-3, 3e-3)}),
     OptimizerSpec("adafactor", "Adafactor", _adafactor, (3e-2, 1e-1, 3e-1),
-                  "optax.adafactor", note="factored, parameter scale"),
-    OptimizerSpec("galore", "GaLore", _galore, (1e-3, 3e-3, 1e-2),
-                  "optax.contrib.galore", note="hidden matrices projected",
-                  task_lr_grids={"digits": (3e-3, 1e-2, 3e-2)}),
+                  "optax.adafactor",
+                  note="decay 0.8, clip 1, parameter scale (authors')",
+                  task_lr_grids={_FINETUNE: (3e-3, 1e-2, 3e-2),
+                                 _CLASSIFY: (1e-2, 3e-2, 1e-1)}),
+    OptimizerSpec("galore", "GaLore", _galore, (3e-3, 1e-2, 3e-2),
+                  "optax.contrib.galore",
+                  note="rank d/4, gap 200, scale 0.25, wd 0 (authors')",
+                  task_lr_grids={"digits": (3e-2, 1e-1, 3e-1),
+                                 _FINETUNE: (3e-4, 1e-3, 3e-3),
+                                 _CLASSIFY: (1e-3, 3e-3, 1e-2)}),
     OptimizerSpec("muon", "Muon", _muon, (3e-3, 1e-2, 3e-2),
-                  "optax.contrib.muon",
-                  note="hidden matrices; AdamW elsewhere; RMS 0.2"),
+                  "optax.contrib.muon", weight_decay=0.1,
+                  note="momentum 0.95 Nesterov, RMS 0.2, wd 0.1 (Moonlight)",
+                  task_lr_grids={"digits": (1e-2, 3e-2, 1e-1),
+                                 _FINETUNE: (1e-4, 3e-4, 1e-3),
+                                 _CLASSIFY: (3e-4, 1e-3, 3e-3)}),
     OptimizerSpec("gn_full", "GN (full)", _gauss_newton(False),
-                  (3e-3, 1e-2), "mo.gauss_newton", second_order=True,
-                  note="inner Muon, line search"),
+                  (1e-3, 3e-3, 1e-2), "mo.gauss_newton", second_order=True,
+                  inner=_gn_inner,
+                  note="inner Muon x10, line search (paper's)",
+                  task_lr_grids={_FINETUNE: (1e-4, 3e-4, 1e-3),
+                                 _CLASSIFY: (3e-4, 1e-3, 3e-3)}),
     OptimizerSpec("gn_layerwise", "GN (layerwise)", _gauss_newton(True),
-                  (3e-3, 1e-2), "mo.gauss_newton", second_order=True,
-                  note="inner Muon, one block per layer"),
+                  (1e-3, 3e-3, 1e-2), "mo.gauss_newton", second_order=True,
+                  inner=_gn_inner,
+                  note="inner Muon x10, one block per layer (paper's)",
+                  task_lr_grids={_FINETUNE: (1e-4, 3e-4, 1e-3),
+                                 _CLASSIFY: (3e-4, 1e-3, 3e-3)}),
 )}
 
 

@@ -21,32 +21,113 @@ def _mib(n: Optional[int]) -> str:
   return "n/a" if n is None else f"{n / 2**20:.1f}"
 
 
-def format_table(task_result: dict) -> str:
-  """One task's results as a fixed-width text table.
+def _mean_std(r: dict, key: str, spec: str) -> str:
+  mean = r.get(f"{key}_mean", r.get(key))
+  std = r.get(f"{key}_std")
+  if std is None or mean is None or (isinstance(mean, float)
+                                     and not math.isfinite(mean)):
+    return _fmt(mean, spec)
+  return f"{_fmt(mean, spec)} ± {_fmt(std, spec)}"
 
-  Columns: optimizer, chosen learning rate (of the grid), steps run, final
-  validation loss (and accuracy), steps and train-seconds to the target
-  loss, optimizer-state bytes per parameter, median step time, compile time,
-  the compiled step's memory (XLA's memory analysis: arguments + outputs +
-  temporaries) and the device's peak memory where the back end reports it
-  (``memory_stats()["peak_bytes_in_use"]``, not available on CPU; it is the
-  process's running maximum, so it is per optimizer only for the first one
-  or when each optimizer runs in its own process). Gauss-Newton "steps" are
-  outer iterations.
+
+def _versus(r: dict, reference: str) -> str:
+  if r["name"] == reference:
+    return "—"
+  change = r.get("vs_reference")
+  if change is None:
+    return "-"
+  text = f"{100 * change:+.1f} %"
+  return f"tie ({text})" if r.get("tie_with_reference") else text
+
+
+def _state(r: dict) -> str:
+  text = _fmt(r["state_bytes_per_param"], ".3f")
+  inner = r.get("transient_state_bytes_per_param")
+  if inner is not None:
+    text += f" (+{inner:.2f} inner)"
+  return text
+
+
+def legend(task_results: Sequence[dict]) -> str:
+  """What the columns of :func:`format_table` mean (printed once under the
+  tables)."""
+  ok = [r for t in task_results for r in t["results"]
+        if r.get("status") == "ok"]
+  seeds = next((t.get("seeds") for t in task_results if t.get("seeds")),
+               [0])
+  extensions = max((r.get("max_grid_extensions") or 0 for r in ok), default=0)
+  show_peak = any(r.get("device_peak_bytes") is not None for r in ok)
+  lines = [
+      "Columns:",
+      f"  val loss / val acc: final validation values, mean ± sample std "
+      f"over seeds {', '.join(map(str, seeds))} (each its own initial "
+      f"parameters and batch order); every rate was tuned on seed "
+      f"{seeds[0]} by runs as long as these, on the same schedule.",
+      f"  lr / rates: the chosen learning rate and how many were tried; a "
+      f"grid grows by half-decades while its best rate is at an end (at "
+      f"most {extensions} times); ! = still at an end after that.",
+      "  vs AdamW: change of the mean final loss; 'tie' when the means "
+      "differ by at most 2 std over seeds (the larger of the two). (best): "
+      "lowest mean; (= best): tied with it.",
+      "  steps→tgt / s→tgt: the first evaluation at which the seed-mean "
+      "validation loss reaches the target (AdamW's mean final loss unless "
+      "--target-loss): its step, and the training seconds before it "
+      "(compilation and evaluation excluded); - = never.",
+      "  state B/p: optimizer-state bytes per parameter. step ms: median "
+      "time of one step. step MiB: XLA's memory estimate of the compiled "
+      "training chunk (arguments + outputs + temporaries of eval_every "
+      "steps: parameters, state, batches, activations)"
+      + ("; peak MiB: the device's peak since the process started."
+         if show_peak else "; the device's peak is not reported on CPU."),
+  ]
+  if any(r.get("second_order") for r in ok):
+    lines.append(
+        "  * Gauss-Newton: steps are outer iterations (inner solve + line "
+        "search), not comparable with first-order steps; its state is what "
+        "it keeps between outer steps, '+X inner' the inner optimizer's, "
+        "re-made in every outer step.")
+  notes = {r["label"]: r["note"] for r in ok if r.get("note")}
+  if notes:
+    lines.append("  hyper-parameters (the authors' recommendations; every "
+                 "first-order optimizer clips the gradient to global norm "
+                 "1.0): " + "; ".join(f"{k}: {v}" for k, v in notes.items())
+                 + ".")
+  return "\n".join(lines)
+
+
+def format_table(task_result: dict) -> str:
+  """One task's results as a fixed-width text table, with the notes that
+  explain it.
+
+  Columns: optimizer, chosen learning rate, rates tried, steps run, final
+  validation loss (mean ± std over seeds) and its change against the
+  reference (``tie`` within two standard deviations), accuracy, steps and
+  train-seconds to the target loss, optimizer-state bytes per parameter,
+  median step time, compile time, the compiled step's memory (XLA's
+  memory analysis) and, where the back end reports it, the device's peak
+  memory. Gauss-Newton "steps" are outer iterations.
 
   Args:
     task_result: one entry of :func:`compare.compare_task`.
 
   Returns:
-    The table, lines joined by newlines (title and notes included).
+    The table, lines joined by newlines (title and the task's own notes
+    included; :func:`legend` explains the columns).
   """
   target = task_result.get("target_loss")
+  reference = task_result.get("reference", "adamw")
+  ok = [r for r in task_result["results"] if r.get("status") == "ok"]
+  seeds = task_result.get("seeds") or (ok[0].get("seeds") if ok else None)
+  ref_label = next((r["label"] for r in ok if r["name"] == reference),
+                   reference)
   head = (f"{task_result['task']}: {task_result['description']}, "
-          f"{task_result['num_params']:,} parameters; target loss "
-          f"{_fmt(target)} {task_result.get('loss_unit', '')}")
-  cols = ["optimizer", "lr", "steps", "val loss", "val acc", "steps→tgt",
-          "s→tgt", "state B/p", "step ms", "compile s", "step MiB",
-          "peak MiB"]
+          f"{task_result['num_params']:,} parameters; "
+          f"{len(seeds or [0])} seed(s); target loss {_fmt(target)} "
+          f"{task_result.get('loss_unit', '')}")
+  show_peak = any(r.get("device_peak_bytes") is not None for r in ok)
+  cols = ["optimizer", "lr", "rates", "steps", "val loss", f"vs {ref_label}",
+          "val acc", "steps→tgt", "s→tgt", "state B/p", "step ms",
+          "compile s", "step MiB"] + (["peak MiB"] if show_peak else [])
   rows = []
   notes = []
   for r in task_result["results"]:
@@ -54,21 +135,28 @@ def format_table(task_result: dict) -> str:
       notes.append(f"  {r['label']}: not run ({r.get('status')}): "
                    f"{r.get('message')}")
       continue
-    rows.append([
-        r["label"] + (" *" if r.get("second_order") else ""),
+    marks = (" *" if r.get("second_order") else "") + (
+        " (best)" if r.get("is_best") else
+        " (= best)" if r.get("tie_with_best") else "")
+    row = [
+        r["label"] + marks,
         _fmt(r["best_lr"], ".0e") + ("!" if r.get("best_lr_at_grid_edge")
                                      else ""),
-        str(r["steps_run"]),
-        _fmt(r["final_val_loss"]),
-        _fmt(r["final_val_acc"], ".3f"),
+        str(len(r.get("lr_grid") or ())),
+        str(r["steps_run"]) + (" outer" if r.get("second_order") else ""),
+        _mean_std(r, "final_val_loss", ".4f"),
+        _versus(r, reference),
+        _mean_std(r, "final_val_acc", ".3f"),
         _fmt(r.get("steps_to_target"), "d"),
         _fmt(r.get("time_to_target_s"), ".1f"),
-        _fmt(r["state_bytes_per_param"], ".3f"),
+        _state(r),
         _fmt(1000 * r["step_time_s"], ".1f"),
         _fmt(r["compile_s"], ".1f"),
         _mib(r.get("step_memory_bytes")),
-        _mib(r.get("device_peak_bytes")),
-    ])
+    ]
+    if show_peak:
+      row.append(_mib(r.get("device_peak_bytes")))
+    rows.append(row)
   widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c)
             for i, c in enumerate(cols)]
   line = lambda cells: "  ".join(
@@ -76,21 +164,18 @@ def format_table(task_result: dict) -> str:
       for i, (c, w) in enumerate(zip(cells, widths)))
   out = [head, line(cols), "  ".join("-" * w for w in widths)]
   out += [line(row) for row in rows]
-  if any(r.get("second_order") and r.get("status") == "ok"
-         for r in task_result["results"]):
-    out.append("  * Gauss-Newton: one step = one outer iteration (inner "
-               "solve + line search); its state excludes the inner "
-               "optimizer's, re-made every outer step.")
-  for r in task_result["results"]:
+  for r in ok:
     sizes = [a for a in r.get("step_sizes") or () if a is not None]
-    if r.get("status") == "ok" and sizes:
+    if sizes:
       zeros = sum(a == 0 for a in sizes)
       out.append(f"  {r['label']}: line-search step size median "
                  f"{statistics.median(sizes):g}, 0 (step rejected) in {zeros} "
-                 f"of {len(sizes)} outer iterations.")
-  if any(r.get("best_lr_at_grid_edge") for r in task_result["results"]):
-    out.append("  ! the best learning rate is at an end of the grid "
-               "(--lr-grid NAME=... to widen it).")
+                 f"of {len(sizes)} outer iterations (seed "
+                 f"{(seeds or [0])[0]}).")
+  skipped = task_result.get("skipped_by_default")
+  if skipped:
+    out.append(f"  not run by default on this task and preset: "
+               f"{', '.join(skipped)} (name it in --optimizers to run it).")
   out += notes
   return "\n".join(out)
 
@@ -145,10 +230,16 @@ def read_report(path: str) -> dict:
         f"list).")
   for task in report["tasks"]:
     for r in task.get("results", ()):
-      for key in ("val_loss", "val_acc"):
+      for key in ("val_loss", "val_acc", "val_loss_std", "val_acc_std",
+                  "final_val_loss_per_seed", "final_val_acc_per_seed"):
         if key in r:
           r[key] = [math.nan if v is None else v for v in r[key]]
-      for key in ("final_val_loss", "final_val_acc", "best_val_loss"):
+      if "val_loss_per_seed" in r:
+        r["val_loss_per_seed"] = [[math.nan if v is None else v for v in c]
+                                  for c in r["val_loss_per_seed"]]
+      for key in ("final_val_loss", "final_val_acc", "best_val_loss",
+                  "final_val_loss_mean", "final_val_loss_std",
+                  "final_val_acc_mean", "final_val_acc_std"):
         if key in r and r[key] is None:
           r[key] = math.nan
   return report

@@ -1,4 +1,4 @@
-"""The two training problems of the comparison, as pure functions of params.
+"""The training problems of the comparison, as pure functions of params.
 
 A :class:`Task` bundles data, a Flax NNX model split into a graph definition
 and a parameter ``dict``, and the functions a training step needs:
@@ -13,6 +13,7 @@ and a parameter ``dict``, and the functions a training step needs:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -31,7 +32,12 @@ Batch = tuple[np.ndarray, np.ndarray]
 LM_BATCH_SIZE = {"tiny": 4, "cpu": 8, "gpu": 32}
 DIGITS_BATCH_SIZE = {"tiny": 32, "cpu": 64, "gpu": 128}
 #: Per model preset: evaluation batches of the LM validation set.
-LM_EVAL_BATCHES = {"tiny": 2, "cpu": 16, "gpu": 16}
+LM_EVAL_BATCHES = {"tiny": 2, "cpu": 10, "gpu": 16}
+#: Per model preset: fine-tuning batch size and evaluation batches.
+FINETUNE_BATCH_SIZE = {"tiny": 4, "cpu": 8, "gpu": 32}
+FINETUNE_EVAL_BATCHES = {"tiny": 2, "cpu": 10, "gpu": 16}
+#: Per model preset: files read per held-out package (``None``: all).
+FINETUNE_MAX_FILES = {"tiny": 3, "cpu": None, "gpu": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +45,7 @@ class Task:
   """A model, its data and its loss.
 
   Attributes:
-    name: ``"lm"`` or ``"digits"``.
+    name: ``"lm"``, ``"digits"``, ``"finetune"`` or ``"finetune_cls"``.
     description: one line for reports.
     graphdef: the model's ``nnx.GraphDef``.
     init_params: the initial parameters (pure ``dict`` of NumPy arrays, so
@@ -53,6 +59,8 @@ class Task:
     context: what the optimizers need to know about the model.
     loss_unit: how the loss is measured, for labels.
     metadata: sizes and counts for the report.
+    with_seed: ``with_seed(seed=s) -> Task``, the same task with another seed's initial
+      parameters and batch order (``None``: cannot be re-made).
   """
   name: str
   description: str
@@ -66,6 +74,7 @@ class Task:
   context: OptimizerContext
   loss_unit: str
   metadata: dict
+  with_seed: Optional[Callable[[int], "Task"]] = None
 
   @property
   def num_params(self) -> int:
@@ -97,7 +106,8 @@ def accuracy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 def lm_task(preset: str = "cpu", *, seed: int = 0,
             batch_size: Optional[int] = None, max_files: Optional[int] = None,
             eval_batches: Optional[int] = None, gn_inner_steps: int = 10,
-            weight_decay: float = 0.0) -> Task:
+            weight_decay: Optional[float] = None,
+            exclude_packages: tuple[str, ...] = ()) -> Task:
   """Byte-level language modelling of the standard library's sources.
 
   Args:
@@ -107,14 +117,18 @@ def lm_task(preset: str = "cpu", *, seed: int = 0,
     max_files: read only this many files (smoke runs); ``None``: all.
     eval_batches: validation batches; ``None``: :data:`LM_EVAL_BATCHES`.
     gn_inner_steps: Gauss-Newton inner steps.
-    weight_decay: decoupled weight decay of every optimizer.
+    weight_decay: decoupled weight decay of every optimizer (``None``: each
+      optimizer's own).
+    exclude_packages: top-level packages left out of the corpus (the
+      pre-training of the fine-tuning tasks).
 
   Returns:
     A :class:`Task`.
   """
   config = models.GPT_PRESETS[preset]
   batch_size = batch_size or LM_BATCH_SIZE[preset]
-  corpus = data.stdlib_corpus(max_files=max_files)
+  corpus = data.stdlib_corpus(max_files=max_files,
+                              exclude_packages=tuple(exclude_packages))
   model = models.GPT(config, rngs=nnx.Rngs(seed))
   graphdef, params = models.split_params(model)
   seq = config.seq_len
@@ -124,10 +138,7 @@ def lm_task(preset: str = "cpu", *, seed: int = 0,
 
   evals = data.lm_eval_batches(
       corpus.val, eval_batches or LM_EVAL_BATCHES[preset], batch_size, seq)
-  context = OptimizerContext(
-      weight_decay=weight_decay, head_dim=config.head_dim,
-      gn_layers=models.gpt_layer_id, gn_inner_steps=gn_inner_steps,
-      galore_rank=max(4, config.d_model // 4))
+  context = _gpt_context(config, gn_inner_steps, weight_decay)
   return Task(
       name="lm",
       description=(f"byte-level GPT on the Python stdlib sources ({preset}: "
@@ -145,12 +156,17 @@ def lm_task(preset: str = "cpu", *, seed: int = 0,
           "train_bytes": int(corpus.train.size),
           "val_bytes": int(corpus.val.size),
           "eval_tokens": int(evals[0].size), "corpus_root": corpus.root,
-      })
+          "seed": seed,
+      },
+      with_seed=functools.partial(
+          lm_task, preset, batch_size=batch_size, max_files=max_files,
+          eval_batches=eval_batches, gn_inner_steps=gn_inner_steps,
+          weight_decay=weight_decay, exclude_packages=exclude_packages))
 
 
 def digits_task(preset: str = "cpu", *, seed: int = 0,
                 batch_size: Optional[int] = None, gn_inner_steps: int = 10,
-                weight_decay: float = 0.0) -> Task:
+                weight_decay: Optional[float] = None) -> Task:
   """Classification of scikit-learn's 8x8 digits with a small CNN.
 
   Args:
@@ -158,7 +174,8 @@ def digits_task(preset: str = "cpu", *, seed: int = 0,
     seed: seeds the parameters and the order of the training batches.
     batch_size: images per batch; ``None``: :data:`DIGITS_BATCH_SIZE`.
     gn_inner_steps: Gauss-Newton inner steps.
-    weight_decay: decoupled weight decay of every optimizer.
+    weight_decay: decoupled weight decay of every optimizer (``None``: each
+      optimizer's own).
 
   Returns:
     A :class:`Task` whose validation set is the whole held-out split.
@@ -188,9 +205,155 @@ def digits_task(preset: str = "cpu", *, seed: int = 0,
       metadata={
           "preset": preset, "model": dataclasses.asdict(config),
           "batch_size": batch_size, "train_images": int(dataset.y_train.size),
-          "val_images": int(dataset.y_val.size),
-      })
+          "val_images": int(dataset.y_val.size), "seed": seed,
+      },
+      with_seed=functools.partial(
+          digits_task, preset, batch_size=batch_size,
+          gn_inner_steps=gn_inner_steps, weight_decay=weight_decay))
+
+
+def _gpt_context(config: models.GPTConfig, gn_inner_steps: int,
+                 weight_decay: Optional[float]) -> OptimizerContext:
+  return OptimizerContext(
+      weight_decay=weight_decay, head_dim=config.head_dim,
+      gn_layers=models.gpt_layer_id, gn_inner_steps=gn_inner_steps,
+      galore_rank=max(4, config.d_model // 4))
+
+
+def finetune_task(preset: str = "cpu", *, seed: int = 0,
+                  batch_size: Optional[int] = None, gn_inner_steps: int = 10,
+                  weight_decay: Optional[float] = None,
+                  cache_dir: Optional[str] = None,
+                  log: Optional[Callable[[str], None]] = None) -> Task:
+  """Fine-tuning a pre-trained byte-level GPT on held-out packages.
+
+  The GPT of :func:`pretrain.pretrained_gpt` (AdamW on the standard library
+  minus :data:`data.HELD_OUT_PACKAGES`, made on first use and cached) is
+  trained further on those packages' training files and evaluated on their
+  validation files: a domain shift, every optimizer starting from the same
+  pre-trained weights.
+
+  Args:
+    preset: model size (the pre-trained model's).
+    seed: seeds the order of the training batches (the initial parameters
+      are the pre-trained ones for every seed).
+    batch_size: sequences per batch; ``None``: :data:`FINETUNE_BATCH_SIZE`.
+    gn_inner_steps: Gauss-Newton inner steps.
+    weight_decay: decoupled weight decay (``None``: each optimizer's own).
+    cache_dir: where the pre-trained checkpoint lives.
+    log: where to say that the checkpoint is being made.
+
+  Returns:
+    A :class:`Task` named ``"finetune"``; its metadata carries the
+    pre-training run (``pretrain``: configuration, curve, cache path).
+  """
+  from microadam_compare import pretrain  # pylint: disable=g-import-not-at-top
+  config = models.GPT_PRESETS[preset]
+  batch_size = batch_size or FINETUNE_BATCH_SIZE[preset]
+  params, info = pretrain.pretrained_gpt(preset, cache_dir=cache_dir, log=log)
+  graphdef, _ = models.split_params(models.GPT(config, rngs=nnx.Rngs(0)))
+  corpus = data.package_corpus(max_files_per_package=FINETUNE_MAX_FILES[preset])
+  train = data.concatenate(corpus.train)
+  val = data.concatenate(corpus.val)
+  seq = config.seq_len
+
+  def train_batches(start, num):
+    return data.lm_batches(train, start, num, batch_size, seq, seed)
+
+  evals = data.lm_eval_batches(val, FINETUNE_EVAL_BATCHES[preset], batch_size,
+                               seq)
+  return Task(
+      name="finetune",
+      description=(f"pre-trained byte-level GPT ({preset}: d={config.d_model},"
+                   f" {config.num_layers} layers) fine-tuned on held-out "
+                   f"packages {', '.join(corpus.packages)} (batch "
+                   f"{batch_size})"),
+      graphdef=graphdef, init_params=params, apply=_apply_fn(graphdef),
+      loss=cross_entropy, accuracy=accuracy, train_batches=train_batches,
+      eval_batches=evals,
+      context=_gpt_context(config, gn_inner_steps, weight_decay),
+      loss_unit="nats/byte",
+      metadata={
+          "preset": preset, "model": dataclasses.asdict(config),
+          "batch_size": batch_size, "tokens_per_step": batch_size * seq,
+          "packages": list(corpus.packages),
+          "train_bytes": int(train.size), "val_bytes": int(val.size),
+          "eval_tokens": int(evals[0].size), "seed": seed, "pretrain": info,
+      },
+      with_seed=functools.partial(
+          finetune_task, preset, batch_size=batch_size,
+          gn_inner_steps=gn_inner_steps, weight_decay=weight_decay,
+          cache_dir=cache_dir))
+
+
+def classify_task(preset: str = "cpu", *, seed: int = 0,
+                  batch_size: Optional[int] = None, gn_inner_steps: int = 10,
+                  weight_decay: Optional[float] = None,
+                  cache_dir: Optional[str] = None,
+                  log: Optional[Callable[[str], None]] = None) -> Task:
+  """Sequence classification on the pre-trained backbone: which held-out
+  package a window of source comes from.
+
+  A :class:`models.GPTClassifier` whose backbone is the pre-trained GPT's
+  (:func:`finetune_task`) and whose head (``output``, on the mean hidden
+  state) is fresh; every parameter is trained, the GLUE-like regime.
+
+  Args:
+    preset: model size (the pre-trained model's).
+    seed: seeds the head and the order of the training batches.
+    batch_size: windows per batch; ``None``: :data:`FINETUNE_BATCH_SIZE`.
+    gn_inner_steps: Gauss-Newton inner steps.
+    weight_decay: decoupled weight decay (``None``: each optimizer's own).
+    cache_dir: where the pre-trained checkpoint lives.
+    log: where to say that the checkpoint is being made.
+
+  Returns:
+    A :class:`Task` named ``"finetune_cls"`` (class-balanced validation
+    windows from the packages' validation files).
+  """
+  from microadam_compare import pretrain  # pylint: disable=g-import-not-at-top
+  config = models.GPT_PRESETS[preset]
+  batch_size = batch_size or FINETUNE_BATCH_SIZE[preset]
+  backbone, info = pretrain.pretrained_gpt(preset, cache_dir=cache_dir,
+                                           log=log)
+  corpus = data.package_corpus(max_files_per_package=FINETUNE_MAX_FILES[preset])
+  num_classes = len(corpus.packages)
+  model = models.GPTClassifier(config, num_classes, rngs=nnx.Rngs(seed))
+  graphdef, params = models.split_params(model)
+  params = _as_numpy(params)
+  for key in models.BACKBONE:
+    params[key] = backbone[key]
+  seq = config.seq_len
+
+  def train_batches(start, num):
+    return data.package_batches(corpus.train, start, num, batch_size, seq,
+                                seed)
+
+  evals = data.package_eval_batches(corpus.val, FINETUNE_EVAL_BATCHES[preset],
+                                    batch_size, seq)
+  return Task(
+      name="finetune_cls",
+      description=(f"pre-trained GPT backbone ({preset}) + fresh head: which "
+                   f"of {num_classes} held-out packages a {seq}-byte window "
+                   f"comes from (batch {batch_size})"),
+      graphdef=graphdef, init_params=params, apply=_apply_fn(graphdef),
+      loss=cross_entropy, accuracy=accuracy, train_batches=train_batches,
+      eval_batches=evals,
+      context=_gpt_context(config, gn_inner_steps, weight_decay),
+      loss_unit="nats",
+      metadata={
+          "preset": preset, "model": dataclasses.asdict(config),
+          "batch_size": batch_size, "packages": list(corpus.packages),
+          "num_classes": num_classes, "eval_windows": int(evals[1].size),
+          "seed": seed, "pretrain": info,
+      },
+      with_seed=functools.partial(
+          classify_task, preset, batch_size=batch_size,
+          gn_inner_steps=gn_inner_steps, weight_decay=weight_decay,
+          cache_dir=cache_dir))
 
 
 #: Task factories by name.
-TASKS: dict[str, Callable[..., Task]] = {"lm": lm_task, "digits": digits_task}
+TASKS: dict[str, Callable[..., Task]] = {
+    "lm": lm_task, "digits": digits_task, "finetune": finetune_task,
+    "finetune_cls": classify_task}

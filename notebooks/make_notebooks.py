@@ -34,10 +34,13 @@ def _nb(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
   nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python",
                                "name": "python3"}
   nb.metadata["language_info"] = {"name": "python"}
-  for kind, text in cells:
+  for i, (kind, text) in enumerate(cells):
     text = text.strip("\n")
-    nb.cells.append(v4.new_markdown_cell(text) if kind == "md"
-                    else v4.new_code_cell(text))
+    # Cell ids from the cell's place, so that regenerating an unchanged
+    # notebook leaves its file unchanged.
+    cell_id = f"cell-{i:02d}"
+    nb.cells.append(v4.new_markdown_cell(text, id=cell_id) if kind == "md"
+                    else v4.new_code_cell(text, id=cell_id))
   return nb
 
 
@@ -192,16 +195,17 @@ print(f"loss {float(loss):.3f}, validation accuracy {acc:.3f}")
 the jitted step. First-order optimizers differentiate
 `loss(apply(params, x), y)`; Gauss-Newton gets `model_fn = lambda p:
 apply(p, x)` and `loss_fn = lambda z: loss(z, y)`. `compare.compare_task`
-sweeps each optimizer's learning-rate grid briefly, then trains at the best
-rate; here the sweep is skipped (`sweep_steps=0` takes the middle of each
-grid) to keep the notebook short.
+tunes each optimizer's learning rate by runs as long as the reported one
+(growing the grid while the best rate is at an end), then repeats the best
+rate over seeds; here the tuning is skipped (`tune=False` takes the middle of
+each grid) and one seed is run, to keep the notebook short.
 """),
     ("code", '''
 from microadam_compare import compare, optimizers, plots, report, tasks
 
 task = tasks.digits_task("cpu", seed=0)
-config = compare.RunConfig(steps=80, eval_every=20, sweep_steps=0,
-                           gn_steps=8, gn_eval_every=2, gn_sweep_steps=0,
+config = compare.RunConfig(steps=80, eval_every=20, gn_steps=8,
+                           gn_eval_every=2, tune=False, seeds=(0,),
                            progress=False)
 result = compare.compare_task(task, list(optimizers.REGISTRY), config)
 print()
@@ -215,9 +219,10 @@ plots.plot_accuracy_vs_step(result, None, show=True)
 plots.plot_state_bytes(result, None, show=True);
 '''),
     ("md", """
-The same run from the command line, with the learning-rate sweep and the
-byte-level GPT task as well: `microadam-optax compare` (about ten minutes on
-two CPU cores), or `microadam-optax compare --quick` for a smoke run.
+The same run from the command line, tuned, over two seeds, with the
+byte-level GPT and the fine-tuning tasks as well: `microadam-optax compare`
+(the README gives its time), or `microadam-optax compare --quick` for a
+smoke run.
 """),
 ]
 

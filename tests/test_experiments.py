@@ -11,6 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 pytest.importorskip("flax")
@@ -25,6 +26,7 @@ from microadam_compare import data
 from microadam_compare import models
 from microadam_compare import optimizers
 from microadam_compare import report
+from microadam_compare import tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = ("quickstart.ipynb", "flax_training.ipynb", "gauss_newton.ipynb")
@@ -132,6 +134,27 @@ def test_digits_split_is_stratified_and_deterministic():
   np.testing.assert_array_equal(yb, yb2)
 
 
+def test_held_out_packages_split_by_file_and_balanced_batches():
+  corpus = data.package_corpus(max_files_per_package=3)
+  assert corpus.packages == data.HELD_OUT_PACKAGES
+  for train, val in zip(corpus.train_files, corpus.val_files):
+    assert train and val and not set(train) & set(val)
+  rest = data.stdlib_corpus(max_files=SMALL,
+                            exclude_packages=data.HELD_OUT_PACKAGES)
+  assert not {data.package_of(f) for f in rest.train_files + rest.val_files
+              } & set(data.HELD_OUT_PACKAGES)
+  x, y = data.package_batches(corpus.train, 3, 2, 8, 16, seed=1)
+  x2, y2 = data.package_batches(corpus.train, 3, 2, 8, 16, seed=1)
+  assert x.shape == (2, 8, 16) and y.shape == (2, 8)
+  np.testing.assert_array_equal(x, x2)
+  np.testing.assert_array_equal(y, y2)
+  assert 0 <= y.min() and y.max() < len(corpus.packages)
+  ex, ey = data.package_eval_batches(corpus.val, 3, 4, 16)
+  assert ex.shape == (3, 4, 16)
+  counts = np.bincount(ey.ravel(), minlength=len(corpus.packages))
+  assert counts.max() - counts.min() <= 1
+
+
 # ---------------------------------------------------------------------------
 # Models.
 
@@ -235,43 +258,184 @@ def test_cli_help_documents_the_flags(capsys):
   assert e.value.code == 0
   text = capsys.readouterr().out
   for flag in ("--task", "--preset", "--steps", "--optimizers", "--out",
-               "--seed", "--quick"):
+               "--seed", "--seeds", "--quick", "--cache-dir", "finetune",
+               "--max-grid-extensions"):
     assert flag in text
 
 
-def test_cli_quick_run_writes_table_json_and_plots(tmp_path, capsys):
-  out = tmp_path / "run"
-  code = cli.main(["compare", "--quick", "--out", str(out), "--no-progress"])
-  printed = capsys.readouterr().out
-  assert code == 0, printed
-  with open(out / "results.json", encoding="utf-8") as f:
+QUICK_OPTIMIZERS = ("adamw", "microadam", "gn_full")
+
+
+def _quick(out, cache, *extra):
+  return cli.main(["compare", "--quick", "--out", str(out), "--no-progress",
+                   "--cache-dir", str(cache), *extra])
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+  """One smoke run of every task (tiny preset, two seeds) and its output."""
+  root = tmp_path_factory.mktemp("quick")
+  code = _quick(root / "run", root / "cache", "--optimizers",
+                ",".join(QUICK_OPTIMIZERS), "--seeds", "2")
+  with open(root / "run" / "results.json", encoding="utf-8") as f:
     results = json.load(f)
-  assert [t["task"] for t in results["tasks"]] == ["lm", "digits"]
-  expected = set(optimizers.REGISTRY)
+  return code, root, results
+
+
+def test_cli_quick_run_keeps_the_results_contract(quick_run):
+  code, root, results = quick_run
+  assert code == 0
+  assert [t["task"] for t in results["tasks"]] == [
+      "lm", "digits", "finetune", "finetune_cls"]
+  assert results["seeds"] == [0, 1]
   for task in results["tasks"]:
     by_name = {r["name"]: r for r in task["results"]}
-    assert set(by_name) == expected
+    assert list(by_name) == list(QUICK_OPTIMIZERS)
     for name, r in by_name.items():
-      reason = optimizers.unavailable_reason(optimizers.get(name))
-      if reason is not None:
-        assert r["status"] == "unavailable" and r["message"] == reason
-        continue
-      assert r["status"] == "ok", (task["task"], name, r.get("message"))
+      where = (task["task"], name, r.get("message"))
+      assert r["status"] == "ok", where
+      assert r["seeds"] == [0, 1]
+      per_seed = r["final_val_loss_per_seed"]
+      assert len(per_seed) == 2 and all(math.isfinite(v) for v in per_seed)
+      assert r["final_val_loss_mean"] == pytest.approx(np.mean(per_seed))
+      assert r["final_val_loss_std"] == pytest.approx(np.std(per_seed,
+                                                             ddof=1))
+      # Tuned at full length: every rate ran as long as the final runs.
+      assert r["sweep_steps"] == r["steps_run"] > 0, where
+      assert r["lr_grid"] == sorted(r["lr_grid"]) and len(r["lr_grid"]) >= 3
+      assert set(r["initial_lr_grid"]) <= set(r["lr_grid"])
+      assert len(r["lr_grid"]) == (len(r["initial_lr_grid"])
+                                   + r["grid_extensions"])
       assert r["best_lr"] in r["lr_grid"]
-      assert len(r["sweep"]) == len(r["lr_grid"])
-      assert r["final_val_loss"] is not None
-      assert math.isfinite(r["final_val_loss"])
-      assert r["state_bytes"] > 0 and r["step_time_s"] > 0
+      assert [s["lr"] for s in r["sweep"]] == r["lr_grid"]
+      best = min(r["sweep"], key=lambda s: s["val_loss"])
+      assert best["lr"] == r["best_lr"]
+      assert best["val_loss"] == pytest.approx(per_seed[0])
+      inside = r["lr_grid"][0] < r["best_lr"] < r["lr_grid"][-1]
+      assert r["best_lr_at_grid_edge"] == (not inside)
+      if r["best_lr_at_grid_edge"]:
+        assert r["grid_extensions"] == r["max_grid_extensions"] == 2
+      assert isinstance(r["second_order"], bool)
+      assert r["second_order"] == optimizers.get(name).second_order
       assert r["steps"][0] == 0 and len(r["steps"]) == len(r["val_loss"])
+      assert len(r["val_loss_std"]) == len(r["val_loss"])
+      assert r["state_bytes"] > 0 and r["step_time_s"] > 0
     assert by_name["adamw"]["state_bytes_per_param"] == pytest.approx(8, 0.01)
-    if by_name["microadam"]["status"] == "ok":
-      assert by_name["microadam"]["state_bytes_per_param"] < 1.5
+    assert by_name["microadam"]["state_bytes_per_param"] < 1.5
+    # Gauss-Newton's inner optimizer's state is reported, not 0 B/param.
+    assert by_name["gn_full"]["transient_state_bytes_per_param"] > 1
+  pre = results["tasks"][2]["metadata"]["pretrain"]
+  assert pre["val_loss"][-1] < pre["val_loss"][0]
+  assert pre["path"].startswith(str(root / "cache"))
+  out = root / "run"
   for name in ("table.txt", "lm_loss_vs_step.png", "lm_loss_vs_time.png",
                "lm_state_bytes.png", "digits_loss_vs_step.png",
-               "digits_state_bytes.png", "digits_accuracy_vs_step.png"):
+               "digits_accuracy_vs_step.png", "finetune_loss_vs_step.png",
+               "finetune_cls_accuracy_vs_step.png", "pretrain_curve.png",
+               "loss_vs_state.png", "lm_loss_vs_state.png"):
     assert (out / name).stat().st_size > 0, name
-  assert "MicroAdam" in printed and "state B/p" in printed
-  assert "steps→tgt" in (out / "table.txt").read_text(encoding="utf-8")
+  table = (out / "table.txt").read_text(encoding="utf-8")
+  for text in ("steps→tgt", "state B/p", "± ", "s→tgt / ", "step MiB:",
+               "outer", "(+", "inner", "clip"):
+    assert text in table, text
+  assert "peak MiB" not in table.splitlines()[1]  # nothing to show on CPU
+
+
+def test_same_command_gives_the_same_numbers(quick_run, tmp_path):
+  _, root, first = quick_run
+  code = _quick(tmp_path / "again", root / "cache", "--task", "lm",
+                "--optimizers", ",".join(QUICK_OPTIMIZERS), "--seeds", "2",
+                "--no-plots")
+  assert code == 0
+  with open(tmp_path / "again" / "results.json", encoding="utf-8") as f:
+    again = json.load(f)
+  for a, b in zip(first["tasks"][0]["results"], again["tasks"][0]["results"]):
+    for key in ("final_val_loss_per_seed", "val_loss", "sweep", "best_lr",
+                "lr_grid", "train_loss"):
+      assert a[key] == b[key], (a["name"], key)
+
+
+def test_pretrained_checkpoint_is_cached_and_deterministic(quick_run,
+                                                           tmp_path):
+  from microadam_compare import pretrain  # pylint: disable=g-import-not-at-top
+  _, root, _ = quick_run
+  cached, info = pretrain.pretrained_gpt("tiny", cache_dir=str(root / "cache"))
+  assert info["cached"]
+  fresh, info2 = pretrain.pretrained_gpt("tiny", cache_dir=str(tmp_path))
+  assert not info2["cached"] and info2["val_loss"] == info["val_loss"]
+  for a, b in zip(jax.tree.leaves(cached), jax.tree.leaves(fresh)):
+    np.testing.assert_array_equal(a, b)
+  # The key names what the checkpoint depends on.
+  assert os.path.basename(info["path"]).startswith("tiny-")
+  assert info["key"]["held_out_packages"] == list(data.HELD_OUT_PACKAGES)
+
+
+class _StubRunner:
+  """Stands in for compare._Runner: the final loss is a parabola in
+  log10(lr) with its minimum at ``1e-2``."""
+
+  def __init__(self):
+    self.rates = []
+
+  def run(self, task, lr, steps, bar=None):
+    del task, steps, bar
+    self.rates.append(lr)
+    return {"val_loss": [(math.log10(lr) + 2) ** 2]}
+
+
+def test_tuning_grows_the_grid_until_the_best_rate_is_inside():
+  runner = _StubRunner()
+  best, records, extensions, at_edge = compare.tune(
+      runner, None, (1e-4, 3e-4, 1e-3), 10, max_extensions=6)
+  assert best == 1e-2 and not at_edge and extensions == 3
+  assert sorted(records) == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+  capped = compare.tune(_StubRunner(), None, (1e-4, 3e-4, 1e-3), 10,
+                        max_extensions=2)
+  assert capped[0] == 1e-2 and capped[2] == 2 and capped[3]
+  down = compare.tune(_StubRunner(), None, (1e-1, 3e-1, 1.0), 10,
+                      max_extensions=6)
+  assert down[0] == 1e-2 and not down[3]
+
+
+def test_ties_are_differences_within_two_std():
+  a = {"final_val_loss_per_seed": [1.0, 1.2], "final_val_loss_mean": 1.1,
+       "final_val_loss_std": 0.1}
+  b = dict(a, final_val_loss_mean=1.25, final_val_loss_std=0.05)
+  c = dict(a, final_val_loss_mean=1.5, final_val_loss_std=0.05)
+  assert compare.is_tie(a, b) and not compare.is_tie(a, c)
+  one_seed = dict(a, final_val_loss_per_seed=[1.0])
+  assert compare.is_tie(a, one_seed) is None
+
+
+def test_first_order_optimizers_clip_gauss_newton_does_not():
+  task = tasks.digits_task("tiny")
+  adamw = compare.make_optimizer(optimizers.get("adamw"), task, 1e-3, 10)
+  big = jax.tree.map(lambda x: 1e6 * jnp.ones_like(x), task.init_params)
+  params = jax.tree.map(jnp.asarray, task.init_params)
+  clip = optax.clip_by_global_norm(1.0)
+  clipped, _ = clip.update(big, clip.init(params))
+  inner = optimizers.get("adamw").build(
+      lambda c: 1e-3 * compare.warmup_cosine(c, 10), task.context)
+  u1, _ = adamw.update(big, adamw.init(params), params)
+  u2, _ = inner.update(clipped, inner.init(params), params)
+  for x, y in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+    np.testing.assert_allclose(x, y, rtol=1e-6)
+  gn = compare.make_optimizer(optimizers.get("gn_full"), task, 1e-3, 10)
+  assert not isinstance(gn.init(params)[0], optax.EmptyState)
+
+
+def test_version_quick_folder_and_closed_pipe(capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["--version"])
+  assert e.value.code == 0
+  assert mo.__version__ in capsys.readouterr().out
+  assert cli.QUICK_OUT != cli.DEFAULT_OUT
+  done = subprocess.run(
+      f"{sys.executable} -m microadam_compare.cli list | head -n 1",
+      shell=True, capture_output=True, text=True, cwd=REPO, timeout=120,
+      check=False)
+  assert done.returncode == 0 and done.stdout.strip()
+  assert "BrokenPipe" not in done.stderr and "Traceback" not in done.stderr
 
 
 def _fake_result(rng, name: str, steps: int, every: int) -> dict:
