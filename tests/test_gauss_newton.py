@@ -604,7 +604,8 @@ def _np_mlp_problem(seed, din=3, hidden=5, classes=3):
   rng = np.random.default_rng(seed)
   params = {"layer1": {"w": rng.normal(size=(din, hidden)) / np.sqrt(din),
                        "b": 0.1 * rng.normal(size=hidden)},
-            "layer2": {"w": rng.normal(size=(hidden, classes)) / np.sqrt(hidden),
+            "layer2": {"w": rng.normal(size=(hidden, classes))
+                            / np.sqrt(hidden),
                        "b": 0.1 * rng.normal(size=classes)}}
   teacher = rng.normal(size=(din, classes))
 
