@@ -126,15 +126,16 @@ def _validate(*, b1, b2, eps, window, density, topk_block_size,
 
 
 def _resolve_implementation(implementation: str) -> str:
-  """``"auto"`` -> ``"pallas"`` on GPU/TPU, ``"xla"`` elsewhere.
+  """The implementation the kernels' dispatch receives (unchanged).
 
-  Under ``"pallas"`` every hot path runs as a Pallas kernel on GPU (Triton)
-  and in interpret mode on CPU; on TPU the quantization runs as Mosaic
-  kernels and the rest (Triton-only kernels) on the XLA path.
+  ``"auto"`` is not resolved here from the host's back end: the kernel
+  modules choose per *lowering* platform
+  (:func:`pallas_kernels._backend.per_platform`), so that one traced update
+  lowers to Triton kernels for GPU, Mosaic kernels for TPU and the XLA path
+  for CPU. ``"pallas"`` does the same but interprets a kernel on CPU;
+  ``"xla"`` is the XLA path everywhere.
   """
-  if implementation != "auto":
-    return implementation
-  return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+  return implementation
 
 
 def _check_leaf(path: Any, leaf: Any) -> None:
@@ -224,23 +225,23 @@ def _leaf_update(g, idx_w, val_w, codes, lo, hi, count, lay: LeafLayout,
                  hp: _Hyper):
   """One MicroAdam step (Algorithm 1) for one flattened parameter.
 
-  ``hp.implementation == "pallas"``: the Pallas kernels of
-  :mod:`pallas_kernels` (GPU; interpret mode on CPU). With coinciding Top-K
-  and quantization blocks and 4-bit errors, steps 1-4 below are one fused
-  kernel (:func:`pallas_kernels.error_feedback.error_feedback_pallas`);
-  otherwise the separate kernels run. The Triton kernels are not used on
-  TPU, where those steps take the XLA path.
+  ``hp.implementation`` other than ``"xla"``: the dispatch functions of
+  :mod:`pallas_kernels`, which choose per lowering platform (Triton kernels
+  on GPU, Mosaic kernels on TPU; on CPU the XLA path under ``"auto"``, an
+  interpreted kernel under ``"pallas"``). With coinciding Top-K and
+  quantization blocks and 4-bit errors, steps 1-4 below are one fused
+  kernel (:func:`pallas_kernels.error_feedback.error_feedback`); otherwise
+  the separate kernels run.
   """
   from pallas_kernels import error_feedback as ef_lib  # pylint: disable=g-import-not-at-top
   window = idx_w.shape[0]
-  kernels = (hp.implementation == "pallas"
-             and jax.default_backend() != "tpu")
+  kernels = hp.implementation != "xla"
   if kernels and lay.aligned and hp.bits == 4:
     # Steps 1-4 in one pass: dequantize + add, Top-K, zero, re-quantize.
-    idx, vals, codes, lo, hi = ef_lib.error_feedback_pallas(
+    idx, vals, codes, lo, hi = ef_lib.error_feedback(
         g, codes, lo, hi, block_size=lay.topk_block, k=lay.k,
         last_block_k=lay.last_k, index_dtype=idx_w.dtype,
-        values_dtype=val_w.dtype)
+        values_dtype=val_w.dtype, implementation=hp.implementation)
   else:
     # a_t = g_t + Q^{-1}(e_t)
     a = g.reshape(-1).astype(jnp.float32) + _dequantize(codes, lo, hi, lay,
@@ -248,10 +249,9 @@ def _leaf_update(g, idx_w, val_w, codes, lo, hi, count, lay: LeafLayout,
     # I_t, V_t = TopK(|a_t|) per block; a_t[I_t] = 0.
     a2 = _flat_padded(a, lay.topk_padded).reshape(lay.num_topk_blocks,
                                                    lay.topk_block)
-    topk = topk_lib.block_topk_pallas if kernels else (
-        topk_lib.block_topk_reference)
-    idx, vals = topk(a2, lay.k, last_block_length=lay.last_topk_length,
-                     last_block_k=lay.last_k)
+    idx, vals = topk_lib.block_topk(
+        a2, lay.k, last_block_length=lay.last_topk_length,
+        last_block_k=lay.last_k, implementation=hp.implementation)
     slots = topk_lib.slot_mask(lay.num_topk_blocks, lay.k, lay.last_k)
     a = topk_lib.zero_selected(a2, idx, slots).reshape(-1)[:lay.size]
     # e_{t+1} = Q(a_t) with per-block min/max.
@@ -265,9 +265,10 @@ def _leaf_update(g, idx_w, val_w, codes, lo, hi, count, lay: LeafLayout,
   # u_t = m_hat / (sqrt(v_hat) + eps)
   dense = not (isinstance(hp.alpha, (int, float)) and hp.alpha == 0)
   if kernels:
-    u = window_lib.window_update_pallas(
+    u = window_lib.window_update(
         idx_w, val_w, count, block_size=lay.topk_block, b1=hp.b1, b2=hp.b2,
-        eps=hp.eps, out_dtype=jnp.float32 if dense else g.dtype)
+        eps=hp.eps, out_dtype=jnp.float32 if dense else g.dtype,
+        implementation=hp.implementation)
   else:
     u = window_lib.window_update_reference(
         idx_w, val_w, count, block_size=lay.topk_block, b1=hp.b1, b2=hp.b2,

@@ -1,25 +1,32 @@
 """Back-end specifics of the Pallas kernels, in one place.
 
-Every kernel module asks this module three things: which implementation a
-caller's ``implementation`` argument resolves to (:func:`resolve`), whether a
-Pallas kernel must run in interpret mode (:func:`interpret_mode`), and which
-compiler parameters suit the back end it is lowered for (:func:`gpu_params`,
-:func:`tpu_params`).
+Every kernel module asks this module which implementation runs
+(:func:`per_platform`: the reference, the Triton kernel or the Mosaic TPU
+kernel, chosen per *lowering* platform) and which compiler parameters suit
+the back end a kernel is lowered for (:func:`gpu_params`, :func:`tpu_params`).
 
+* The choice is made with :func:`jax.lax.platform_dependent`: one traced
+  function lowers to the Triton kernels for ``"cuda"``/``"rocm"``, to the
+  Mosaic kernels for ``"tpu"`` and to the XLA reference (or, with
+  ``implementation="pallas"``, an interpreted kernel) for ``"cpu"``,
+  whichever host traced it. Lowering for one platform keeps only its branch.
 * GPU kernels are written for the Triton back end of Pallas
   (``jax.experimental.pallas.triton``): they use masked and scattered
   loads/stores, atomics and ``jnp.cumsum``, which Mosaic GPU does not lower.
   The number of warps per program is the one tuning knob; it is chosen here
   from the number of elements a program holds on chip.
-* TPU kernels (Mosaic TPU) exist for the block-wise quantization only; the
-  other hot paths use their XLA reference on TPU (see :data:`TPU_KERNELS`).
-* On CPU every Pallas kernel runs with ``interpret=True``.
+* TPU kernels (Mosaic TPU) hold blocks as ``(8, 128)``-tiled 2-D arrays and
+  use only vectorised compares, reductions and small matmuls (TPU has no
+  scatter; see :mod:`pallas_kernels._onchip_tpu`). They exist for the
+  families in :data:`TPU_KERNELS`. They were lowered for TPU and run in the
+  TPU interpreter (``interpret=pltpu.InterpretParams()``) on CPU, never
+  compiled or run on a TPU.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from jax.experimental.pallas import tpu as pltpu
@@ -27,9 +34,19 @@ from jax.experimental.pallas import triton as pltriton
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
-#: Kernel families that have a Mosaic TPU version. The others fall back to
-#: their XLA reference under ``implementation="auto"`` on TPU.
-TPU_KERNELS = frozenset({"quantize", "dequantize"})
+#: Kernel families that have a Mosaic TPU version. (The fused parameter
+#: update :func:`pallas_kernels.window.window_param_update` has none: it
+#: takes its reference on TPU.)
+TPU_KERNELS = frozenset({"quantize", "dequantize", "topk", "error_feedback",
+                         "window"})
+
+#: Which kernel bodies ``implementation="pallas"`` interprets on a platform
+#: without kernels (CPU): ``"triton"`` (the GPU bodies with
+#: ``interpret=True``) or ``"mosaic"`` (the TPU bodies in the TPU
+#: interpreter). The environment variable ``PALLAS_KERNELS_INTERPRETER``
+#: overrides it; it is read when a function is traced.
+DEFAULT_INTERPRETER = "triton"
+INTERPRETERS = ("triton", "mosaic")
 
 
 def backend() -> str:
@@ -37,22 +54,30 @@ def backend() -> str:
   return jax.default_backend()
 
 
+def check_implementation(implementation: str) -> str:
+  """Returns ``implementation`` after checking that it is a valid one."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation must be one of {IMPLEMENTATIONS}, got "
+        f"{implementation!r}.")
+  return implementation
+
+
 def resolve(implementation: str, kernel: str | None = None) -> str:
-  """Resolves ``"auto"`` to ``"pallas"`` or ``"xla"`` for the default back end.
+  """What ``implementation`` runs on the default back end (informative).
+
+  Kernels are chosen per lowering platform by :func:`per_platform`; this
+  says which of kernel or reference runs on the host's own back end.
 
   Args:
     implementation: ``"auto"``, ``"xla"`` or ``"pallas"``.
-    kernel: the kernel family (e.g. ``"topk"``); on TPU, ``"auto"`` picks the
+    kernel: the kernel family (e.g. ``"topk"``); on TPU, ``"auto"`` runs the
       kernel only for the families in :data:`TPU_KERNELS`.
 
   Returns:
     ``"xla"`` or ``"pallas"``.
   """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f"implementation must be one of {IMPLEMENTATIONS}, got "
-        f"{implementation!r}.")
-  if implementation != "auto":
+  if check_implementation(implementation) != "auto":
     return implementation
   b = backend()
   if b == "gpu":
@@ -62,12 +87,82 @@ def resolve(implementation: str, kernel: str | None = None) -> str:
   return "xla"
 
 
+def interpreter() -> str:
+  """``"triton"`` or ``"mosaic"``: see :data:`DEFAULT_INTERPRETER`."""
+  name = os.environ.get("PALLAS_KERNELS_INTERPRETER") or DEFAULT_INTERPRETER
+  if name not in INTERPRETERS:
+    raise ValueError(f"PALLAS_KERNELS_INTERPRETER must be one of "
+                     f"{INTERPRETERS}, got {name!r}.")
+  return name
+
+
+def is_tpu_interpret(interpret: Any) -> bool:
+  """Whether ``interpret`` asks for the TPU interpreter."""
+  return isinstance(interpret, pltpu.InterpretParams)
+
+
+def per_platform(*args: Any, implementation: str, reference: Callable,
+                 triton: Callable | None = None,
+                 mosaic: Callable | None = None,
+                 interpret: Any = None) -> Any:
+  """Runs ``reference`` or a kernel on ``args``, chosen per lowering platform.
+
+  The one place that decides which implementation of a kernel family runs.
+
+  Args:
+    *args: the operands, passed to whichever function runs.
+    implementation: ``"xla"``: ``reference`` on every platform (no
+      kernel is traced). ``"auto"``: per lowering platform, ``triton`` on
+      ``cuda``/``rocm``, ``mosaic`` on ``tpu``, ``reference`` elsewhere.
+      ``"pallas"``: the same, but elsewhere (CPU) a kernel in interpret mode
+      (which one: :func:`interpreter`).
+    reference: the pure-``jnp`` reference, ``reference(*args)``.
+    triton: the Triton kernel, ``triton(*args, interpret=bool)``, or
+      ``None`` (the reference takes its place).
+    mosaic: the Mosaic TPU kernel, ``mosaic(*args, interpret=None |
+      pltpu.InterpretParams)``, or ``None`` (the reference takes its place).
+    interpret: only with ``"pallas"``: ``True`` runs the Triton kernel in
+      interpret mode and a :class:`pltpu.InterpretParams` the Mosaic kernel
+      in the TPU interpreter, whatever the platform; ``False``: the compiled
+      kernel of the lowering platform (CPU: the reference); ``None``: the
+      compiled kernel, interpreted on CPU.
+
+  Returns:
+    What the chosen function returns (all must return the same types).
+  """
+  implementation = check_implementation(implementation)
+  if implementation == "xla":
+    return reference(*args)
+  if implementation == "pallas" and interpret is not None and (
+      interpret is not False):
+    if mosaic is not None and (is_tpu_interpret(interpret) or triton is None):
+      return mosaic(*args, interpret=interpret if is_tpu_interpret(interpret)
+                    else pltpu.InterpretParams())
+    return triton(*args, interpret=True)
+
+  def gpu(*a):
+    return reference(*a) if triton is None else triton(*a, interpret=False)
+
+  def tpu(*a):
+    return reference(*a) if mosaic is None else mosaic(*a, interpret=None)
+
+  def other(*a):
+    if implementation == "auto" or interpret is False or (
+        triton is None and mosaic is None):
+      return reference(*a)
+    if mosaic is not None and (interpreter() == "mosaic" or triton is None):
+      return mosaic(*a, interpret=pltpu.InterpretParams())
+    return triton(*a, interpret=True)
+
+  return jax.lax.platform_dependent(*args, cuda=gpu, rocm=gpu, tpu=tpu,
+                                    default=other)
+
+
 def interpret_mode(interpret: bool | None = None) -> bool:
   """``interpret`` if given, else ``True`` when the default is no GPU/TPU."""
   if interpret is not None:
     return bool(interpret)
   return backend() not in ("gpu", "tpu")
-
 
 def next_pow2(n: int) -> int:
   """Smallest power of two ``>= max(n, 1)``."""

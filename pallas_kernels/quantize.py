@@ -23,6 +23,7 @@ optimizer), the 4-bit Pallas kernels (:func:`quantize_pallas`,
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -271,35 +272,41 @@ def _dequantize_gpu(packed, lo, hi, q, interpret):
 
 def quantize_pallas(x: jax.Array, bits: int = 4,
                     last_block_length: int | None = None, *,
-                    interpret: bool | None = None
+                    interpret=None
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """:func:`quantize_reference` (4 bits) as a Pallas kernel, one row a program.
 
+  The Triton kernel when lowered for GPU, the Mosaic kernel when lowered for
+  TPU (see :func:`pallas_kernels._backend.per_platform`).
+
   Args: as :func:`quantize_reference` (``bits`` must be 4), plus
-    ``interpret`` (default: on CPU).
+    ``interpret``: ``None`` (the compiled kernel of the lowering platform,
+    interpreted on CPU), ``True`` (the Triton kernel in interpret mode) or
+    ``pltpu.InterpretParams()`` (the Mosaic kernel in the TPU interpreter).
 
   Returns:
     ``(packed uint8 (num_blocks, q/2), block_min, block_max)``.
   """
   if bits != 4:
     raise ValueError(f"the quantization kernels are 4-bit, got bits={bits}.")
-  num_blocks, q = x.shape
-  if q % 2:
-    raise ValueError(f"4-bit packing needs an even block, got {q}.")
-  last_len = q if last_block_length is None else int(last_block_length)
-  interpret = _backend.interpret_mode(interpret)
-  if _backend.backend() == "tpu" and not interpret:
-    return _quantize_tpu(x, last_len)
-  return _quantize_gpu(x, last_len, interpret)
+  if x.shape[1] % 2:
+    raise ValueError(f"4-bit packing needs an even block, got {x.shape[1]}.")
+  return quantize(x, bits, last_block_length, implementation="pallas",
+                  interpret=interpret)
 
 
 def dequantize_pallas(packed: jax.Array, lo: jax.Array, hi: jax.Array,
                       bits: int = 4, block_size: int | None = None, *,
-                      interpret: bool | None = None) -> jax.Array:
+                      interpret=None) -> jax.Array:
   """:func:`dequantize_reference` (4 bits) as a Pallas kernel.
 
+  The Triton kernel when lowered for GPU, the Mosaic kernel when lowered for
+  TPU (see :func:`pallas_kernels._backend.per_platform`).
+
   Args: as :func:`dequantize_reference` (``bits`` must be 4), plus
-    ``interpret`` (default: on CPU).
+    ``interpret``: ``None`` (the compiled kernel of the lowering platform,
+    interpreted on CPU), ``True`` (the Triton kernel in interpret mode) or
+    ``pltpu.InterpretParams()`` (the Mosaic kernel in the TPU interpreter).
 
   Returns:
     float32 ``(num_blocks, block_size)``.
@@ -309,39 +316,53 @@ def dequantize_pallas(packed: jax.Array, lo: jax.Array, hi: jax.Array,
   q = packed.shape[-1] * 2 if block_size is None else int(block_size)
   if q % 2:
     raise ValueError(f"4-bit packing needs an even block, got {q}.")
-  interpret = _backend.interpret_mode(interpret)
-  if _backend.backend() == "tpu" and not interpret:
-    return _dequantize_tpu(packed, lo, hi, q)
-  return _dequantize_gpu(packed, lo, hi, q, interpret)
+  return dequantize(packed, lo, hi, bits, q, implementation="pallas",
+                    interpret=interpret)
 
 
 def quantize(x: jax.Array, bits: int = 4,
              last_block_length: int | None = None, *,
-             implementation: str = "auto"
+             implementation: str = "auto", interpret=None
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Block-wise quantization with packing: reference or kernel.
 
-  ``implementation``: ``"xla"`` (:func:`quantize_reference`), ``"pallas"``
-  (:func:`quantize_pallas`; 8-bit codes and odd blocks use the reference) or
-  ``"auto"`` (the kernel on GPU and TPU, the reference elsewhere).
+  ``implementation``: ``"xla"`` (:func:`quantize_reference`), ``"auto"``
+  (per lowering platform: the Triton kernel on GPU, the Mosaic kernel on
+  TPU, the reference elsewhere) or ``"pallas"`` (the same, with an
+  interpreted kernel elsewhere). 8-bit codes and odd blocks have no kernel:
+  they always take the reference. ``interpret``: see
+  :func:`quantize_pallas`.
   """
   _check_bits(bits)
-  if (_backend.resolve(implementation, "quantize") == "pallas" and bits == 4
-      and x.shape[-1] % 2 == 0):
-    return quantize_pallas(x, bits, last_block_length)
-  return quantize_reference(x, bits, last_block_length)
+  num_blocks, q = x.shape
+  last_len = q if last_block_length is None else int(last_block_length)
+  if bits != 4 or q % 2:
+    implementation = "xla"
+  return _backend.per_platform(
+      x, implementation=implementation,
+      reference=lambda v: quantize_reference(v, bits, last_block_length),
+      triton=lambda v, interpret: _quantize_gpu(v, last_len, interpret),
+      mosaic=lambda v, interpret: _quantize_tpu(v, last_len, interpret),
+      interpret=interpret)
 
 
 def dequantize(packed: jax.Array, lo: jax.Array, hi: jax.Array,
                bits: int = 4, block_size: int | None = None, *,
-               implementation: str = "auto") -> jax.Array:
+               implementation: str = "auto", interpret=None) -> jax.Array:
   """Block-wise dequantization: reference or kernel (see :func:`quantize`)."""
   _check_bits(bits)
   q = packed.shape[-1] * 8 // bits if block_size is None else block_size
-  if (_backend.resolve(implementation, "dequantize") == "pallas" and bits == 4
-      and q % 2 == 0):
-    return dequantize_pallas(packed, lo, hi, bits, q)
-  return dequantize_reference(packed, lo, hi, bits, block_size)
+  if bits != 4 or q % 2:
+    implementation = "xla"
+  return _backend.per_platform(
+      packed, lo, hi, implementation=implementation,
+      reference=lambda c, a, b: dequantize_reference(c, a, b, bits,
+                                                     block_size),
+      triton=lambda c, a, b, interpret: _dequantize_gpu(c, a, b, q,
+                                                        interpret),
+      mosaic=lambda c, a, b, interpret: _dequantize_tpu(c, a, b, q,
+                                                        interpret),
+      interpret=interpret)
 
 
 # ---------------------------------------------------------------------------
@@ -364,6 +385,7 @@ def _rows_padded(x: jax.Array, rows: int) -> jax.Array:
   return jnp.pad(x, ((0, target - n),) + ((0, 0),) * (x.ndim - 1))
 
 
+@functools.partial(jax.jit, static_argnames=("last_len", "interpret"))
 def _quantize_tpu(x: jax.Array, last_len: int, interpret: Any = None):
   num_blocks, q = x.shape
   half = q // 2
@@ -419,6 +441,7 @@ def _quantize_tpu(x: jax.Array, last_len: int, interpret: Any = None):
           hi[:num_blocks, 0])
 
 
+@functools.partial(jax.jit, static_argnames=("q", "interpret"))
 def _dequantize_tpu(packed: jax.Array, lo: jax.Array, hi: jax.Array, q: int,
                     interpret: Any = None):
   num_blocks = packed.shape[0]

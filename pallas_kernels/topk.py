@@ -8,13 +8,16 @@ only ``last_block_k`` entries and fills its remaining slots with index 0 and
 value 0 ("empty slots", which add nothing when scattered). Ties are broken
 arbitrarily: only the multiset of selected magnitudes is specified.
 
-This module holds the pure-``jnp`` reference (built on :func:`jax.lax.top_k`),
-which is also the XLA path of the optimizer, the Pallas kernel
-(:func:`block_topk_pallas`) and the dispatch between them
+This module holds the pure-``jnp`` reference (built on XLA's exact TopK),
+which is also the XLA path of the optimizer, the Pallas kernels (Triton for
+GPU, Mosaic for TPU, chosen per lowering platform by
+:func:`block_topk_pallas`) and the dispatch between them and the reference
 (:func:`block_topk`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +25,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _backend
 from pallas_kernels import _onchip
+from pallas_kernels import _onchip_tpu
 
 
 def slot_mask(num_blocks: int, k: int, last_block_k: int) -> jax.Array:
@@ -94,7 +98,7 @@ def zero_selected(x: jax.Array, indices: jax.Array,
 
 
 # ---------------------------------------------------------------------------
-# Pallas kernel (GPU, Triton back end; interpret mode on CPU).
+# Triton kernel (GPU; interpret mode on CPU).
 # ---------------------------------------------------------------------------
 
 
@@ -132,34 +136,10 @@ def write_topk(idx_ref, val_ref, a, pos, col, sel, b, k, k_b) -> None:
                           hole)
 
 
-def block_topk_pallas(x: jax.Array, k: int, *,
-                      last_block_length: int | None = None,
-                      last_block_k: int | None = None,
-                      index_dtype=jnp.int32,
-                      interpret: bool | None = None
-                      ) -> tuple[jax.Array, jax.Array]:
-  """:func:`block_topk_reference` as one Pallas kernel program per row.
-
-  Each program holds its row on chip, finds the bit pattern of the ``k``-th
-  largest magnitude by counting passes (see
-  :func:`pallas_kernels._onchip.kth_threshold`), breaks ties at it by
-  position, and compacts the selection with a prefix sum into slots in
-  ascending index order.
-
-  Args:
-    x: float array ``(num_blocks, B)``.
-    k: entries selected per row.
-    last_block_length: valid entries of the last row (default ``B``).
-    last_block_k: entries selected in the last row (default ``k``).
-    index_dtype: dtype of the returned indices (int16 or int32).
-    interpret: run in interpret mode (default: on CPU).
-
-  Returns:
-    ``(indices (num_blocks, k) index_dtype, values (num_blocks, k) x.dtype)``,
-    the same sets as :func:`block_topk_reference` (ties may differ).
-  """
-
-  num_blocks, block = x.shape
+def _check_args(x: jax.Array, k: int, last_block_length: int | None,
+                last_block_k: int | None) -> tuple[int, int]:
+  """Checks the arguments; returns ``(last_block_length, last_block_k)``."""
+  block = x.shape[1]
   if not 1 <= k <= block:
     raise ValueError(f"k must be in [1, {block}], got {k}.")
   last_len = block if last_block_length is None else int(last_block_length)
@@ -167,6 +147,26 @@ def block_topk_pallas(x: jax.Array, k: int, *,
   if not 0 <= last_k <= min(k, last_len):
     raise ValueError(
         f"last_block_k must be in [0, {min(k, last_len)}], got {last_k}.")
+  return last_len, last_k
+
+
+def _block_topk_triton(x: jax.Array, k: int, *,
+                       last_block_length: int | None = None,
+                       last_block_k: int | None = None,
+                       index_dtype=jnp.int32,
+                       interpret: bool | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
+  """:func:`block_topk_reference` as one Triton program per row (or rows).
+
+  Each program holds its row on chip, finds the bit pattern of the ``k``-th
+  largest magnitude by counting passes (see
+  :func:`pallas_kernels._onchip.kth_threshold`), breaks ties at it by
+  position, and compacts the selection with a prefix sum into slots in
+  ascending index order. ``interpret``: run in interpret mode (default: on
+  CPU).
+  """
+  num_blocks, block = x.shape
+  last_len, last_k = _check_args(x, k, last_block_length, last_block_k)
   interpret = _backend.interpret_mode(interpret)
   padded = max(2, _backend.next_pow2(block))
   half = padded // 2
@@ -200,10 +200,113 @@ def block_topk_pallas(x: jax.Array, k: int, *,
   return idx.reshape(num_blocks, k), val.reshape(num_blocks, k)
 
 
+# ---------------------------------------------------------------------------
+# Mosaic TPU kernel (TPU interpreter on CPU).
+# ---------------------------------------------------------------------------
+
+
+def topk_tpu_kernel(x_ref, idx_ref, val_ref, *, num_blocks: int, block: int,
+                    k: int, last_len: int, last_k: int) -> None:
+  """Top-K of ``ROWS`` blocks held as rows ``(ROWS, W)`` of ``x_ref``.
+
+  Writes slot-ordered positions (int32) and values (float32) ``(ROWS,
+  slots)``; rows past ``num_blocks`` (padding) select nothing.
+  """
+  rows, width = x_ref.shape
+  b = _onchip_tpu.block_rows(pl.program_id(0), rows)
+  length = _onchip_tpu.per_block(b, num_blocks, block, last_len)
+  k_b = _onchip_tpu.per_block(b, num_blocks, k, last_k).astype(jnp.float32)
+  pos = jax.lax.broadcasted_iota(jnp.int32, (rows, width), 1)
+  valid = pos < length
+  a = jnp.where(valid, x_ref[...].astype(jnp.float32), 0.0)
+  mag = _onchip_tpu.magnitude_bits(a, valid)
+  sel = _onchip_tpu.select_topk([mag], k_b)
+  idx, val = _onchip_tpu.compact(sel, [pos.astype(jnp.float32)], [a], k,
+                                 idx_ref.shape[1])
+  idx_ref[...] = idx.astype(jnp.int32)
+  val_ref[...] = val
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "k", "last_block_length", "last_block_k", "index_dtype", "interpret"))
+def _block_topk_mosaic(x: jax.Array, k: int, *,
+                       last_block_length: int | None = None,
+                       last_block_k: int | None = None,
+                       index_dtype=jnp.int32, interpret=None
+                       ) -> tuple[jax.Array, jax.Array]:
+  """:func:`block_topk_reference` as a Mosaic TPU kernel, 8 rows a program.
+
+  The rows are padded to whole ``(8, 128)`` tiles (a copy unless the row
+  count is a multiple of 8 and ``B`` of 128). In each program the ``k``-th
+  magnitude is found by bisection over the int32 bit patterns (see
+  :func:`pallas_kernels._onchip_tpu.kth_largest_bits`), ties are broken by
+  position with a prefix count (triangular matmuls), and slot ``s`` is
+  filled by a masked reduction over the entries of rank ``s``: TPU has no
+  scatter. ``interpret``: ``None`` (compile with Mosaic) or a
+  :class:`pltpu.InterpretParams` (the TPU interpreter).
+  """
+  num_blocks, block = x.shape
+  last_len, last_k = _check_args(x, k, last_block_length, last_block_k)
+  rows = _onchip_tpu.ROWS
+  nbp = _onchip_tpu.round_up(num_blocks, rows)
+  width = _onchip_tpu.round_up(block, _onchip_tpu.LANES)
+  slots = _onchip_tpu.round_up(k, _onchip_tpu.LANES)
+  xp = x.astype(jnp.float32)
+  if (nbp, width) != (num_blocks, block):
+    xp = jnp.pad(xp, ((0, nbp - num_blocks), (0, width - block)))
+  kernel = functools.partial(topk_tpu_kernel, num_blocks=num_blocks,
+                             block=block, k=k, last_len=last_len,
+                             last_k=last_k)
+  out = pl.BlockSpec((rows, slots), lambda i: (i, 0))
+  idx, val = pl.pallas_call(
+      kernel,
+      grid=(nbp // rows,),
+      in_specs=[pl.BlockSpec((rows, width), lambda i: (i, 0))],
+      out_specs=[out, out],
+      out_shape=[jax.ShapeDtypeStruct((nbp, slots), jnp.int32),
+                 jax.ShapeDtypeStruct((nbp, slots), jnp.float32)],
+      compiler_params=_backend.tpu_params(),
+      interpret=interpret or False,
+      name="block_topk_tpu",
+  )(xp)
+  return (idx[:num_blocks, :k].astype(index_dtype),
+          val[:num_blocks, :k].astype(x.dtype))
+
+
+def block_topk_pallas(x: jax.Array, k: int, *,
+                      last_block_length: int | None = None,
+                      last_block_k: int | None = None,
+                      index_dtype=jnp.int32,
+                      interpret=None) -> tuple[jax.Array, jax.Array]:
+  """:func:`block_topk_reference` as a Pallas kernel.
+
+  The Triton kernel when lowered for GPU, the Mosaic kernel when lowered for
+  TPU (see :func:`pallas_kernels._backend.per_platform`).
+
+  Args:
+    x: float array ``(num_blocks, B)``.
+    k: entries selected per row.
+    last_block_length: valid entries of the last row (default ``B``).
+    last_block_k: entries selected in the last row (default ``k``).
+    index_dtype: dtype of the returned indices (int16 or int32).
+    interpret: ``None``: the compiled kernel of the lowering platform
+      (interpreted on CPU); ``True``: the Triton kernel in interpret mode;
+      ``pltpu.InterpretParams()``: the Mosaic kernel in the TPU interpreter.
+
+  Returns:
+    ``(indices (num_blocks, k) index_dtype, values (num_blocks, k) x.dtype)``,
+    the same sets as :func:`block_topk_reference` (ties may differ).
+  """
+  return block_topk(x, k, last_block_length=last_block_length,
+                    last_block_k=last_block_k, index_dtype=index_dtype,
+                    implementation="pallas", interpret=interpret)
+
+
 def block_topk(x: jax.Array, k: int, *, last_block_length: int | None = None,
                last_block_k: int | None = None, index_dtype=jnp.int32,
-               implementation: str = "auto") -> tuple[jax.Array, jax.Array]:
-  """Block-wise Top-K by magnitude: the reference or the Pallas kernel.
+               implementation: str = "auto", interpret=None
+               ) -> tuple[jax.Array, jax.Array]:
+  """Block-wise Top-K by magnitude: the reference or a Pallas kernel.
 
   Args:
     x: float array ``(num_blocks, B)``.
@@ -211,18 +314,30 @@ def block_topk(x: jax.Array, k: int, *, last_block_length: int | None = None,
     last_block_length: valid entries of the last row (default ``B``).
     last_block_k: entries selected in the last row (default ``k``).
     index_dtype: dtype of the returned indices.
-    implementation: ``"xla"`` (:func:`block_topk_reference`), ``"pallas"``
-      (:func:`block_topk_pallas`, interpret mode on CPU) or ``"auto"``
-      (the kernel on GPU, the reference elsewhere).
+    implementation: ``"xla"`` (:func:`block_topk_reference`), ``"auto"``
+      (per lowering platform: the Triton kernel on GPU, the Mosaic kernel
+      on TPU, the reference elsewhere) or ``"pallas"`` (the same, with an
+      interpreted kernel elsewhere); see
+      :func:`pallas_kernels._backend.per_platform`.
+    interpret: see :func:`block_topk_pallas` (``"pallas"`` only).
 
   Returns:
     ``(indices (num_blocks, k), values (num_blocks, k))``; see
     :func:`block_topk_reference`.
   """
-  if _backend.resolve(implementation, "topk") == "pallas":
-    return block_topk_pallas(x, k, last_block_length=last_block_length,
-                             last_block_k=last_block_k,
-                             index_dtype=index_dtype)
-  idx, val = block_topk_reference(x, k, last_block_length=last_block_length,
-                                  last_block_k=last_block_k)
-  return idx.astype(index_dtype), val
+  kw = dict(last_block_length=last_block_length, last_block_k=last_block_k,
+            index_dtype=index_dtype)
+  _check_args(x, k, last_block_length, last_block_k)
+
+  def reference(v):
+    idx, val = block_topk_reference(v, k, last_block_length=last_block_length,
+                                    last_block_k=last_block_k)
+    return idx.astype(index_dtype), val
+
+  return _backend.per_platform(
+      x, implementation=implementation, reference=reference,
+      triton=lambda v, interpret: _block_topk_triton(v, k, interpret=interpret,
+                                                     **kw),
+      mosaic=lambda v, interpret: _block_topk_mosaic(v, k, interpret=interpret,
+                                                     **kw),
+      interpret=interpret)

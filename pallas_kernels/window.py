@@ -16,15 +16,17 @@ Rows not written yet (``age >= t``) are ignored. Entries outside every stored
 index get ``u = 0``.
 
 This module holds the pure-``jnp`` reference (:func:`window_update_reference`,
-also the XLA path of the optimizer), the Pallas kernel
-(:func:`window_update_pallas`) and the dispatch (:func:`window_update`); and
-the same three for the fused parameter update ``p - lr (u + wd p)``
-(:func:`window_param_update`), for users who apply MicroAdam's update without
+also the XLA path of the optimizer), the Pallas kernels (Triton for GPU,
+Mosaic for TPU, chosen per lowering platform by :func:`window_update_pallas`)
+and the dispatch (:func:`window_update`); and the same three for the fused
+parameter update ``p - lr (u + wd p)`` (:func:`window_param_update`; Triton
+only, the reference on TPU), for users who apply MicroAdam's update without
 :func:`optax.apply_updates`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -34,6 +36,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _backend
 from pallas_kernels import _onchip
+from pallas_kernels import _onchip_tpu
 
 
 def row_weights(count: jax.Array, window: int, b1: float, b2: float
@@ -130,7 +133,7 @@ def window_param_update_reference(params: jax.Array, indices: jax.Array,
 
 
 # ---------------------------------------------------------------------------
-# Pallas kernel (GPU, Triton back end; interpret mode on CPU).
+# Triton kernel (GPU; interpret mode on CPU).
 # ---------------------------------------------------------------------------
 
 #: How a program combines the ``m * k`` window entries of its block that
@@ -339,57 +342,179 @@ def _window_kernel_call(indices, values, count, *, block_size, b1, b2, eps,
   return out
 
 
-def window_update_pallas(indices: jax.Array, values: jax.Array,
-                         count: jax.Array, *, block_size: int,
-                         b1: float = 0.9, b2: float = 0.999,
-                         eps: float = 1e-8, out_dtype: Any = jnp.float32,
-                         variant: str | None = None,
-                         programs: int | None = None,
-                         interpret: bool | None = None) -> jax.Array:
-  """:func:`window_update_reference` as a Pallas kernel.
-
-  A persistent grid of ``programs`` programs (default: a few per GPU
-  multiprocessor) walks the blocks; each program reads its block's ``m * k``
-  window entries, combines repeated positions (see :data:`WINDOW_VARIANTS`)
-  and writes the block of ``u``.
-
-  Args: as :func:`window_update_reference`, plus
-    out_dtype: dtype of ``u`` (the parameters' dtype in the optimizer).
-    variant: one of :data:`WINDOW_VARIANTS` (default ``"elect"``, or the
-      environment variable ``PALLAS_KERNELS_WINDOW_VARIANT``).
-    programs: number of programs (default: see
-      :func:`pallas_kernels._backend.persistent_programs`).
-    interpret: run in interpret mode (default: on CPU).
-
-  Returns:
-    ``u`` ``(num_blocks, block_size)`` in ``out_dtype``.
-  """
+def _window_update_triton(indices, values, count, *, block_size, b1=0.9,
+                          b2=0.999, eps=1e-8, out_dtype=jnp.float32,
+                          variant=None, programs=None, interpret=None):
+  """:func:`window_update_reference` as a persistent Triton kernel."""
   return _window_kernel_call(indices, values, count, block_size=block_size,
                              b1=b1, b2=b2, eps=eps, out_dtype=out_dtype,
                              variant=variant, programs=programs,
                              interpret=interpret)
 
 
-def window_update(indices: jax.Array, values: jax.Array, count: jax.Array, *,
-                  block_size: int, b1: float = 0.9, b2: float = 0.999,
-                  eps: float = 1e-8, out_dtype: Any = jnp.float32,
-                  implementation: str = "auto") -> jax.Array:
-  """The update direction ``u`` from the window: reference or kernel.
+# ---------------------------------------------------------------------------
+# Mosaic TPU kernel (TPU interpreter on CPU).
+# ---------------------------------------------------------------------------
 
-  Args: as :func:`window_update_reference`, plus ``out_dtype`` and
-    ``implementation`` (``"xla"``, ``"pallas"`` or ``"auto"``: the kernel on
-    GPU, the reference elsewhere).
+
+def window_tpu_kernel(pos_ref, val_ref, w1_ref, w2_ref, eps_ref, u_ref, *,
+                      rows: int) -> None:
+  """``u`` of ``rows`` blocks from their ``E = m * k`` window entries.
+
+  ``pos_ref``/``val_ref`` ``(rows, 1, E)``: each block's entries along the
+  lanes (int32 position, float32 value); ``w1_ref``/``w2_ref`` ``(1, E)``:
+  each entry's row weight; ``u_ref`` ``(rows, W / 128, 128)``: the block's
+  ``u``, position ``p`` at ``(p // 128, p % 128)``.
+
+  The moments are accumulated densely with two one-hot factors: ``m_hat[h,
+  l] = sum_e x_e [p_e // 128 == h] [p_e % 128 == l]``, the product of a
+  ``(W / 128, E)`` and an ``(E, 128)`` matrix (MXU), built from ``E * (W /
+  128 + 128)`` compares instead of ``E * W``; repeated positions add up.
+  """
+  hr = u_ref.shape[1]
+  e = pos_ref.shape[2]
+  w1 = w1_ref[...]
+  w2 = w2_ref[...]
+  eps = eps_ref[:, :1]
+  high = jax.lax.broadcasted_iota(jnp.int32, (hr, e), 0)
+  low = jax.lax.broadcasted_iota(jnp.int32, (_onchip_tpu.LANES, e), 0)
+  nt = (((1,), (1,)), ((), ()))  # contract the entries of both factors
+
+  def body(r, carry):
+    pos = pos_ref[r]
+    v = val_ref[r]
+    x1 = w1 * v
+    x2 = (w2 * v) * v
+    in_row = high == (pos >> 7)
+    one_hot = jnp.where(low == (pos & 127), 1.0, 0.0)
+    m_hat = jax.lax.dot_general(
+        jnp.where(in_row, x1, 0.0), one_hot, nt,
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32)
+    v_hat = jax.lax.dot_general(
+        jnp.where(in_row, x2, 0.0), one_hot, nt,
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32)
+    u_ref[r] = m_hat / (jnp.sqrt(v_hat) + eps)
+    return carry
+
+  jax.lax.fori_loop(0, rows, body, 0)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "block_size", "out_dtype", "interpret"))
+def _window_update_mosaic(indices, values, count, *, block_size, b1=0.9,
+                          b2=0.999, eps=1e-8, out_dtype=jnp.float32,
+                          interpret=None):
+  """:func:`window_update_reference` as a Mosaic TPU kernel.
+
+  The wrapper lays each block's ``m * k`` entries along the lanes (one XLA
+  transpose of the window, which holds ``m * density`` of the tensor's
+  size); a program then writes the dense ``u`` of up to 8 blocks (see
+  :func:`window_tpu_kernel`). ``interpret``: ``None`` (compile with Mosaic)
+  or a :class:`pltpu.InterpretParams`.
+  """
+  m, num_blocks, k = indices.shape
+  if values.shape != indices.shape:
+    raise ValueError(f"indices {indices.shape} and values {values.shape} "
+                     "must have the same shape.")
+  e = m * k
+  lanes = _onchip_tpu.LANES
+  width = _onchip_tpu.round_up(block_size, lanes)
+  rows = 1
+  while rows < _onchip_tpu.ROWS and num_blocks % (2 * rows) == 0:
+    rows *= 2
+  w1, w2 = row_weights(count, m, b1, b2)
+  pos = indices.astype(jnp.int32).transpose(1, 0, 2).reshape(num_blocks, 1, e)
+  val = values.astype(jnp.float32).transpose(1, 0, 2).reshape(
+      num_blocks, 1, e)
+  eps_row = jnp.full((1, lanes), eps, jnp.float32)
+  entries = pl.BlockSpec((rows, 1, e), lambda i: (i, 0, 0))
+  whole = pl.BlockSpec((1, e), lambda i: (0, 0))
+  u = pl.pallas_call(
+      functools.partial(window_tpu_kernel, rows=rows),
+      grid=(num_blocks // rows,),
+      in_specs=[entries, entries, whole, whole,
+                pl.BlockSpec((1, lanes), lambda i: (0, 0))],
+      out_specs=pl.BlockSpec((rows, width // lanes, lanes),
+                             lambda i: (i, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct((num_blocks, width // lanes, lanes),
+                                     jnp.float32),
+      compiler_params=_backend.tpu_params(),
+      interpret=interpret or False,
+      name="window_update_tpu",
+  )(pos, val, jnp.repeat(w1, k)[None, :], jnp.repeat(w2, k)[None, :],
+    eps_row)
+  u = u.reshape(num_blocks, width)
+  if width != block_size:
+    u = u[:, :block_size]
+  return u.astype(out_dtype)
+
+
+def window_update_pallas(indices: jax.Array, values: jax.Array,
+                         count: jax.Array, *, block_size: int,
+                         b1: float = 0.9, b2: float = 0.999,
+                         eps: float = 1e-8, out_dtype: Any = jnp.float32,
+                         variant: str | None = None,
+                         programs: int | None = None,
+                         interpret=None) -> jax.Array:
+  """:func:`window_update_reference` as a Pallas kernel.
+
+  On GPU (Triton) a persistent grid of ``programs`` programs (default: a
+  few per multiprocessor) walks the blocks; each program reads its block's
+  ``m * k`` window entries, combines repeated positions (see
+  :data:`WINDOW_VARIANTS`) and writes the block of ``u``. On TPU (Mosaic)
+  the entries are accumulated densely by one-hot matmuls (see
+  :func:`window_tpu_kernel`).
+
+  Args: as :func:`window_update_reference`, plus
+    out_dtype: dtype of ``u`` (the parameters' dtype in the optimizer).
+    variant: GPU only, one of :data:`WINDOW_VARIANTS` (default ``"elect"``,
+      or the environment variable ``PALLAS_KERNELS_WINDOW_VARIANT``).
+    programs: GPU only, number of programs (default: see
+      :func:`pallas_kernels._backend.persistent_programs`).
+    interpret: ``None`` (the compiled kernel of the lowering platform,
+      interpreted on CPU), ``True`` (the Triton kernel in interpret mode) or
+      ``pltpu.InterpretParams()`` (the Mosaic kernel in the TPU
+      interpreter).
 
   Returns:
     ``u`` ``(num_blocks, block_size)`` in ``out_dtype``.
   """
-  if _backend.resolve(implementation, "window") == "pallas":
-    return window_update_pallas(indices, values, count,
-                                block_size=block_size, b1=b1, b2=b2, eps=eps,
-                                out_dtype=out_dtype)
-  return window_update_reference(indices, values, count,
-                                 block_size=block_size, b1=b1, b2=b2,
-                                 eps=eps).astype(out_dtype)
+  return window_update(indices, values, count, block_size=block_size, b1=b1,
+                       b2=b2, eps=eps, out_dtype=out_dtype, variant=variant,
+                       programs=programs, implementation="pallas",
+                       interpret=interpret)
+
+
+def window_update(indices: jax.Array, values: jax.Array, count: jax.Array, *,
+                  block_size: int, b1: float = 0.9, b2: float = 0.999,
+                  eps: float = 1e-8, out_dtype: Any = jnp.float32,
+                  variant: str | None = None, programs: int | None = None,
+                  implementation: str = "auto", interpret=None) -> jax.Array:
+  """The update direction ``u`` from the window: reference or kernel.
+
+  Args: as :func:`window_update_pallas`, plus ``implementation``: ``"xla"``
+    (the reference), ``"auto"`` (per lowering platform: the Triton kernel on
+    GPU, the Mosaic kernel on TPU, the reference elsewhere) or ``"pallas"``
+    (the same, with an interpreted kernel elsewhere).
+
+  Returns:
+    ``u`` ``(num_blocks, block_size)`` in ``out_dtype``.
+  """
+  kw = dict(block_size=block_size, b1=b1, b2=b2, eps=eps)
+
+  def reference(i, v, t):
+    return window_update_reference(i, v, t, **kw).astype(out_dtype)
+
+  return _backend.per_platform(
+      indices, values, jnp.asarray(count, jnp.int32),
+      implementation=implementation, reference=reference,
+      triton=functools.partial(_window_update_triton, out_dtype=out_dtype,
+                               variant=variant, programs=programs, **kw),
+      mosaic=functools.partial(_window_update_mosaic, out_dtype=out_dtype,
+                               **kw),
+      interpret=interpret)
 
 
 def window_param_update_pallas(params: jax.Array, indices: jax.Array,
@@ -446,15 +571,21 @@ def window_param_update(params: jax.Array, indices: jax.Array,
     Array([0.9      , 1.       , 1.1      , 1.       ], dtype=float32)
 
   Args: as :func:`window_param_update_reference`, plus ``implementation``
-    (``"xla"``, ``"pallas"`` or ``"auto"``).
+    (``"xla"``, ``"pallas"`` or ``"auto"``, per lowering platform: the
+    Triton kernel on GPU; there is no TPU kernel, TPU takes the reference).
 
   Returns:
     The new parameter, same shape and dtype as ``params``.
   """
   kwargs = dict(block_size=block_size, learning_rate=learning_rate,
                 weight_decay=weight_decay, b1=b1, b2=b2, eps=eps)
-  if _backend.resolve(implementation, "window") == "pallas":
-    return window_param_update_pallas(params, indices, values, count,
+
+  def triton(p, i, v, t, interpret):
+    return window_param_update_pallas(p, i, v, t, interpret=interpret,
                                       **kwargs)
-  return window_param_update_reference(params, indices, values, count,
-                                       **kwargs)
+
+  return _backend.per_platform(
+      params, indices, values, jnp.asarray(count, jnp.int32),
+      implementation=implementation,
+      reference=functools.partial(window_param_update_reference, **kwargs),
+      triton=triton)
