@@ -408,9 +408,10 @@ def _window_update_mosaic(indices, values, count, *, block_size, b1=0.9,
                           interpret=None):
   """:func:`window_update_reference` as a Mosaic TPU kernel.
 
-  The wrapper lays each block's ``m * k`` entries along the lanes (one XLA
-  transpose of the window, which holds ``m * density`` of the tensor's
-  size); a program then writes the dense ``u`` of up to 8 blocks (see
+  The wrapper lays each block's ``m * k`` entries along the lanes, padded
+  to a multiple of 128 (one XLA transpose of the window, which holds ``m *
+  density`` of the tensor's size); a program then writes the dense ``u`` of
+  up to 8 blocks (see
   :func:`window_tpu_kernel`). ``interpret``: ``None`` (compile with Mosaic)
   or a :class:`pltpu.InterpretParams`.
   """
@@ -418,16 +419,25 @@ def _window_update_mosaic(indices, values, count, *, block_size, b1=0.9,
   if values.shape != indices.shape:
     raise ValueError(f"indices {indices.shape} and values {values.shape} "
                      "must have the same shape.")
-  e = m * k
   lanes = _onchip_tpu.LANES
+  # Entries padded to whole lanes (position 0, value 0, weight 0: they add
+  # nothing), so that the matmuls contract a multiple of 128.
+  e = _onchip_tpu.round_up(m * k, lanes)
   width = _onchip_tpu.round_up(block_size, lanes)
   rows = 1
   while rows < _onchip_tpu.ROWS and num_blocks % (2 * rows) == 0:
     rows *= 2
   w1, w2 = row_weights(count, m, b1, b2)
-  pos = indices.astype(jnp.int32).transpose(1, 0, 2).reshape(num_blocks, 1, e)
-  val = values.astype(jnp.float32).transpose(1, 0, 2).reshape(
-      num_blocks, 1, e)
+
+  def entries_of(x, dtype):
+    x = x.astype(dtype).transpose(1, 0, 2).reshape(num_blocks, 1, m * k)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, e - m * k)))
+
+  def per_entry(w):
+    return jnp.pad(jnp.repeat(w, k), (0, e - m * k))[None, :]
+
+  pos = entries_of(indices, jnp.int32)
+  val = entries_of(values, jnp.float32)
   eps_row = jnp.full((1, lanes), eps, jnp.float32)
   entries = pl.BlockSpec((rows, 1, e), lambda i: (i, 0, 0))
   whole = pl.BlockSpec((1, e), lambda i: (0, 0))
@@ -443,8 +453,7 @@ def _window_update_mosaic(indices, values, count, *, block_size, b1=0.9,
       compiler_params=_backend.tpu_params(),
       interpret=interpret or False,
       name="window_update_tpu",
-  )(pos, val, jnp.repeat(w1, k)[None, :], jnp.repeat(w2, k)[None, :],
-    eps_row)
+  )(pos, val, per_entry(w1), per_entry(w2), eps_row)
   u = u.reshape(num_blocks, width)
   if width != block_size:
     u = u[:, :block_size]
