@@ -3,6 +3,7 @@
 * :func:`microadam` / :func:`scale_by_microadam` -- MicroAdam (NeurIPS 2024):
   a sliding window of Top-K-sparse gradients plus 4-bit error feedback.
 * :func:`state_nbytes` -- bytes held by any optimizer state.
+* :func:`state_shardings` -- the shardings of any optimizer state on a mesh.
 """
 
 from microadam_optax import model_shapes
@@ -21,6 +22,7 @@ from microadam_optax.gauss_newton import gauss_newton
 from microadam_optax.gauss_newton import global_cosine_schedule
 from microadam_optax.gauss_newton import layer_partition
 from microadam_optax.gauss_newton import output_hvp
+from microadam_optax._sharding import state_shardings
 from microadam_optax.memory import state_nbytes
 from microadam_optax.microadam import DEFAULT_BLOCK_SIZE
 from microadam_optax.microadam import MICROADAM_STATIC_ARGS
@@ -38,6 +40,7 @@ __all__ = [
     "scale_by_microadam",
     "model_shapes",
     "state_nbytes",
+    "state_shardings",
     "DEFAULT_LINESEARCH",
     "GaussNewtonState",
     "SQRT2_LINESEARCH",

@@ -30,6 +30,8 @@ import numpy as np
 import optax
 from optax._src import numerics
 
+from microadam_optax._checks import check_float_leaves
+
 __all__ = [
     "ADAM_MINI_DEFAULT_RULES",
     "ADAM_MINI_STATIC_ARGS",
@@ -664,6 +666,7 @@ def scale_by_adam_mini(
     _check_partition_arg(partition)
 
   def init_fn(params):
+    check_float_leaves(params, "Adam-mini")
     _, treedef, specs = _resolve(params, partition, warn=True)
     mu = optax.tree.zeros_like(params, dtype=mu_dtype)
     nu = jax.tree_util.tree_unflatten(
@@ -682,6 +685,7 @@ def scale_by_adam_mini(
     def leaf(g, m, v):
       if g is None:
         return None, m, v
+      g = g if hasattr(g, "dtype") else jnp.asarray(g)  # Python floats
       cdt = jnp.promote_types(g.dtype, jnp.float32)
       b1c = jnp.asarray(b1, cdt)
       gc = g.astype(cdt)

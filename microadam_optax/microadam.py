@@ -12,10 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import math
+import warnings
+
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from optax._src import numerics
 
+from microadam_optax import _sharding
+from microadam_optax import _trees
+from microadam_optax._checks import check_float_leaves
 from microadam_optax._layout import LeafLayout, leaf_layout
 from pallas_kernels import quantize as quant_lib
 from pallas_kernels import topk as topk_lib
@@ -60,8 +67,7 @@ class MicroAdamState(NamedTuple):
   error_max: Any
 
 
-def _is_traced(x: Any) -> bool:
-  return isinstance(x, jax.core.Tracer)
+_is_traced = _sharding.is_traced
 
 
 def _static_int(name: str, value: Any) -> Any:
@@ -138,62 +144,9 @@ def _resolve_implementation(implementation: str) -> str:
   return implementation
 
 
-def _check_leaf(path: Any, leaf: Any) -> None:
-  dtype = jnp.result_type(leaf)
-  if not jnp.issubdtype(dtype, jnp.floating):
-    kind = "complex" if jnp.issubdtype(dtype, jnp.complexfloating) else str(
-        dtype)
-    raise TypeError(
-        f"MicroAdam optimizes real floating-point parameters; the leaf at "
-        f"{jax.tree_util.keystr(path)} has dtype {kind}. Exclude it with "
-        f"optax.masked / optax.multi_transform (or optax.set_to_zero).")
-
-
-def _state_shardings(param: Any, lay: LeafLayout) -> Optional[tuple]:
-  """Shardings of a leaf's five state arrays, consistent with ``param``'s.
-
-  For a concrete parameter with a :class:`jax.sharding.NamedSharding` that
-  splits only its first axis (FSDP), and whose shards hold whole Top-K and
-  quantization blocks, the state is split the same way along its block axis:
-  each device keeps the state of its own slice of the parameter, and the
-  update moves nothing between devices. Other shardings give a state
-  replicated over the mesh. Returns ``None`` for unsharded parameters and for
-  tracers (inside ``jit``, where XLA places the state).
-  """
-  sharding = getattr(param, "sharding", None)
-  if _is_traced(param) or not isinstance(sharding, NamedSharding):
-    return None
-  mesh = sharding.mesh
-  spec = tuple(sharding.spec) + (None,) * max(0, param.ndim - len(
-      sharding.spec))
-  replicated = (NamedSharding(mesh, P()),) * 5
-  if param.ndim == 0 or spec[0] is None or any(a is not None
-                                               for a in spec[1:]):
-    return replicated
-  axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
-  parts = int(np.prod([mesh.shape[a] for a in axes]))
-  shard = lay.size // parts
-  if (lay.size % parts or shard % lay.topk_block or shard % lay.quant_block
-      or lay.num_topk_blocks % parts or lay.num_quant_blocks % parts):
-    return replicated
-  window_spec = NamedSharding(mesh, P(None, spec[0], None))
-  return (window_spec, window_spec,
-          NamedSharding(mesh, P(spec[0], None)),
-          NamedSharding(mesh, P(spec[0])), NamedSharding(mesh, P(spec[0])))
-
-
 def _flat_padded(x: jax.Array, length: int) -> jax.Array:
   x = x.reshape(-1)
   return jnp.pad(x, (0, length - x.shape[0])) if length > x.shape[0] else x
-
-
-def _unzip(fn: Callable[..., tuple], tree: Any, n: int, *rest: Any
-           ) -> list[Any]:
-  """Maps ``fn`` (returning an ``n``-tuple) over leaves; returns ``n`` trees."""
-  treedef = jax.tree.structure(tree)
-  leaves = [treedef.flatten_up_to(t) for t in (tree, *rest)]
-  outs = [fn(*args) for args in zip(*leaves)]
-  return [treedef.unflatten([o[i] for o in outs]) for i in range(n)]
 
 
 class _Hyper(NamedTuple):
@@ -280,6 +233,189 @@ def _leaf_update(g, idx_w, val_w, codes, lo, hi, count, lay: LeafLayout,
     u = u + hp.alpha * err
     codes, lo, hi = _quantize((1 - hp.alpha) * err, lay, hp)
   return u.reshape(g.shape).astype(g.dtype), idx_w, val_w, codes, lo, hi
+
+
+# ----------------------------------------------------------------------------
+# Sharded parameters: the update runs on each device's local shard.
+#
+# The state's shapes depend on the parameter's shape alone (its global block
+# layout, :func:`leaf_layout`), so a checkpoint restores into any mesh. A
+# sharded leaf is updated locally when each of its shards holds a whole number
+# of Top-K and quantization blocks: the state's block axis is then split over
+# the mesh axes that split the parameter, shard i of the state belonging to
+# shard i of the parameter, and each device runs the update on its own
+# flattened shard, blocks formed over that shard (what the authors' FSDP code
+# does on each rank's flat shard). When the shards are contiguous ranges of
+# the flattened parameter (first-axis sharding) these are exactly the
+# unsharded run's blocks, so the results are bit-identical to it. Leaves whose
+# shards do not hold whole blocks (a bias split 8 ways, uneven shardings) keep
+# a replicated state and are gathered for their update, with a warning.
+#
+# Where the sharding is known while tracing (concrete arrays; Explicit mesh
+# axes) the local update is a ``jax.shard_map``; where only the compiler knows
+# it (``jit`` on a mesh with Auto axes) it is a ``custom_partitioning`` op,
+# whose partitioning callback sees the gradient's sharding and makes the same
+# choice. Both run the unmodified per-leaf update, Pallas kernels included, on
+# local arrays: XLA never sees a pallas_call it would have to replicate.
+
+
+def _local_ok(lay: LeafLayout, grid: Optional[_sharding.ShardGrid]) -> bool:
+  """Whether ``grid``'s shards each hold whole blocks of ``lay``."""
+  if grid is None or not grid.even:
+    return False
+  if grid.num_shards == 1:
+    return True
+  local = math.prod(grid.local_shape)
+  return local % lay.topk_block == 0 and local % lay.quant_block == 0
+
+
+def _state_specs(axes_entry: Any) -> tuple[P, ...]:
+  """PartitionSpecs of a leaf's five state arrays, split over ``axes_entry``."""
+  return (P(None, axes_entry, None), P(None, axes_entry, None),
+          P(axes_entry, None), P(axes_entry), P(axes_entry))
+
+
+class _Plan(NamedTuple):
+  """How one leaf is updated: ``mode`` and, for a known sharding, its grid.
+
+  Modes: ``"global"`` (one device), ``"local"`` (per shard, ``shard_map``;
+  on a replicated leaf each device updates its replica), ``"gather"`` (sharded without whole blocks per shard:
+  gathered, state replicated), ``"deferred"`` (traced on a mesh with Auto
+  axes: decided by ``custom_partitioning`` when compiling).
+  """
+  mode: str
+  sharding: Optional[NamedSharding] = None
+  grid: Optional[_sharding.ShardGrid] = None
+
+
+def _plan(x: Any, lay: LeafLayout) -> _Plan:
+  sharding = _sharding.known_sharding(x)
+  if sharding is None:
+    deferred = _is_traced(x) and jnp.ndim(x) > 0
+    return _Plan("deferred" if deferred else "global")
+  if sharding.mesh.size == 1:
+    return _Plan("global")
+  grid = _sharding.shard_grid(sharding, tuple(jnp.shape(x)))
+  if _local_ok(lay, grid):
+    return _Plan("local", sharding, grid)
+  return _Plan("gather", sharding, grid)
+
+
+def _warn_gather(shape: tuple[int, ...], spec: Any, lay: LeafLayout) -> None:
+  warnings.warn(
+      f"MicroAdam: a parameter of shape {shape} sharded as {spec} does not "
+      f"hold whole blocks on each shard (Top-K block {lay.topk_block}, "
+      f"quantization block {lay.quant_block} elements): it is gathered for "
+      f"its update and its state is replicated. Replicate such small leaves, "
+      f"or pick block sizes that divide each shard's size.", stacklevel=3)
+
+
+def _split_hyper(hp: _Hyper) -> tuple[jax.Array, Callable[[jax.Array],
+                                                          _Hyper]]:
+  """Moves traced hyper-parameters into one array operand.
+
+  Python numbers stay static (``alpha == 0`` must be seen while tracing);
+  traced ones (``optax.inject_hyperparams``) travel as a float32 vector that
+  the per-shard function unpacks.
+  """
+  names = [n for n in ("b1", "b2", "eps", "alpha")
+           if not isinstance(getattr(hp, n), (int, float))]
+  values = [jnp.asarray(getattr(hp, n), jnp.float32) for n in names]
+  dyn = jnp.stack(values) if values else jnp.zeros((1,), jnp.float32)
+
+  def rebuild(dyn: jax.Array) -> _Hyper:
+    return hp._replace(**{n: dyn[i] for i, n in enumerate(names)})
+
+  return dyn, rebuild
+
+
+def _init_leaf(p: Any, *, window: int, vdtype: Any, lay: LeafLayout
+               ) -> tuple[jax.Array, ...]:
+  """The zero state of one leaf, placed like the plan of its parameter."""
+  shapes = ((window, lay.num_topk_blocks, lay.k),
+            (window, lay.num_topk_blocks, lay.k),
+            (lay.num_quant_blocks, lay.code_bytes),
+            (lay.num_quant_blocks,), (lay.num_quant_blocks,))
+  dtypes = (lay.index_dtype, vdtype, jnp.uint8, jnp.float32, jnp.float32)
+  plan = _plan(p, lay)
+  if plan.sharding is None:
+    return tuple(jnp.zeros(s, d) for s, d in zip(shapes, dtypes))
+  entry = plan.grid.axes_entry if plan.mode == "local" else None
+  return tuple(_sharding.zeros(s, d, p, plan.sharding.mesh, spec)
+               for s, d, spec in zip(shapes, dtypes, _state_specs(entry)))
+
+
+def _distributed_leaf_update(g, state: tuple, count, layout: Callable[
+    [Any], LeafLayout], hp: _Hyper):
+  """:func:`_leaf_update` for one leaf, on its local shards where sharded."""
+  lay = layout(g)
+  plan = _plan(g, lay)
+  if plan.mode == "global":
+    return _leaf_update(g, *state, count, lay, hp)
+  dyn, rebuild = _split_hyper(hp)
+  count1 = jnp.reshape(count, (1,))
+
+  def per_shard(g, iw, vw, codes, lo, hi, count1, dyn):
+    return _leaf_update(g, iw, vw, codes, lo, hi, count1[0], layout(g),
+                        rebuild(dyn))
+
+  if plan.mode == "deferred":
+    return _deferred_update(per_shard, lay, g, state, count1, dyn)
+  mesh = plan.sharding.mesh
+
+  def on_mesh(gspec, entry, *args):
+    specs = _state_specs(entry)
+    return jax.shard_map(per_shard, mesh=mesh,
+                         in_specs=(gspec, *specs, P(), P()),
+                         out_specs=(gspec, *specs), check_vma=False)(*args)
+
+  if plan.mode == "local":
+    return on_mesh(plan.sharding.spec, plan.grid.axes_entry, g, *state,
+                   count1, dyn)
+  # "gather": the whole leaf on every device, then the update re-sharded.
+  _warn_gather(g.shape, plan.sharding.spec, lay)
+  out = on_mesh(P(), None, *(_sharding.place(x, mesh, P())
+                             for x in (g, *state)), count1, dyn)
+  return (_sharding.place(out[0], mesh, plan.sharding.spec), *out[1:])
+
+
+def _deferred_update(per_shard: Callable[..., tuple], lay: LeafLayout, g,
+                     state: tuple, count1, dyn):
+  """The leaf update as a ``custom_partitioning`` op (Auto mesh axes).
+
+  Under ``jit`` on a mesh with Auto axes the gradient's sharding is chosen
+  by the compiler, after tracing. The op's partitioning callback receives it
+  and returns the per-shard update (state split like the gradient) when each
+  shard holds whole blocks, else the update of the gathered leaf. On one
+  device the op is inlined.
+  """
+  shape = g.shape
+
+  @custom_partitioning
+  def op(g, iw, vw, codes, lo, hi, count1, dyn):
+    return per_shard(g, iw, vw, codes, lo, hi, count1, dyn)
+
+  def partition(mesh, arg_shapes, result_shape):
+    del result_shape
+    sharding = arg_shapes[0].sharding
+    grid = (_sharding.shard_grid(sharding, shape)
+            if isinstance(sharding, NamedSharding) else None)
+    rep = NamedSharding(mesh, P())
+    if _local_ok(lay, grid):
+      gsh = NamedSharding(mesh, sharding.spec)
+      specs = [NamedSharding(mesh, s)
+               for s in _state_specs(grid.axes_entry)]
+      return mesh, per_shard, (gsh, *specs), (gsh, *specs, rep, rep)
+    _warn_gather(shape, getattr(sharding, "spec", sharding), lay)
+    return mesh, per_shard, (rep,) * 6, (rep,) * 8
+
+  dims = " ".join(f"d{i}" for i in range(len(shape)))
+  rule = (f"{dims}, w n k, w n k, q c, q, q, s, h -> "
+          f"{dims}, w n k, w n k, q c, q, q")
+  op.def_partition(partition=partition, sharding_rule=rule,
+                   infer_sharding_from_operands=lambda mesh, args, res: (
+                       args[0].sharding, *(a.sharding for a in args[1:6])))
+  return op(g, *state, count1, dyn)
 
 
 def scale_by_microadam(
@@ -382,23 +518,16 @@ def scale_by_microadam(
                        density=density, error_bits=error_bits)
 
   def init_fn(params):
-    jax.tree_util.tree_map_with_path(_check_leaf, params)
+    check_float_leaves(params, "MicroAdam")
 
-    def init_leaf(p):
-      lay = layout(p)
-      win = (window, lay.num_topk_blocks, lay.k)
-      leaves = (jnp.zeros(win, lay.index_dtype),
-                jnp.zeros(win, vdtype),
-                jnp.zeros((lay.num_quant_blocks, lay.code_bytes), jnp.uint8),
-                jnp.zeros((lay.num_quant_blocks,), jnp.float32),
-                jnp.zeros((lay.num_quant_blocks,), jnp.float32))
-      shardings = _state_shardings(p, lay)
-      if shardings is None:
-        return leaves
-      return tuple(jax.device_put(x, s) for x, s in zip(leaves, shardings))
-
-    return MicroAdamState(jnp.zeros([], jnp.int32),
-                          *_unzip(init_leaf, params, 5))
+    # The state is built on the tree around wrappers such as nnx.Variable:
+    # its arrays are not shaped like their parameter, so they must not carry
+    # its metadata (sharding names).
+    leaves, outer, _ = _trees.flatten(params)
+    per_leaf = [_init_leaf(p, window=window, vdtype=vdtype, lay=layout(p))
+                for p in leaves]
+    fields = [outer.unflatten([s[i] for s in per_leaf]) for i in range(5)]
+    return MicroAdamState(jnp.zeros([], jnp.int32), *fields)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -408,22 +537,24 @@ def scale_by_microadam(
     count = numerics.safe_increment(state.count)
 
     def leaf(g, iw, vw, codes, lo, hi):
-      lay = layout(g)
-      if lay.size == 0:
+      g = g if hasattr(g, "reshape") else jnp.asarray(g)  # Python floats
+      if g.size == 0:
         return (jnp.zeros_like(g), iw, vw, codes, lo, hi)
-      return _leaf_update(g, iw, vw, codes, lo, hi, count, lay, hp)
+      return _distributed_leaf_update(g, (iw, vw, codes, lo, hi), count,
+                                      layout, hp)
 
-    grads_tree = jax.tree.structure(updates)
+    grads, grads_tree, rewrap = _trees.flatten(updates)
     state_tree = jax.tree.structure(state.window_indices)
     if grads_tree != state_tree:
       raise ValueError(
           "The gradients' tree does not match MicroAdam's state (was the "
           "state made by init() on params of the same structure?): gradients "
           f"{grads_tree}, state {state_tree}.")
-    parts = _unzip(leaf, updates, 6, state.window_indices,
-                   state.window_values, state.error_codes, state.error_min,
-                   state.error_max)
-    return parts[0], MicroAdamState(count, *parts[1:])
+    fields = [state_tree.flatten_up_to(f) for f in state[1:]]
+    outs = [leaf(g, *s) for g, *s in zip(grads, *fields)]
+    updates = grads_tree.unflatten([r(o[0]) for r, o in zip(rewrap, outs)])
+    return updates, MicroAdamState(count, *(
+        state_tree.unflatten([o[i] for o in outs]) for i in range(1, 6)))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -1,111 +1,370 @@
-"""MicroAdam on an 8-device CPU mesh: FSDP and data parallelism.
+"""MicroAdam on an 8-device CPU mesh: any axis type, any sharding, no gathers.
 
-tests/conftest.py starts the CPU backend with eight devices.
+tests/conftest.py starts the CPU backend with eight devices. The matrix is
+(mesh axis type) x (sharding of the leaf) x (eager / jitted init) x
+(implementation); each case checks the compiled update for collectives, the
+updates' and the state's shardings, the state's bytes per device, and the
+numbers: bit-identical to the unsharded run where each shard holds a
+contiguous range of whole blocks, and to MicroAdam run on each device's
+flattened shard by itself (blocks formed per shard) where the sharding splits
+the parameter otherwise.
 """
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
-from jax.sharding import Mesh
+from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import microadam_optax as mo
 
-COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute",
-               "reduce-scatter")
+COLLECTIVES = ("all-gather", "all-to-all", "collective-permute",
+               "reduce-scatter", "all-reduce")
+
+SHAPE = (64, 1024)
+BLOCK = 1024
+
+#: name -> (PartitionSpec on the (4, 2) mesh, whether shards are contiguous
+#: ranges of the flattened leaf, i.e. hold the unsharded run's own blocks).
+SHARDINGS = {
+    "first_axis": (P(("x", "y"), None), True),
+    "last_axis": (P(None, ("x", "y")), False),
+    "two_axes": (P("x", "y"), False),
+    "replicated": (P(), True),
+}
 
 
-@pytest.fixture(scope="module")
-def mesh():
-  if len(jax.devices()) < 8:
-    raise RuntimeError("tests/conftest.py must provide 8 CPU devices")
-  return Mesh(np.array(jax.devices()[:8]), ("fsdp",))
+def _mesh(axis_type):
+  return jax.make_mesh((4, 2), ("x", "y"), axis_types=(axis_type,) * 2)
 
 
-def _params(rng):
-  return {"w": jnp.asarray(rng.standard_normal((1024, 96)), jnp.float32),
-          "v": jnp.asarray(rng.standard_normal((8 * 512,)), jnp.bfloat16),
-          "odd": jnp.asarray(rng.standard_normal((7, 5)), jnp.float32)}
+def _tx(implementation):
+  return mo.scale_by_microadam(window=3, density=0.02, topk_block_size=BLOCK,
+                               implementation=implementation)
 
 
-def _tx():
-  return mo.scale_by_microadam(density=0.02, window=3, topk_block_size=512,
-                               quant_block_size=256)
+def _grads(seed, steps=3):
+  rng = np.random.default_rng(seed)
+  return [rng.standard_normal(SHAPE).astype(np.float32) for _ in range(steps)]
 
 
-def _shard_fsdp(mesh, params):
-  specs = {"w": P("fsdp", None), "v": P("fsdp"), "odd": P()}
-  return {k: jax.device_put(v, NamedSharding(mesh, specs[k]))
-          for k, v in params.items()}
+def _collectives(compiled_text):
+  return [c for c in COLLECTIVES if c in compiled_text]
 
 
-def test_fsdp_state_is_sharded_like_its_param(mesh):
-  params = _shard_fsdp(mesh, _params(np.random.default_rng(0)))
-  state = _tx().init(params)
-  for name in ("w", "v"):
-    assert state.window_indices[name].sharding.spec == P(None, "fsdp", None)
-    assert state.error_codes[name].sharding.spec == P("fsdp", None)
-    assert state.error_min[name].sharding.spec == P("fsdp")
-  assert state.window_values["odd"].sharding.spec == P()
-  # Per-device bytes of the sharded leaves: a eighth of the total.
-  for name in ("w", "v"):
-    for leaf in (state.window_indices[name], state.window_values[name],
-                 state.error_codes[name]):
-      per_device = [s.data.nbytes for s in leaf.addressable_shards]
-      assert len(per_device) == 8
-      assert all(b * 8 == leaf.nbytes for b in per_device)
+def _per_device_bytes(tree, mesh):
+  out = dict.fromkeys(mesh.devices.flat, 0)
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      out[shard.device] += shard.data.nbytes
+  return out
 
 
-def test_fsdp_update_moves_no_parameter_and_matches_unsharded(mesh):
-  rng = np.random.default_rng(1)
-  host = _params(rng)
-  params = _shard_fsdp(mesh, host)
-  tx = _tx()
-  state, state_host = tx.init(params), tx.init(host)
-  update = jax.jit(tx.update)
-  grads_host = [jax.tree.map(
-      lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), host)
-                for _ in range(4)]
-  text = update.lower(params, state, params).compile().as_text()
-  found = [c for c in COLLECTIVES if c in text]
-  assert not found, f"the sharded update communicates: {found}"
-  for g_host in grads_host:
-    g = jax.tree.map(lambda x, p: jax.device_put(x, p.sharding), g_host,
-                     params)
-    u, state = update(g, state, params)
-    u_host, state_host = update(g_host, state_host, host)
-    for k in host:
-      assert u[k].sharding.is_equivalent_to(params[k].sharding, u[k].ndim)
-      np.testing.assert_allclose(np.asarray(u[k], np.float32),
-                                 np.asarray(u_host[k], np.float32),
-                                 rtol=1e-6, atol=1e-6)
-  want = NamedSharding(mesh, P(None, "fsdp", None))
-  assert state.window_values["w"].sharding.is_equivalent_to(want, 3)
+def _reference_updates(tx, grads, local_shape, indices):
+  """MicroAdam on each shard's data alone, on one device."""
+  out = {}
+  for index in indices:
+    state = tx.init(jnp.zeros(local_shape, jnp.float32))
+    us = []
+    for g in grads:
+      u, state = jax.jit(tx.update)(jnp.asarray(g[index]), state)
+      us.append(np.asarray(u))
+    out[_key(index)] = us
+  return out
 
 
-def test_data_parallel_replicated_params(mesh):
-  rng = np.random.default_rng(2)
-  host = _params(rng)
-  params = jax.device_put(host, NamedSharding(mesh, P()))
-  tx = _tx()
+def _key(index):
+  return tuple((s.start, s.stop) for s in index)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("init", ["eager", "jit"])
+@pytest.mark.parametrize("sharding", list(SHARDINGS))
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+def test_update_is_local_and_exact(axis_type, sharding, init,
+                                   implementation):
+  mesh = _mesh(AxisType.Explicit if axis_type == "explicit" else
+               AxisType.Auto)
+  spec, contiguous = SHARDINGS[sharding]
+  target = NamedSharding(mesh, spec)
+  tx = _tx(implementation)
+  grads = _grads(seed=hash((axis_type, sharding, init)) % 1000)
+  params = jax.device_put(jnp.zeros(SHAPE, jnp.float32), target)
+  with jax.set_mesh(mesh):
+    if init == "eager":
+      state = tx.init(params)
+    elif axis_type == "explicit":  # the sharding is in the params' types
+      state = jax.jit(tx.init)(params)
+    else:  # Auto axes: XLA cannot see it; the helper gives it
+      state = jax.jit(tx.init, out_shardings=mo.state_shardings(
+          tx, params))(params)
+    update = jax.jit(tx.update)
+    text = update.lower(params, state).compile().as_text()
+    us = []
+    for g in grads:
+      u, state = update(jax.device_put(g, target), state)
+      us.append(u)
+
+  assert not _collectives(text), f"communicates: {_collectives(text)}"
+  for u in us:
+    assert u.sharding.is_equivalent_to(target, u.ndim), u.sharding
+  num_shards = 1 if sharding == "replicated" else 8
+  for leaf in jax.tree.leaves(state)[1:]:  # the count is a scalar
+    per_device = [s.data.nbytes for s in leaf.addressable_shards]
+    assert max(per_device) <= 1.2 * leaf.nbytes / num_shards, (
+        leaf.shape, leaf.sharding, per_device)
+
+  if contiguous:  # the unsharded run, bit for bit
+    host_state = tx.init(jnp.zeros(SHAPE, jnp.float32))
+    for g, u in zip(grads, us):
+      want, host_state = jax.jit(tx.update)(jnp.asarray(g), host_state)
+      np.testing.assert_array_equal(np.asarray(u), np.asarray(want))
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(host_state)):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  else:  # blocks formed over each device's own shard
+    shards = {_key(s.index): s.index for s in us[0].addressable_shards}
+    local_shape = us[0].addressable_shards[0].data.shape
+    want = _reference_updates(tx, grads, local_shape, list(shards.values()))
+    for step, u in enumerate(us):
+      for s in u.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(s.data),
+                                      want[_key(s.index)][step])
+
+
+def test_state_shapes_do_not_depend_on_the_sharding():
+  tx = _tx("xla")
+  host = jax.eval_shape(tx.init, jnp.zeros(SHAPE))
+  for axis_type in (AxisType.Explicit, AxisType.Auto):
+    mesh = _mesh(axis_type)
+    for spec, _ in SHARDINGS.values():
+      params = jax.device_put(jnp.zeros(SHAPE), NamedSharding(mesh, spec))
+      with jax.set_mesh(mesh):
+        state = tx.init(params)
+      assert jax.tree.map(jnp.shape, state) == jax.tree.map(jnp.shape, host)
+
+
+def test_auto_axes_plain_jit_init_is_correct():
+  """Without out_shardings XLA places a state made inside jit as it likes
+  (optax.adam's too); the numbers are those of the eager init."""
+  mesh = _mesh(AxisType.Auto)
+  target = NamedSharding(mesh, SHARDINGS["first_axis"][0])
+  tx = _tx("xla")
+  params = jax.device_put(jnp.zeros(SHAPE), target)
+  s1, s2 = tx.init(params), jax.jit(tx.init)(params)
+  for g in _grads(3, 2):
+    g = jax.device_put(g, target)
+    u1, s1 = jax.jit(tx.update)(g, s1)
+    u2, s2 = jax.jit(tx.update)(g, s2)
+    np.testing.assert_array_equal(np.asarray(u1), np.asarray(u2))
+
+
+def test_state_shardings_match_eager_init_for_a_chain():
+  mesh = _mesh(AxisType.Auto)
+  params = {
+      "w": jax.device_put(jnp.zeros(SHAPE), NamedSharding(mesh, P(None, "x"))),
+      "b": jax.device_put(jnp.zeros((SHAPE[1],)), NamedSharding(mesh, P())),
+  }
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   mo.microadam(1e-3, weight_decay=0.1, window=2,
+                                topk_block_size=BLOCK))
+  shardings = mo.state_shardings(tx, params)
   state = tx.init(params)
-  assert state.error_codes["w"].sharding.spec == P()
-  # A batch sharded over the mesh: the gradient of the mean loss is
-  # all-reduced by XLA; the optimizer update itself is local.
+  assert jax.tree.structure(shardings) == jax.tree.structure(state)
+  for s, x in zip(jax.tree.leaves(shardings), jax.tree.leaves(state)):
+    if x.ndim:  # eager init leaves scalars (counts) on the default device
+      assert s.is_equivalent_to(x.sharding, x.ndim), (s, x.sharding)
+  assert state[1][0].window_indices["w"].sharding.spec == P(None, "x", None)
+
+
+def test_state_shardings_rejects_unplaced_leaves():
+  with pytest.raises(ValueError, match=r"NamedSharding.*\['w'\] has sharding None"):
+    mo.state_shardings(mo.microadam(1e-3), {"w": np.zeros((4, 4))})
+
+
+def test_leaves_without_whole_blocks_per_shard_are_gathered_with_warning():
+  mesh = _mesh(AxisType.Auto)
+  target = NamedSharding(mesh, P(("x", "y")))
+  params = jax.device_put(jnp.zeros((BLOCK,)), target)  # 128 per shard
+  tx = _tx("xla")
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    state = tx.init(params)
+    u, state = jax.jit(tx.update)(params + 1.0, state)
+  assert any("does not hold whole blocks" in str(w.message) for w in caught)
+  assert state.error_codes.sharding.is_fully_replicated
+  assert u.sharding.is_equivalent_to(target, 1)
+  want, _ = tx.update(jnp.ones((BLOCK,)), tx.init(jnp.zeros((BLOCK,))))
+  np.testing.assert_array_equal(np.asarray(u), np.asarray(want))
+
+
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+def test_orbax_restores_the_state_into_the_mesh(tmp_path, axis_type):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  mesh = _mesh(AxisType.Explicit if axis_type == "explicit" else
+               AxisType.Auto)
+  target = NamedSharding(mesh, P(None, ("x", "y")))
+  tx = mo.microadam(1e-2, window=3, topk_block_size=BLOCK)
+  params = jax.device_put(jnp.zeros(SHAPE), target)
+  grads = _grads(7, 3)
+  with jax.set_mesh(mesh):
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for g in grads[:2]:
+      _, state = update(jax.device_put(g, target), state, params)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp_path / "state", state)
+    ckpt.wait_until_finished()
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(tx.init, params), mo.state_shardings(tx, params))
+    restored = ckpt.restore(tmp_path / "state", abstract)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+      assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    g = jax.device_put(grads[2], target)
+    u1, _ = update(g, state, params)
+    u2, _ = update(g, restored, params)
+  np.testing.assert_array_equal(np.asarray(u1), np.asarray(u2))
+
+
+def test_data_parallel_replicated_params_and_sharded_batch():
+  mesh = _mesh(AxisType.Auto)
+  rng = np.random.default_rng(2)
+  params = jax.device_put(
+      {"w": jnp.asarray(rng.standard_normal((1024, 96)), jnp.float32)},
+      NamedSharding(mesh, P()))
+  tx = _tx("xla")
+  state = tx.init(params)
   x = jax.device_put(jnp.asarray(rng.standard_normal((64, 1024)), jnp.float32),
-                     NamedSharding(mesh, P("fsdp", None)))
+                     NamedSharding(mesh, P(("x", "y"), None)))
 
   @jax.jit
   def step(params, state, x):
-    grads = jax.grad(lambda p: jnp.mean(jnp.tanh(x @ p["w"]) ** 2)
-                     + jnp.mean(p["v"].astype(jnp.float32) ** 2)
-                     + jnp.mean(p["odd"] ** 2))(params)
+    grads = jax.grad(lambda p: jnp.mean(jnp.tanh(x @ p["w"]) ** 2))(params)
     return tx.update(grads, state, params)
 
   u, state = step(params, state, x)
   assert u["w"].sharding.is_fully_replicated
+  assert state.error_codes["w"].sharding.is_fully_replicated
   assert np.isfinite(np.asarray(u["w"])).all()
+
+
+# ----------------------------------------------------------------------------
+# Adam-mini under the same meshes
+
+
+def _all_reduce_sizes(text):
+  """Element counts of the arrays every all-reduce in the HLO moves."""
+  sizes = []
+  for line in text.splitlines():
+    if " all-reduce(" not in line and " all-reduce-start(" not in line:
+      continue
+    shapes = re.findall(r"[a-z0-9]+\[([0-9,]*)\]", line.split("=", 1)[1]
+                        .split("all-reduce", 1)[0])
+    for dims in shapes:
+      sizes.append(int(np.prod([int(d) for d in dims.split(",") if d] or [1])))
+  return sizes
+
+
+@pytest.mark.parametrize("sharding", ["first_axis", "last_axis", "two_axes"])
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+def test_adam_mini_is_local_but_for_v_sized_reductions(axis_type, sharding):
+  mesh = _mesh(AxisType.Explicit if axis_type == "explicit" else
+               AxisType.Auto)
+  spec, _ = SHARDINGS[sharding]
+  target = NamedSharding(mesh, spec)
+  # One v per row of "embed" (64 values), one for the whole "w".
+  partition = {"embed": (1,), "w": (0, 1)}
+  tx = mo.adam_mini(1e-3, partition=partition)
+  rng = np.random.default_rng(4)
+  host = {k: rng.standard_normal(SHAPE).astype(np.float32)
+          for k in ("embed", "w")}
+  params = jax.device_put(host, {k: target for k in host})
+  with jax.set_mesh(mesh):
+    state = jax.jit(tx.init, out_shardings=mo.state_shardings(tx, params))(
+        params)
+    update = jax.jit(tx.update)
+    text = update.lower(params, state, params).compile().as_text()
+    u, state = update(params, state, params)
+  found = [c for c in _collectives(text) if c != "all-reduce"]
+  assert not found, found
+  assert all(n <= SHAPE[0] for n in _all_reduce_sizes(text)), (
+      _all_reduce_sizes(text))
+  for k in host:
+    assert u[k].sharding.is_equivalent_to(target, 2)
+    assert state[0].mu[k].sharding.is_equivalent_to(target, 2)
+  want, _ = tx.update(host, tx.init(host), host)
+  for k in host:
+    np.testing.assert_allclose(np.asarray(u[k]), np.asarray(want[k]),
+                               rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Flax NNX with partitioning annotations, under an Explicit mesh
+
+
+def test_nnx_model_with_partitioning_trains_under_explicit_mesh():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Explicit,))
+
+  class Mlp(nnx.Module):
+
+    def __init__(self, rngs):
+      init = nnx.initializers.lecun_normal()
+      self.w1 = nnx.Param(nnx.with_partitioning(init, ("fsdp", None))(
+          rngs.params(), (64, 1024)))
+      self.w2 = nnx.Param(nnx.with_partitioning(init, (None, "fsdp"))(
+          rngs.params(), (1024, 64)))
+
+    def __call__(self, x):
+      return jnp.tanh(x @ self.w1.value) @ self.w2.value
+
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((32, 64)), jnp.float32)
+  y = jnp.tanh(x[:, ::-1])
+
+  with jax.set_mesh(mesh):
+
+    @nnx.jit
+    def create():
+      model = Mlp(nnx.Rngs(0))
+      state = nnx.state(model)
+      specs = nnx.get_partition_spec(state)
+      nnx.update(model, jax.tree.map(
+          lambda v, s: jax.sharding.reshard(v, s), state, specs))
+      return model
+
+    model = create()
+    optimizer = nnx.Optimizer(
+        model, mo.microadam(3e-3, density=0.05, topk_block_size=BLOCK),
+        wrt=nnx.Param)
+
+    def loss_fn(model):
+      return jnp.mean((model(x) - y) ** 2)
+
+    @nnx.jit
+    def step(model, optimizer):
+      loss, grads = nnx.value_and_grad(loss_fn)(model)
+      optimizer.update(model, grads)
+      return loss
+
+    first = float(loss_fn(model))
+    for _ in range(60):
+      step(model, optimizer)
+    last = float(loss_fn(model))
+  assert last < 0.7 * first, (first, last)
+  opt_state = nnx.state(optimizer, nnx.optimizer.OptState)
+  windows = [x for x in jax.tree.leaves(opt_state) if x.ndim == 3]
+  assert windows and all(
+      x.sharding.spec[1] == "fsdp" for x in windows), [
+          x.sharding for x in windows]
+  assert model.w1.value.sharding.spec == P("fsdp", None)
