@@ -10,6 +10,10 @@ the back end a kernel is lowered for (:func:`gpu_params`, :func:`tpu_params`).
   Mosaic kernels for ``"tpu"`` and to the XLA reference (or, with
   ``implementation="pallas"``, an interpreted kernel) for ``"cpu"``,
   whichever host traced it. Lowering for one platform keeps only its branch.
+  Lowering for several platforms at once (``jax.export`` with
+  ``platforms=("cpu", "tpu")``) fails with JAX 0.10: every ``pallas_call`` in
+  any branch is lowered for every platform of the module (jax-ml/jax#28594);
+  ``implementation="xla"`` exports for several platforms.
 * GPU kernels are written for the Triton back end of Pallas
   (``jax.experimental.pallas.triton``): they use masked and scattered
   loads/stores, atomics and ``jnp.cumsum``, which Mosaic GPU does not lower.

@@ -157,17 +157,17 @@ def compact(sel: Sequence[jax.Array], positions: Sequence[jax.Array],
     ``(positions, values)``, float32 ``(R, slots)``.
   """
   flags = [jnp.where(s, 1.0, 0.0) for s in sel]
-  ranks = exclusive_rank(flags)
+  # Exact integers below 2^24: compared with the loop's int32 slot.
+  ranks = [r.astype(jnp.int32) for r in exclusive_rank(flags)]
   rows = sel[0].shape[0]
   slot = lax.broadcasted_iota(jnp.int32, (rows, slots), 1)
 
   def body(s, carry):
     idx, val = carry
-    sf = s.astype(jnp.float32)
     p_sum = jnp.zeros((rows, 1), jnp.float32)
     v_sum = jnp.zeros((rows, 1), jnp.float32)
     for f, r, pos, v in zip(sel, ranks, positions, values):
-      hit = f & (r == sf)
+      hit = f & (r == s)
       p_sum = p_sum + jnp.sum(jnp.where(hit, pos, 0.0), axis=1, keepdims=True)
       v_sum = v_sum + jnp.sum(jnp.where(hit, v, 0.0), axis=1, keepdims=True)
     here = slot == s
@@ -175,6 +175,12 @@ def compact(sel: Sequence[jax.Array], positions: Sequence[jax.Array],
 
   zero = jnp.zeros((rows, slots), jnp.float32)
   return lax.fori_loop(0, k, body, (zero, zero))
+
+
+def lane_broadcast_value(ref) -> jax.Array:
+  """``(R, 1)`` from a ``(R, 128)`` ref holding one value per row in every
+  lane (a lane reduction: no narrow load or lane slice)."""
+  return jnp.max(ref[...], axis=1, keepdims=True)
 
 
 def block_rows(program: jax.Array, rows: int) -> jax.Array:
@@ -189,5 +195,5 @@ def per_block(block: jax.Array, num_blocks: int, full, last) -> jax.Array:
 
 
 __all__ = ["ROWS", "LANES", "round_up", "magnitude_bits", "kth_largest_bits",
-           "exclusive_rank", "select_topk", "compact", "block_rows",
-           "per_block"]
+           "exclusive_rank", "select_topk", "compact", "lane_broadcast_value",
+           "block_rows", "per_block"]

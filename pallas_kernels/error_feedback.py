@@ -214,8 +214,8 @@ def error_feedback_tpu_kernel(g_ref, c_ref, lo_ref, hi_ref, idx_ref, val_ref,
   valid = [p < length for p in pos]
   # a = g + Q^{-1}(e): dequantize as quantize.dequantize_reference does.
   c = c_ref[...]
-  lo = lo_ref[:, :1]
-  scale = (hi_ref[:, :1] - lo) / 15.0
+  lo = _onchip_tpu.lane_broadcast_value(lo_ref)
+  scale = (_onchip_tpu.lane_broadcast_value(hi_ref) - lo) / 15.0
   err = [(c & 15).astype(jnp.float32) * scale + lo,
          (c >> 4).astype(jnp.float32) * scale + lo]
   a = [jnp.where(v, e + g_ref[p].astype(jnp.float32), 0.0)

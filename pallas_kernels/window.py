@@ -375,7 +375,7 @@ def window_tpu_kernel(pos_ref, val_ref, w1_ref, w2_ref, eps_ref, u_ref, *,
   e = pos_ref.shape[2]
   w1 = w1_ref[...]
   w2 = w2_ref[...]
-  eps = eps_ref[:, :1]
+  eps = _onchip_tpu.lane_broadcast_value(eps_ref)
   high = jax.lax.broadcasted_iota(jnp.int32, (hr, e), 0)
   low = jax.lax.broadcasted_iota(jnp.int32, (_onchip_tpu.LANES, e), 0)
   nt = (((1,), (1,)), ((), ()))  # contract the entries of both factors

@@ -247,6 +247,11 @@ def test_xla_implementation_traces_no_kernel():
     text = _lowered(tx, params, platform)
     assert "tpu_custom_call" not in text and "triton" not in text
     assert _XLA_TOPK.search(text)
+  # Only the XLA path lowers for several platforms at once (see
+  # pallas_kernels._backend).
+  state = tx.init(params)
+  jax.jit(tx.update).trace(params, state).lower(
+      lowering_platforms=("cpu", "tpu", "cuda"))
 
 
 # --------------------------------------------------------------- optimizer
