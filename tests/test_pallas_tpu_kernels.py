@@ -291,3 +291,24 @@ def test_optimizer_in_tpu_interpreter_matches_xla(request, monkeypatch,
                                     states["xla"].error_codes[n])
       np.testing.assert_allclose(out["pallas"][n], out["xla"][n], rtol=1e-5,
                                  atol=1e-6)
+
+
+def test_auto_on_cpu_is_the_xla_path(request):
+  rng = _rng(request)
+  params = {"w": jnp.asarray(rng.standard_normal((37, 53)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal((300,)), jnp.float32)}
+  txs = {impl: mo.scale_by_microadam(window=3, density=0.05,
+                                     topk_block_size=256,
+                                     implementation=impl)
+         for impl in ("xla", "auto")}
+  states = {impl: tx.init(params) for impl, tx in txs.items()}
+  updates = {impl: jax.jit(tx.update) for impl, tx in txs.items()}
+  for _ in range(3):
+    grads = jax.tree.map(
+        lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+    out = {}
+    for impl in txs:
+      out[impl], states[impl] = updates[impl](grads, states[impl])
+    for a, b in zip(jax.tree.leaves((out["auto"], states["auto"])),
+                    jax.tree.leaves((out["xla"], states["xla"]))):
+      np.testing.assert_array_equal(a, b)
