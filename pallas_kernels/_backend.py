@@ -67,30 +67,6 @@ def check_implementation(implementation: str) -> str:
   return implementation
 
 
-def resolve(implementation: str, kernel: str | None = None) -> str:
-  """What ``implementation`` runs on the default back end (informative).
-
-  Kernels are chosen per lowering platform by :func:`per_platform`; this
-  says which of kernel or reference runs on the host's own back end.
-
-  Args:
-    implementation: ``"auto"``, ``"xla"`` or ``"pallas"``.
-    kernel: the kernel family (e.g. ``"topk"``); on TPU, ``"auto"`` runs the
-      kernel only for the families in :data:`TPU_KERNELS`.
-
-  Returns:
-    ``"xla"`` or ``"pallas"``.
-  """
-  if check_implementation(implementation) != "auto":
-    return implementation
-  b = backend()
-  if b == "gpu":
-    return "pallas"
-  if b == "tpu" and (kernel is None or kernel in TPU_KERNELS):
-    return "pallas"
-  return "xla"
-
-
 def interpreter() -> str:
   """``"triton"`` or ``"mosaic"``: see :data:`DEFAULT_INTERPRETER`."""
   name = os.environ.get("PALLAS_KERNELS_INTERPRETER") or DEFAULT_INTERPRETER
