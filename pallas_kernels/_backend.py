@@ -144,6 +144,19 @@ def interpret_mode(interpret: bool | None = None) -> bool:
     return bool(interpret)
   return backend() not in ("gpu", "tpu")
 
+#: Flat offsets in the Triton kernels are int32.
+INT32_ELEMENTS = 2**31 - 1
+
+
+def triton_addressable(elements: int) -> bool:
+  """Whether a Triton kernel can index a flat buffer of ``elements``.
+
+  Larger tensors take the reference on GPU (the family's dispatch passes no
+  Triton kernel to :func:`per_platform`, which then never traces it).
+  """
+  return int(elements) <= INT32_ELEMENTS
+
+
 def next_pow2(n: int) -> int:
   """Smallest power of two ``>= max(n, 1)``."""
   n = max(int(n), 1)

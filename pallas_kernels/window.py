@@ -516,11 +516,14 @@ def window_update(indices: jax.Array, values: jax.Array, count: jax.Array, *,
   def reference(i, v, t):
     return window_update_reference(i, v, t, **kw).astype(out_dtype)
 
+  fits = _backend.triton_addressable(
+      indices.shape[1] * _backend.next_pow2(block_size))
   return _backend.per_platform(
       indices, values, jnp.asarray(count, jnp.int32),
       implementation=implementation, reference=reference,
       triton=functools.partial(_window_update_triton, out_dtype=out_dtype,
-                               variant=variant, programs=programs, **kw),
+                               variant=variant, programs=programs,
+                               **kw) if fits else None,
       mosaic=functools.partial(_window_update_mosaic, out_dtype=out_dtype,
                                **kw),
       interpret=interpret)
@@ -593,8 +596,10 @@ def window_param_update(params: jax.Array, indices: jax.Array,
     return window_param_update_pallas(p, i, v, t, interpret=interpret,
                                       **kwargs)
 
+  fits = _backend.triton_addressable(
+      indices.shape[1] * _backend.next_pow2(block_size))
   return _backend.per_platform(
       params, indices, values, jnp.asarray(count, jnp.int32),
       implementation=implementation,
       reference=functools.partial(window_param_update_reference, **kwargs),
-      triton=triton)
+      triton=triton if fits else None)
