@@ -111,7 +111,7 @@ def per_platform(*args: Any, implementation: str, reference: Callable,
     What the chosen function returns (all must return the same types).
   """
   implementation = check_implementation(implementation)
-  if implementation == "xla":
+  if implementation == "xla" or (triton is None and mosaic is None):
     return reference(*args)
   if implementation == "pallas" and interpret is not None and (
       interpret is not False):
@@ -127,8 +127,7 @@ def per_platform(*args: Any, implementation: str, reference: Callable,
     return reference(*a) if mosaic is None else mosaic(*a, interpret=None)
 
   def other(*a):
-    if implementation == "auto" or interpret is False or (
-        triton is None and mosaic is None):
+    if implementation == "auto" or interpret is False:
       return reference(*a)
     if mosaic is not None and (interpreter() == "mosaic" or triton is None):
       return mosaic(*a, interpret=pltpu.InterpretParams())
