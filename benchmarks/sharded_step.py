@@ -1,12 +1,26 @@
-"""A transformer training step sharded FSDP-style over every local device.
+"""Sharded optimizer and training steps over every local device, side by side.
 
-Parameters (and MicroAdam's state, consistently) are split along their first
-axis over a 1-D mesh; the batch is split too. The same jitted step (loss,
-gradient, optimizer update, apply) runs with MicroAdam and with AdamW in one
-process; per-device peak memory and the median step time are reported.
+A GPT's parameters are split over a 1-D mesh of all local devices, along their
+first axis (``--sharding fsdp``) or their last (``--sharding tp``), on a mesh
+with Explicit axes (JAX's default) or Auto axes. For each optimizer, in one
+process:
 
-  # ~1 B parameters over the GPUs of one host (the recorded run: 2 x H200)
+* the optimizer step alone (``tx.update`` + ``optax.apply_updates`` on
+  sharded gradients, buffers donated): median time, and the collectives its
+  compiled HLO holds, with the largest array an all-gather produces (a
+  parameter-sized gather means the update is not local);
+* the training step (loss, gradient, update, apply): median time, so the
+  optimizer's share of a real step is visible;
+* the state's bytes in total and on each device, each device's peak memory,
+  compile times.
+
+The state is made with ``jax.jit(tx.init, out_shardings=mo.state_shardings(
+tx, params))``, the path a sharded training script takes.
+
+  # ~1 B parameters over the GPUs of one host (issue: 2 x H200)
   python benchmarks/sharded_step.py --preset 1b --json sharded_step.json
+  # the per-shard code on one GPU (a one-device mesh)
+  python benchmarks/sharded_step.py --preset tiny --steps 3
   # a CPU check with 8 host devices
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
       python benchmarks/sharded_step.py --preset tiny --steps 2
@@ -17,6 +31,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
+import re
 import statistics
 import time
 
@@ -25,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -46,24 +62,32 @@ OPTIMIZERS = {
     "mo.microadam xla": lambda: mo.microadam(1e-4, weight_decay=0.1,
                                              implementation="xla"),
     "mo.microadam auto": lambda: mo.microadam(1e-4, weight_decay=0.1),
+    "mo.adam_mini": lambda: mo.adam_mini(1e-4, weight_decay=0.1),
     "optax.adamw": lambda: optax.adamw(1e-4, weight_decay=0.1),
 }
 
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute",
+               "reduce-scatter")
 
-def fsdp_spec(shape: tuple[int, ...], parts: int) -> P:
-  """Split the first axis when it divides evenly, else replicate."""
-  if shape and shape[0] % parts == 0:
-    return P("fsdp", *([None] * (len(shape) - 1)))
+
+def param_spec(shape: tuple[int, ...], parts: int, sharding: str) -> P:
+  """Split the first (fsdp) or last (tp) axis when it divides evenly."""
+  axis = 0 if sharding == "fsdp" else len(shape) - 1
+  if shape and shape[axis] % parts == 0:
+    spec = [None] * len(shape)
+    spec[axis] = "d"
+    return P(*spec)
   return P()
 
 
-def build(config: models.GPTConfig, mesh: Mesh, dtype):
+def build(config: models.GPTConfig, mesh, dtype, sharding: str):
   """Random parameters of a GPT, created directly in their shards."""
   abstract = nnx.eval_shape(lambda: models.GPT(config, rngs=nnx.Rngs(0)))
   graphdef, shapes = models.split_params(abstract)
   parts = mesh.devices.size
   shardings = jax.tree.map(
-      lambda s: NamedSharding(mesh, fsdp_spec(s.shape, parts)), shapes)
+      lambda s: NamedSharding(mesh, param_spec(s.shape, parts, sharding)),
+      shapes)
   leaves, treedef = jax.tree.flatten(shapes)
 
   def init(key):
@@ -73,7 +97,22 @@ def build(config: models.GPTConfig, mesh: Mesh, dtype):
         for k, s in zip(keys, leaves)])
 
   params = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
-  return graphdef, params
+  return graphdef, params, shardings
+
+
+def collectives(hlo_text: str) -> dict[str, int]:
+  """Per kind of collective in compiled HLO: the largest array it produces
+  (elements)."""
+  found: dict[str, int] = {}
+  for line in hlo_text.splitlines():
+    for kind in COLLECTIVES:
+      if f" {kind}(" not in line and f" {kind}-start(" not in line:
+        continue
+      result = line.split("=", 1)[1].split(kind, 1)[0]
+      sizes = [math.prod(int(d) for d in dims.split(",") if d)
+               for dims in re.findall(r"\[([0-9,]*)\]", result)] or [1]
+      found[kind] = max(found.get(kind, 0), max(sizes))
+  return found
 
 
 def peak_bytes_per_device() -> list[int] | None:
@@ -83,32 +122,29 @@ def peak_bytes_per_device() -> list[int] | None:
   return [int(s.get("peak_bytes_in_use", 0)) for s in stats]
 
 
-def run(name, tx, graphdef, params, mesh, config, batch, steps):
-  """Times ``steps`` sharded training steps; returns a result row."""
+def _median_ms(fn, steps: int) -> float:
+  times = []
+  for i in range(steps + 1):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    if i:  # the first call warms up
+      times.append(time.perf_counter() - t0)
+  return 1e3 * statistics.median(times)
+
+
+def run(name, tx, graphdef, params, shardings, mesh, config, batch, steps):
+  """Times the optimizer step and the training step; returns a result row."""
+  explicit = AxisType.Explicit in mesh.axis_types
   t0 = time.perf_counter()
-  state = tx.init(params)  # eager: MicroAdam shards its state like params
+  state_shardings = mo.state_shardings(tx, params)
+  state = jax.jit(tx.init, out_shardings=state_shardings)(params)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
-  state_bytes = mo.state_nbytes(state)
-  per_device_state = [0] * mesh.devices.size
-  index = {d: i for i, d in enumerate(mesh.devices.flat)}
+  per_device_state = dict.fromkeys(mesh.devices.flat, 0)
   for leaf in jax.tree.leaves(state):
     for shard in leaf.addressable_shards:
-      per_device_state[index[shard.device]] += shard.data.nbytes
-  data_sharding = NamedSharding(mesh, P("fsdp", None))
-
-  def loss_fn(params, tokens):
-    logits = models.merge_params(graphdef, params)(tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), tokens[:, 1:]).mean()
-
-  @jax.jit
-  def step(params, state, tokens):
-    loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
-
-  step = jax.jit(step, donate_argnums=(0, 1))
+      per_device_state[shard.device] += shard.data.nbytes
+  data_sharding = NamedSharding(mesh, P("d", None))
   rng = np.random.default_rng(0)
 
   def tokens():
@@ -116,29 +152,81 @@ def run(name, tx, graphdef, params, mesh, config, batch, steps):
         rng.integers(0, config.vocab_size, (batch, config.seq_len + 1),
                      dtype=np.int32), data_sharding)
 
-  t0 = time.perf_counter()
-  compiled = step.lower(params, state, tokens()).compile()
-  compile_s = time.perf_counter() - t0
-  print(f"[{name}] init {init_s:.1f} s, compile {compile_s:.1f} s",
-        flush=True)
-  times, losses = [], []
-  for i in range(steps + 1):
+  def loss_fn(params, tokens):
+    logits = models.merge_params(graphdef, params)(tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), tokens[:, 1:]).mean()
+
+  def opt_step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  def train_step(params, state, tokens):
+    if explicit:
+      # FSDP by hand: gather the weights, forward and backward on each
+      # device's part of the batch (the model is not written for sharding in
+      # types), average the gradients, keep each device's shard of them.
+      full = jax.tree.map(lambda p: jax.sharding.reshard(p, P()), params)
+
+      def local(full, tokens):
+        loss, grads = jax.value_and_grad(loss_fn)(full, tokens)
+        return jax.lax.pmean((loss, grads), "d")
+
+      loss, grads = jax.shard_map(
+          local, mesh=mesh, in_specs=(P(), P("d", None)),
+          out_specs=(P(), P()))(full, tokens)
+      grads = jax.tree.map(lambda g, s: jax.sharding.reshard(g, s.spec),
+                           grads, shardings)
+    else:  # XLA partitions the step
+      loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+    params, state = opt_step(params, state, grads)
+    return params, state, loss
+
+  grads = jax.tree.map(lambda p: (1e-3 * jnp.ones_like(p)), params)
+  with jax.set_mesh(mesh):
     t0 = time.perf_counter()
-    params, state, loss = compiled(params, state, tokens())
-    loss = float(loss)
-    if i >= 1:  # the first call warms up
-      times.append(time.perf_counter() - t0)
-    losses.append(loss)
-  print(f"[{name}] median step {1e3 * statistics.median(times):.1f} ms",
-        flush=True)
-  row = {"optimizer": name, "state_bytes": state_bytes,
-         "init_s": init_s, "compile_s": compile_s,
-         "state_bytes_per_device": per_device_state,
-         "median_step_s": statistics.median(times),
+    opt = jax.jit(opt_step, donate_argnums=(0, 1)).lower(
+        params, state, grads).compile()
+    opt_compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    train = jax.jit(train_step, donate_argnums=(0, 1)).lower(
+        params, state, tokens()).compile()
+    train_compile_s = time.perf_counter() - t0
+  opt_collectives = collectives(opt.as_text())
+  print(f"[{name}] init {init_s:.1f} s, compile {opt_compile_s:.1f} + "
+        f"{train_compile_s:.1f} s, optimizer-step collectives "
+        f"{opt_collectives or 'none'}", flush=True)
+  box = {"params": params, "state": state}
+
+  def one_opt():
+    box["params"], box["state"] = opt(box["params"], box["state"], grads)
+    return box["state"]
+
+  opt_ms = _median_ms(one_opt, steps)
+  losses = []
+
+  def one_train():
+    box["params"], box["state"], loss = train(box["params"], box["state"],
+                                              tokens())
+    losses.append(float(loss))
+    return loss
+
+  train_ms = _median_ms(one_train, steps)
+  print(f"[{name}] optimizer step {opt_ms:.1f} ms, training step "
+        f"{train_ms:.1f} ms", flush=True)
+  largest_param = max(math.prod(p.shape) for p in jax.tree.leaves(params))
+  row = {"optimizer": name, "state_bytes": mo.state_nbytes(state),
+         "state_bytes_per_device": list(per_device_state.values()),
+         "init_s": init_s, "opt_compile_s": opt_compile_s,
+         "train_compile_s": train_compile_s,
+         "opt_step_ms": opt_ms, "train_step_ms": train_ms,
+         "opt_step_collectives": opt_collectives,
+         "opt_step_largest_gather": opt_collectives.get("all-gather", 0),
+         "largest_param_elements": largest_param,
          "first_loss": losses[0], "last_loss": losses[-1],
          "peak_bytes_per_device": peak_bytes_per_device()}
-  del state
-  return row, params
+  del box, state
+  return row
 
 
 def main(argv=None) -> dict:
@@ -150,6 +238,11 @@ def main(argv=None) -> dict:
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--dtype", choices=["bfloat16", "float32"],
                       default="bfloat16")
+  parser.add_argument("--sharding", choices=["fsdp", "tp"], default="fsdp",
+                      help="split each parameter's first (fsdp) or last (tp) "
+                      "axis over the devices")
+  parser.add_argument("--axis-type", choices=["explicit", "auto"],
+                      default="explicit")
   parser.add_argument("--optimizers", default=None,
                       help="comma-separated subset of: " + ", ".join(OPTIMIZERS))
   parser.add_argument("--json", default=None)
@@ -160,39 +253,44 @@ def main(argv=None) -> dict:
   if unknown or not names:
     parser.error(f"--optimizers must name some of {', '.join(OPTIMIZERS)}; "
                  f"got {args.optimizers!r}")
-  devices = np.array(jax.local_devices())
-  mesh = Mesh(devices, ("fsdp",))
+  devices = jax.local_devices()
+  axis_type = AxisType.Explicit if args.axis_type == "explicit" else (
+      AxisType.Auto)
+  mesh = jax.make_mesh((len(devices),), ("d",), axis_types=(axis_type,),
+                       devices=devices)
   config = PRESETS[args.preset]
-  batch = args.batch or 4 * devices.size
+  batch = args.batch or 4 * len(devices)
   dtype = jnp.dtype(args.dtype)
   rows = []
   for name in names:
-    make = OPTIMIZERS[name]
-    graphdef, params = build(config, mesh, dtype)
+    graphdef, params, shardings = build(config, mesh, dtype, args.sharding)
     n = models.num_params(params)
-    row, params = run(name, make(), graphdef, params, mesh, config, batch,
-                      args.steps)
-    rows.append(row)
+    rows.append(run(name, OPTIMIZERS[name](), graphdef, params, shardings,
+                    mesh, config, batch, args.steps))
     del params
     gc.collect()
-  print(f"\nFSDP step, {n / 1e9:.3f} B params ({args.dtype}) over "
-        f"{devices.size} x {devices.flat[0].device_kind}, batch {batch} x "
-        f"{config.seq_len}, jax {jax.__version__}")
-  print(f"{'optimizer':<18} {'step ms':>9} {'state GB':>9} "
-        f"{'state GB/dev':>13} {'peak GB/dev':>12} {'loss':>14}")
+  print(f"\n{args.sharding} steps, {n / 1e9:.3f} B params ({args.dtype}) "
+        f"over {len(devices)} x {devices[0].device_kind} ({args.axis_type} "
+        f"axes), batch {batch} x {config.seq_len}, jax {jax.__version__}")
+  print(f"{'optimizer':<18} {'opt ms':>8} {'train ms':>9} {'state GB':>9} "
+        f"{'GB/dev':>7} {'peak GB/dev':>12} {'opt gather':>11} "
+        f"{'loss':>14}")
   for r in rows:
     peak = r["peak_bytes_per_device"]
     peak_s = "n/a" if peak is None else "/".join(f"{p / 1e9:.1f}"
                                                   for p in peak)
-    print(f"{r['optimizer']:<18} {1e3 * r['median_step_s']:9.1f} "
-          f"{r['state_bytes'] / 1e9:9.2f} "
-          f"{max(r['state_bytes_per_device']) / 1e9:13.2f} {peak_s:>12} "
-          f"{r['first_loss']:6.3f}->{r['last_loss']:6.3f}")
-  print("(peak memory is the process's running maximum: AdamW runs last, "
-        "so its figure includes MicroAdam's run only if that was higher)")
-  result = {"preset": args.preset, "num_params": n, "devices": devices.size,
-            "device_kind": devices.flat[0].device_kind,
-            "jax": jax.__version__, "batch": batch, "rows": rows}
+    gather = r["opt_step_largest_gather"]
+    print(f"{r['optimizer']:<18} {r['opt_step_ms']:8.1f} "
+          f"{r['train_step_ms']:9.1f} {r['state_bytes'] / 1e9:9.3f} "
+          f"{max(r['state_bytes_per_device']) / 1e9:7.3f} {peak_s:>12} "
+          f"{gather:>11} {r['first_loss']:6.3f}->{r['last_loss']:6.3f}")
+  print("opt gather: elements of the largest array an all-gather produces "
+        "in the optimizer step alone (0: none); peak memory is the process's "
+        "running maximum over all rows so far")
+  result = {"preset": args.preset, "num_params": n, "devices": len(devices),
+            "device_kind": devices[0].device_kind, "sharding": args.sharding,
+            "axis_type": args.axis_type, "jax": jax.__version__,
+            "batch": batch, "rows": rows}
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)

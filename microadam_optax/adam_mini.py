@@ -30,6 +30,9 @@ import numpy as np
 import optax
 from optax._src import numerics
 
+from jax.sharding import PartitionSpec as P
+
+from microadam_optax import _sharding
 from microadam_optax._checks import check_float_leaves
 
 __all__ = [
@@ -560,6 +563,21 @@ def _divide_blocks(m: jax.Array, denom: jax.Array) -> jax.Array:
   return (m.reshape(split) / denom.reshape(ones)).reshape(shape)
 
 
+def _nu_zeros(param: Any, v_shape: tuple[int, ...]) -> jax.Array:
+  """Zeros for one v, split like ``param`` along the axes it keeps whole.
+
+  An axis of v as long as the parameter's (one v per entry along it) takes
+  the parameter's sharding there; the axes v averages over are replicated.
+  """
+  sharding = _sharding.known_sharding(param)
+  if sharding is None:
+    return jnp.zeros(v_shape, jnp.float32)
+  spec = tuple(sharding.spec) + (None,) * (len(v_shape) - len(sharding.spec))
+  keep = P(*(e if n == d else None
+             for e, n, d in zip(spec, v_shape, jnp.shape(param))))
+  return _sharding.zeros(v_shape, jnp.float32, param, sharding.mesh, keep)
+
+
 def _check_hparams(**hparams: Any) -> None:
   """Raises ValueError for b1, b2, eps, weight_decay out of range."""
   ranges = {"b1": (0.0, 1.0, "[0, 1)"), "b2": (0.0, 1.0, "[0, 1)"),
@@ -669,8 +687,9 @@ def scale_by_adam_mini(
     check_float_leaves(params, "Adam-mini")
     _, treedef, specs = _resolve(params, partition, warn=True)
     mu = optax.tree.zeros_like(params, dtype=mu_dtype)
-    nu = jax.tree_util.tree_unflatten(
-        treedef, [jnp.zeros(s.v_shape, jnp.float32) for s in specs])
+    nu = jax.tree_util.tree_unflatten(treedef, [
+        _nu_zeros(p, s.v_shape) for p, s in zip(treedef.flatten_up_to(params),
+                                                specs)])
     return ScaleByAdamMiniState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -693,6 +712,7 @@ def scale_by_adam_mini(
       if g.size:
         v_new = b2f * v + (1 - b2f) * _block_mean(
             jnp.square(gc), v.shape).astype(jnp.float32)
+        v_new = _sharding.keep_sharding(v_new, v)
       else:
         v_new = v
       # The update reads m as stored (as optax.adam does with bf16 params):

@@ -278,7 +278,7 @@ def _state_specs(axes_entry: Any) -> tuple[P, ...]:
 class _Plan(NamedTuple):
   """How one leaf is updated: ``mode`` and, for a known sharding, its grid.
 
-  Modes: ``"global"`` (one device), ``"local"`` (per shard, ``shard_map``;
+  Modes: ``"global"`` (no mesh), ``"local"`` (per shard, ``shard_map``;
   on a replicated leaf each device updates its replica), ``"gather"`` (sharded without whole blocks per shard:
   gathered, state replicated), ``"deferred"`` (traced on a mesh with Auto
   axes: decided by ``custom_partitioning`` when compiling).
@@ -293,8 +293,6 @@ def _plan(x: Any, lay: LeafLayout) -> _Plan:
   if sharding is None:
     deferred = _is_traced(x) and jnp.ndim(x) > 0
     return _Plan("deferred" if deferred else "global")
-  if sharding.mesh.size == 1:
-    return _Plan("global")
   grid = _sharding.shard_grid(sharding, tuple(jnp.shape(x)))
   if _local_ok(lay, grid):
     return _Plan("local", sharding, grid)
