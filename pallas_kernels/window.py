@@ -578,9 +578,11 @@ def window_param_update(params: jax.Array, indices: jax.Array,
     >>> idx = jnp.array([[[0, 2]]], jnp.int16)       # m=1, one block, k=2
     >>> val = jnp.array([[[1.0, -2.0]]], jnp.float32)
     >>> p = jnp.ones((4,), jnp.float32)
-    >>> window.window_param_update(p, idx, val, 1, block_size=4,
-    ...                            learning_rate=0.1, implementation="xla")
-    Array([0.9      , 1.       , 1.1      , 1.       ], dtype=float32)
+    >>> new = window.window_param_update(p, idx, val, 1, block_size=4,
+    ...                                  learning_rate=0.1,
+    ...                                  implementation="xla")
+    >>> [round(x, 4) for x in new.tolist()]
+    [0.9, 1.0, 1.1, 1.0]
 
   Args: as :func:`window_param_update_reference`, plus ``implementation``
     (``"xla"``, ``"pallas"`` or ``"auto"``, per lowering platform: the
