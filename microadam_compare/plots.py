@@ -77,7 +77,10 @@ def _accuracy_limits(ax, results: list[dict]) -> None:
   values = []
   for r in results:
     n = len(r["val_acc"])
-    values += _finite(r["val_acc"][n // 2:])
+    stds = r.get("val_acc_std") or [0.0] * n
+    for acc, std in zip(r["val_acc"][n // 2:], stds[n // 2:]):
+      std = std if std is not None and math.isfinite(std) else 0.0
+      values += _finite([acc - std, acc + std])
   if values:
     lo, hi = min(values), max(values)
     pad = max(0.01, 0.1 * (hi - lo))
