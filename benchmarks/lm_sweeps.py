@@ -53,10 +53,10 @@ def make_builder(kind: str, kw: dict) -> opt_lib.Builder:
   kw = dict(kw)
   if kind == "microadam":
     return lambda lr, ctx: mo.microadam(
-        lr, weight_decay=ctx.weight_decay, mask=opt_lib.decay_mask, **kw)
+        lr, weight_decay=ctx.decay(0.0), mask=opt_lib.decay_mask, **kw)
   if kind == "adamw":
     return lambda lr, ctx: optax.adamw(
-        lr, weight_decay=ctx.weight_decay, mask=opt_lib.decay_mask, **kw)
+        lr, weight_decay=ctx.decay(0.0), mask=opt_lib.decay_mask, **kw)
   if kind == "gn":
     inner = kw.pop("inner", "muon")
     linesearch = tuple(kw.pop("ls", mo.DEFAULT_LINESEARCH))
@@ -94,15 +94,17 @@ def run_entry(entry: dict, cache: dict) -> list[dict]:
                       else "gn_full"}.get(kind, kind))
   spec = dataclasses.replace(base, name=kind, build=make_builder(kind, kw))
   evaluate = compare.make_eval(task)
+  # No gradient clipping: the plans recorded in benchmarks/sweeps/ ran
+  # without it (the comparison itself now clips to norm 1.0).
   runner = compare._Runner(  # pylint: disable=protected-access
       task, spec, evaluate, jax.tree.map(jnp.asarray, task.eval_batches),
-      every)
+      every, clip_norm=None)
   runner.compile(lrs[0], steps)
   rows = []
   for lr in lrs:
     t0 = time.perf_counter()
-    rec = runner.run(lr, steps, evaluate_every_chunk=True)
-    state_bytes = mo.state_nbytes(rec.pop("state"))
+    rec = runner.run(task, lr, steps)
+    state_bytes = rec.pop("state_bytes")
     chunks = rec["chunk_s"][1:] or rec["chunk_s"]
     row = {"task": task.name, "preset": key[1],
            "batch": task.metadata["batch_size"], "opt": kind, "kw": kw,
