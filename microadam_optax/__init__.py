@@ -10,6 +10,7 @@ from microadam_optax import model_shapes
 from microadam_optax.adam_mini import ADAM_MINI_DEFAULT_RULES
 from microadam_optax.adam_mini import ADAM_MINI_STATIC_ARGS
 from microadam_optax.adam_mini import AdamMiniRules
+from microadam_optax.adam_mini import AdamMiniSegments
 from microadam_optax.adam_mini import AdamMiniSpec
 from microadam_optax.adam_mini import ScaleByAdamMiniState
 from microadam_optax.adam_mini import adam_mini
@@ -51,6 +52,7 @@ __all__ = [
     "ADAM_MINI_DEFAULT_RULES",
     "ADAM_MINI_STATIC_ARGS",
     "AdamMiniRules",
+    "AdamMiniSegments",
     "AdamMiniSpec",
     "ScaleByAdamMiniState",
     "adam_mini",

@@ -226,7 +226,7 @@ def _expected(path: str, shape):
 
 
 def _named_leaves(tree):
-  is_spec = lambda x: isinstance(x, mo.AdamMiniSpec)
+  is_spec = lambda x: isinstance(x, (mo.AdamMiniSpec, mo.AdamMiniSegments))
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=is_spec)[0]:
@@ -653,3 +653,450 @@ def test_update_on_another_tree_raises():
   state = tx.init({"w": jnp.ones((3, 4))})
   with pytest.raises(ValueError, match="does not match Adam-mini's state"):
     tx.update({"v": jnp.ones((3, 4))}, state)
+
+
+# ----------------------------------------------------------------------------
+# Fused query/key/value kernels, GPT-2 names, classifier heads (issue 15)
+
+GD, GHD = 8, 4  # GPT-2-style width and head size: 2 heads
+
+
+class FusedQkvReference:
+  """Adam-mini on one fused [q | k | v] kernel, in float64, by hand.
+
+  The output axis holds ``3 * d`` entries: the query heads, the key heads
+  (``hd`` entries each) and the value neurons. v has one entry per query
+  head, per key head and per value neuron (or one for the whole value third
+  with ``whole_value``), computed by explicit loops over heads and columns.
+  """
+
+  def __init__(self, d, hd, out_axis, *, whole_value=False, b1=0.9,
+               b2=0.999, eps=1e-8):
+    self.d, self.hd, self.axis = d, hd, out_axis
+    self.whole_value = whole_value
+    self.b1, self.b2, self.eps = b1, b2, eps
+    self.m, self.v, self.t = None, None, 0
+
+  def blocks(self):
+    """(first, last) output indices of every block, in v's order."""
+    d, hd = self.d, self.hd
+    out = [(s + h * hd, s + (h + 1) * hd) for s in (0, d)
+           for h in range(d // hd)]
+    if self.whole_value:
+      return out + [(2 * d, 3 * d)]
+    return out + [(2 * d + j, 2 * d + j + 1) for j in range(d)]
+
+  def step(self, g):
+    g = np.asarray(g, np.float64)
+    go = g if self.axis == 1 else g.T  # [in, out]
+    blocks = self.blocks()
+    mean_sq = np.array([np.mean(go[:, a:b] ** 2) for a, b in blocks])
+    if self.m is None:
+      self.m, self.v = np.zeros_like(go), np.zeros(len(blocks))
+    self.t += 1
+    self.m = self.b1 * self.m + (1 - self.b1) * go
+    self.v = self.b2 * self.v + (1 - self.b2) * mean_sq
+    v_hat = self.v / (1 - self.b2 ** self.t)
+    denom = np.empty(go.shape[1])
+    for (a, b), vb in zip(blocks, v_hat):
+      denom[a:b] = np.sqrt(vb) + self.eps
+    u = self.m / (1 - self.b1 ** self.t) / denom[None, :]
+    return u if self.axis == 1 else u.T
+
+
+@pytest.mark.parametrize("whole_value", [False, True])
+@pytest.mark.parametrize("shape, out_axis", [((GD, 3 * GD), 1),
+                                             ((3 * GD, GD), 0)])
+def test_fused_qkv_matches_hand_reference(shape, out_axis, whole_value):
+  rng = np.random.default_rng(10)
+  params = {"h": {"0": {"attn": {"c_attn": {
+      "kernel": rng.standard_normal(shape).astype(np.float32)}}}}}
+  rules = mo.AdamMiniRules(head_dim=GHD, whole_value=whole_value)
+  tx = mo.scale_by_adam_mini(b1=0.8, b2=0.95, eps=1e-6, partition=rules)
+  ref = FusedQkvReference(GD, GHD, out_axis, whole_value=whole_value, b1=0.8,
+                          b2=0.95, eps=1e-6)
+  state = tx.init(params)
+  nu = state.nu["h"]["0"]["attn"]["c_attn"]["kernel"]
+  blocks = 2 * (GD // GHD) + (1 if whole_value else GD)
+  assert nu.shape == ((1, blocks) if out_axis == 1 else (blocks, 1))
+  seg = state.segments["h"]["0"]["attn"]["c_attn"]["kernel"]
+  assert seg.segments[0] == out_axis
+  assert jax.tree.leaves(state.segments) == []  # static: no arrays
+  update = jax.jit(tx.update)
+  for _ in range(12):
+    g = (rng.uniform(0.1, 3.0) * rng.standard_normal(shape)).astype(
+        np.float32)
+    g[:, :GHD] *= 10.0  # heads of very different scales
+    updates, state = update(
+        {"h": {"0": {"attn": {"c_attn": {"kernel": g}}}}}, state)
+    np.testing.assert_allclose(
+        np.asarray(updates["h"]["0"]["attn"]["c_attn"]["kernel"]),
+        ref.step(g), rtol=1e-4, atol=1e-6)
+  nu = state.nu["h"]["0"]["attn"]["c_attn"]["kernel"]
+  np.testing.assert_allclose(np.asarray(nu).ravel(), ref.v, rtol=1e-4)
+  # optax.tree.map_params rebuilds the state from a placeholder init: the
+  # static segments survive it.
+  mapped = optax.tree.map_params(tx, lambda x: x, state)
+  assert mapped.segments == state.segments
+
+
+def test_segmented_spec_is_a_partition_and_is_checked():
+  """A user's AdamMiniSpec with segments, and what is wrong with bad ones."""
+  rng = np.random.default_rng(11)
+  w = rng.standard_normal((4, 10)).astype(np.float32)
+  # Columns: 4 in one block, 6 in blocks of 2 (GQA-like unequal segments).
+  spec = mo.AdamMiniSpec("custom", (), (1, 4), (1, ((4, 1), (6, 3))))
+  tx = mo.scale_by_adam_mini(partition={"w": spec})
+  state = tx.init({"w": w})
+  assert state.nu["w"].shape == (1, 4)
+  assert state.segments == {"w": mo.AdamMiniSegments((1, ((4, 1), (6, 3))))}
+  updates, state = tx.update({"w": w}, state)
+  sq = w.astype(np.float64) ** 2
+  want_v = [sq[:, :4].mean()] + [sq[:, a:a + 2].mean() for a in (4, 6, 8)]
+  np.testing.assert_allclose(np.asarray(state.nu["w"]).ravel(),
+                             0.001 * np.asarray(want_v), rtol=1e-4)
+  # Segments with one grouping collapse to a plain v_shape.
+  plain = mo.AdamMiniSpec("custom", (), (1, 5), (1, ((4, 2), (6, 3))))
+  state = mo.scale_by_adam_mini(partition={"w": plain}).init({"w": w})
+  assert state.nu["w"].shape == (1, 5)
+  assert state.segments == {"w": mo.AdamMiniSegments(None)}
+  for bad, match in [
+      (mo.AdamMiniSpec("c", (), (1, 4), (1, ((4, 1), (5, 3)))),
+       r"segments \(\(4, 1\), \(5, 3\)\) do not cut axis 1 .*sum to 10"),
+      (mo.AdamMiniSpec("c", (), (1, 5), (1, ((4, 1), (6, 3)))),
+       r"v_shape\[1\] = 5 must be the segments' blocks summed \(4\)"),
+      (mo.AdamMiniSpec("c", (), (1, 5), (1, ((4, 1), (6, 4)))),
+       r"segments .* each segment's blocks must divide its length"),
+      (mo.AdamMiniSpec("c", (), (1, 4), 3), r"segments must be None or"),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      mo.scale_by_adam_mini(partition={"w": bad}).init({"w": w})
+
+
+def _hf_gpt2_tree(layers=2, d=GD, vocab=23, positions=16, classes=None):
+  """Shapes as Hugging Face's FlaxGPT2 keeps them: FlaxConv1D is [out, in]."""
+  s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  ln = lambda: {"scale": s(d), "bias": s(d)}
+  block = lambda: {
+      "ln_1": ln(),
+      "attn": {"c_attn": {"kernel": s(3 * d, d), "bias": s(3 * d)},
+               "c_proj": {"kernel": s(d, d), "bias": s(d)}},
+      "ln_2": ln(),
+      "mlp": {"c_fc": {"kernel": s(4 * d, d), "bias": s(4 * d)},
+              "c_proj": {"kernel": s(d, 4 * d), "bias": s(d)}}}
+  tree = {"transformer": {"wte": {"embedding": s(vocab, d)},
+                          "wpe": {"embedding": s(positions, d)},
+                          "h": {str(i): block() for i in range(layers)},
+                          "ln_f": ln()}}
+  if classes is not None:  # a linen Dense head on top: [in, out]
+    tree["score"] = {"kernel": s(d, classes)}
+  return tree
+
+
+def test_partition_hf_flax_gpt2_tree():
+  """HF FlaxGPT2 naming; the lm head is tied to wte (no leaf of its own)."""
+  tree = _hf_gpt2_tree(classes=3)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    specs = mo.adam_mini_partition(tree, mo.AdamMiniRules(head_dim=GHD))
+    plain = mo.adam_mini_partition(tree)
+  t = specs["transformer"]
+  assert t["wte"]["embedding"] == mo.AdamMiniSpec("embedding", (1,), (23, 1))
+  assert t["wpe"]["embedding"] == mo.AdamMiniSpec("embedding", (1,), (16, 1))
+  assert t["ln_f"]["scale"].rule == "norm" and t["ln_f"]["bias"].rule == "bias"
+  for i in ("0", "1"):
+    h = t["h"][i]
+    assert h["ln_1"]["scale"] == mo.AdamMiniSpec("norm", (0,), (1,))
+    qkv = h["attn"]["c_attn"]["kernel"]
+    heads = GD // GHD
+    assert qkv == mo.AdamMiniSpec(
+        "qkv", (0, 1), (2 * heads + GD, 1),
+        (0, ((GD, heads), (GD, heads), (GD, GD))))
+    assert h["attn"]["c_attn"]["bias"].rule == "bias"
+    # FlaxConv1D kernels are [out, in]: one v per row.
+    assert h["attn"]["c_proj"]["kernel"] == mo.AdamMiniSpec(
+        "neuron", (1,), (GD, 1))
+    assert h["mlp"]["c_fc"]["kernel"] == mo.AdamMiniSpec(
+        "neuron", (1,), (4 * GD, 1))
+    assert h["mlp"]["c_proj"]["kernel"] == mo.AdamMiniSpec(
+        "neuron", (1,), (GD, 1))
+  # The Dense classifier on top stays [in, out]: one v per class.
+  assert specs["score"]["kernel"] == mo.AdamMiniSpec("output", (0,), (1, 3))
+  # Without head_dim the query/key thirds get one v per row (no segments).
+  assert plain["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"] == (
+      mo.AdamMiniSpec("qkv", (1,), (3 * GD, 1)))
+  # The state follows the partition; init and update trace without names.
+  rules = mo.AdamMiniRules(head_dim=GHD)
+  state = jax.eval_shape(mo.adam_mini(1e-3, partition=rules).init, tree)
+  nu = state[0].nu["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"]
+  assert nu.shape == (2 * (GD // GHD) + GD, 1)
+  segs = _named_leaves(state[0].segments)
+  assert segs["transformer/h/1/attn/c_attn/kernel"].segments[0] == 0
+  assert segs["transformer/h/1/attn/c_proj/kernel"].segments is None
+
+
+@pytest.mark.parametrize("name", ["score", "classifier", "head"])
+def test_classifier_heads_get_one_v_per_class(name):
+  s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  tree = {"embed": {"embedding": s(50, 16)}, name: {"kernel": s(16, 5),
+                                                     "bias": s(5)}}
+  spec = mo.adam_mini_partition(tree)[name]
+  assert spec["kernel"] == mo.AdamMiniSpec("output", (0,), (1, 5))
+  assert spec["bias"].rule == "bias"
+  # Stored [classes, d] (converted from PyTorch): still one v per class.
+  tree[name]["kernel"] = s(5, 16)
+  assert mo.adam_mini_partition(tree)[name]["kernel"] == mo.AdamMiniSpec(
+      "output", (1,), (5, 1))
+
+
+class LinenGpt2Block(nn.Module):
+  """nanoGPT ported to linen: Dense kernels [in, out], fused c_attn."""
+
+  @nn.compact
+  def __call__(self, x):
+    b, t, d = x.shape
+    q, k, v = jnp.split(nn.Dense(3 * d, name="c_attn")(
+        nn.LayerNorm(name="ln_1")(x)), 3, axis=-1)
+    heads = lambda y: y.reshape(b, t, d // GHD, GHD)
+    att = nn.dot_product_attention(heads(q), heads(k), heads(v))
+    x = x + nn.Dense(d, name="c_proj")(att.reshape(b, t, d))
+    h = nn.LayerNorm(name="ln_2")(x)
+    h = nn.Dense(d, name="mlp_c_proj")(nn.gelu(nn.Dense(4 * d,
+                                                        name="c_fc")(h)))
+    return x + h
+
+
+class LinenGpt2(nn.Module):
+  """Tied embeddings (wte.attend) and, for classification, a `head`."""
+  classes: int = 0
+
+  @nn.compact
+  def __call__(self, tokens):
+    wte = nn.Embed(VOCAB, GD, name="wte")
+    x = wte(tokens) + nn.Embed(SEQ, GD, name="wpe")(jnp.arange(SEQ))
+    for i in range(2):
+      x = LinenGpt2Block(name=f"h_{i}")(x)
+    x = nn.LayerNorm(name="ln_f")(x)
+    if self.classes:
+      return nn.Dense(self.classes, name="head")(x.mean(axis=1))
+    return wte.attend(x)
+
+
+def test_linen_gpt2_partition_and_training():
+  tokens, targets = _tokens(7)
+  model = LinenGpt2()
+  params = jax.jit(model.init)(jax.random.key(7), tokens)["params"]
+  rules = mo.AdamMiniRules(head_dim=GHD)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    specs = mo.adam_mini_partition(params, rules)
+  assert specs["wte"]["embedding"].v_shape == (VOCAB, 1)
+  assert specs["wpe"]["embedding"].v_shape == (SEQ, 1)
+  h = specs["h_0"]
+  assert h["c_attn"]["kernel"].segments == (
+      1, ((GD, GD // GHD), (GD, GD // GHD), (GD, GD)))
+  assert h["c_proj"]["kernel"] == mo.AdamMiniSpec("neuron", (0,), (1, GD))
+  assert h["c_fc"]["kernel"] == mo.AdamMiniSpec("neuron", (0,), (1, 4 * GD))
+  state = train_state.TrainState.create(
+      apply_fn=model.apply, params=params,
+      tx=mo.adam_mini(1e-2, partition=rules))
+
+  @jax.jit
+  def train_step(state):
+    def loss_fn(p):
+      return _loss(state.apply_fn({"params": p}, tokens), targets)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=grads), loss
+
+  losses = []
+  for _ in range(40):
+    state, loss = train_step(state)
+    losses.append(float(loss))
+  assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0], losses
+  # A classifier head on the same body: one v per class.
+  clf = LinenGpt2(classes=3)
+  cparams = clf.init(jax.random.key(8), tokens)["params"]
+  cspec = mo.adam_mini_partition(cparams, rules)["head"]["kernel"]
+  assert cspec == mo.AdamMiniSpec("output", (0,), (1, 3))
+
+
+class NnxGpt2Block(nnx.Module):
+
+  def __init__(self, rngs):
+    self.ln_1 = nnx.LayerNorm(GD, rngs=rngs)
+    self.c_attn = nnx.Linear(GD, 3 * GD, rngs=rngs)
+    self.c_proj = nnx.Linear(GD, GD, rngs=rngs)
+    self.ln_2 = nnx.LayerNorm(GD, rngs=rngs)
+    self.c_fc = nnx.Linear(GD, 4 * GD, rngs=rngs)
+    self.mlp_proj = nnx.Linear(4 * GD, GD, rngs=rngs)
+
+  def __call__(self, x):
+    b, t, d = x.shape
+    q, k, v = jnp.split(self.c_attn(self.ln_1(x)), 3, axis=-1)
+    heads = lambda y: y.reshape(b, t, d // GHD, GHD)
+    att = nnx.dot_product_attention(heads(q), heads(k), heads(v))
+    x = x + self.c_proj(att.reshape(b, t, d))
+    return x + self.mlp_proj(nnx.gelu(self.c_fc(self.ln_2(x))))
+
+
+class NnxGpt2Classifier(nnx.Module):
+
+  def __init__(self, rngs, classes=3):
+    self.wte = nnx.Embed(VOCAB, GD, rngs=rngs)
+    self.h = nnx.List([NnxGpt2Block(rngs) for _ in range(2)])
+    self.ln_f = nnx.LayerNorm(GD, rngs=rngs)
+    self.classifier = nnx.Linear(GD, classes, rngs=rngs)
+
+  def __call__(self, tokens):
+    x = self.wte(tokens)
+    for block in self.h:
+      x = block(x)
+    return self.classifier(self.ln_f(x).mean(axis=1))
+
+
+def test_nnx_gpt2_classifier_partition_and_training():
+  model = NnxGpt2Classifier(nnx.Rngs(3))
+  params = nnx.state(model, nnx.Param)
+  rules = mo.AdamMiniRules(head_dim=GHD)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    specs = mo.adam_mini_partition(params, rules)
+  named = _named_leaves(specs)
+  assert named["h/0/c_attn/kernel"].segments == (
+      1, ((GD, GD // GHD), (GD, GD // GHD), (GD, GD)))
+  assert named["h/1/c_proj/kernel"] == mo.AdamMiniSpec("neuron", (0,),
+                                                       (1, GD))
+  assert named["classifier/kernel"] == mo.AdamMiniSpec("output", (0,), (1, 3))
+  assert named["wte/embedding"].v_shape == (VOCAB, 1)
+  optimizer = nnx.Optimizer(model, mo.adam_mini(1e-2, partition=rules),
+                            wrt=nnx.Param)
+  tokens, _ = _tokens(9)
+  labels = tokens[:, 0] % 3
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    def loss_fn(m):
+      return optax.softmax_cross_entropy_with_integer_labels(
+          m(tokens), labels).mean()
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = [float(train_step(model, optimizer)) for _ in range(40)]
+  assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0], losses
+  opt_state = nnx.as_pure(optimizer.opt_state)[0]
+  nu = _named_leaves(opt_state.nu)
+  assert nu["h/0/c_attn/kernel"].shape == (1, 2 * (GD // GHD) + GD)
+  segs = _named_leaves(opt_state.segments)
+  assert sum(x.segments is not None for x in segs.values()) == 2
+
+
+def test_warns_naming_large_matrices_with_one_v():
+  s = jax.ShapeDtypeStruct
+  tree = {"encoder": {"mixer": {"kernel": s((256, 256), jnp.float32)},
+                      "small": {"kernel": s((16, 16), jnp.float32)}},
+          "attn": {"c_attn": {"kernel": s((256, 600), jnp.float32)}},
+          "mlp": {"kernel": s((256, 1024), jnp.float32)}}
+  with pytest.warns(UserWarning) as record:
+    specs = mo.adam_mini_partition(tree)
+  assert len(record) == 1
+  text = str(record[0].message)
+  # Both unnamed large matrices are named, with their shapes; the fused
+  # kernel that cannot be cut in three falls to one v and is named too.
+  assert "'encoder/mixer/kernel' (256, 256)" in text
+  assert "'attn/c_attn/kernel' (256, 600)" in text
+  assert "small" not in text and "mlp" not in text
+  assert specs["attn"]["c_attn"]["kernel"].rule == "whole"
+  with pytest.warns(UserWarning, match="encoder/mixer/kernel"):
+    jax.eval_shape(mo.adam_mini(1e-3).init, tree)
+  # A rule that asks for one v, or explicit axes, silences it.
+  rules = mo.AdamMiniRules(((r"mixer|c_attn", "whole"),)
+                           + mo.ADAM_MINI_DEFAULT_RULES)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    mo.adam_mini_partition(tree, rules)
+    jax.eval_shape(mo.scale_by_adam_mini(partition=(0,)).init, tree)
+  # A partition entry None means automatic for that leaf: warned as well.
+  with pytest.warns(UserWarning, match="encoder/mixer/kernel"):
+    jax.eval_shape(mo.scale_by_adam_mini(
+        partition={"encoder": None, "attn": (0,), "mlp": (0,)}).init, tree)
+
+
+def test_short_run_whole_value_option():
+  """The authors' advice for short runs: one v for each whole value matrix."""
+  tree = {"attn": {"value": {"kernel": jnp.ones((GD, 2, GHD))},
+                   "v_proj": {"kernel": jnp.ones((GD, GD))},
+                   "c_attn": {"kernel": jnp.ones((GD, 3 * GD))}}}
+  rules = mo.AdamMiniRules(head_dim=GHD, whole_value=True)
+  specs = mo.adam_mini_partition(tree, rules)["attn"]
+  assert specs["value"]["kernel"] == mo.AdamMiniSpec("value", (0, 1, 2),
+                                                     (1, 1, 1))
+  assert specs["v_proj"]["kernel"].v_shape == (1, 1)
+  assert specs["c_attn"]["kernel"].segments == (
+      1, ((GD, 2), (GD, 2), (GD, 1)))
+  with pytest.raises(ValueError, match="whole_value must be a bool, got 1"):
+    mo.AdamMiniRules(whole_value=1)
+  with pytest.raises(ValueError, match=r"layout must be one of .*'io'"):
+    mo.AdamMiniRules(layout="io")
+
+
+def test_one_nan_poisons_its_block_and_apply_if_finite_skips_it():
+  rng = np.random.default_rng(12)
+  w = rng.standard_normal((GD, 3 * GD)).astype(np.float32)
+  params = {"c_attn": {"kernel": w}}
+  rules = mo.AdamMiniRules(head_dim=GHD)
+  tx = mo.scale_by_adam_mini(partition=rules)
+  state = tx.init(params)
+  g = rng.standard_normal(w.shape).astype(np.float32)
+  g[3, 1] = np.nan  # one entry of the first query head
+  u, state = tx.update({"c_attn": {"kernel": g}}, state)
+  u = np.asarray(u["c_attn"]["kernel"])
+  assert np.isnan(u[:, :GHD]).all()  # the whole head, every row
+  assert np.isfinite(u[:, GHD:]).all()
+  v = np.asarray(state.nu["c_attn"]["kernel"]).ravel()
+  assert np.isnan(v[0]) and np.isfinite(v[1:]).all()
+  # Later finite gradients do not heal the head: v keeps the NaN.
+  u, state = tx.update({"c_attn": {"kernel": np.ones_like(g)}}, state)
+  assert np.isnan(np.asarray(u["c_attn"]["kernel"])[:, :GHD]).all()
+  # optax.apply_if_finite skips the step and keeps the state finite.
+  safe = optax.apply_if_finite(mo.adam_mini(1e-3, partition=rules), 3)
+  s = safe.init(params)
+  u, s = safe.update({"c_attn": {"kernel": g}}, s, params)
+  assert int(s.notfinite_count) == 1
+  assert np.all(np.asarray(u["c_attn"]["kernel"]) == 0)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(s))
+
+
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+def test_fused_qkv_on_a_mesh(axis_type):
+  """Columns split over 8 devices: same updates, state placed like init's."""
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 devices")
+  kind = AxisType.Explicit if axis_type == "explicit" else AxisType.Auto
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(kind,))
+  rng = np.random.default_rng(13)
+  d = 16
+  host = {"c_attn": {"kernel": rng.standard_normal((d, 3 * d)).astype(
+      np.float32)}}
+  rules = mo.AdamMiniRules(head_dim=4)
+  tx = mo.adam_mini(1e-3, partition=rules)
+  params = jax.device_put(host, NamedSharding(mesh, P(None, "x")))
+  with jax.set_mesh(mesh):
+    shardings = mo.state_shardings(tx, params)
+    state = jax.jit(tx.init, out_shardings=shardings)(params)
+    update = jax.jit(tx.update)
+    for _ in range(2):
+      u, state = update(params, state, params)
+  want_state = tx.init(host)
+  for _ in range(2):
+    want, want_state = tx.update(host, want_state, host)
+  np.testing.assert_allclose(np.asarray(u["c_attn"]["kernel"]),
+                             np.asarray(want["c_attn"]["kernel"]),
+                             rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(state[0].nu["c_attn"]["kernel"]),
+                             np.asarray(want_state[0].nu["c_attn"]["kernel"]),
+                             rtol=1e-5)
+  assert state[0].segments == want_state[0].segments
+  assert u["c_attn"]["kernel"].sharding.is_equivalent_to(
+      NamedSharding(mesh, P(None, "x")), 2)
