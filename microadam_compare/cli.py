@@ -40,22 +40,22 @@ SCHEDULES: dict[tuple[str, str], dict] = {
                                gn_eval_every=1),
     ("finetune_cls", "tiny"): dict(steps=4, eval_every=2, gn_steps=2,
                                    gn_eval_every=1),
-    ("lm", "cpu"): dict(steps=160, eval_every=20, gn_steps=8,
+    ("lm", "cpu"): dict(steps=128, eval_every=16, gn_steps=6,
                         gn_eval_every=2, skip=("gn_layerwise",)),
-    ("digits", "cpu"): dict(steps=250, eval_every=25, gn_steps=20,
+    ("digits", "cpu"): dict(steps=200, eval_every=25, gn_steps=16,
                             gn_eval_every=4),
-    ("finetune", "cpu"): dict(steps=60, eval_every=15, gn_steps=4,
-                              gn_eval_every=1, skip=("gn_layerwise",)),
-    ("finetune_cls", "cpu"): dict(steps=60, eval_every=15, gn_steps=4,
-                                  gn_eval_every=1, skip=("gn_layerwise",)),
+    ("finetune", "cpu"): dict(steps=60, eval_every=20, gn_steps=4,
+                              gn_eval_every=2, skip=("gn_layerwise",)),
+    ("finetune_cls", "cpu"): dict(steps=60, eval_every=20, gn_steps=4,
+                                  gn_eval_every=2, skip=("gn_layerwise",)),
     ("lm", "gpu"): dict(steps=600, eval_every=50, gn_steps=20,
-                        gn_eval_every=2),
+                        gn_eval_every=2, skip=("gn_layerwise",)),
     ("digits", "gpu"): dict(steps=1000, eval_every=50, gn_steps=100,
                             gn_eval_every=10),
     ("finetune", "gpu"): dict(steps=300, eval_every=50, gn_steps=10,
-                              gn_eval_every=2),
+                              gn_eval_every=2, skip=("gn_layerwise",)),
     ("finetune_cls", "gpu"): dict(steps=300, eval_every=50, gn_steps=10,
-                                  gn_eval_every=2),
+                                  gn_eval_every=2, skip=("gn_layerwise",)),
 }
 
 #: What ``--task`` names run.
@@ -135,13 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: cpu)")
   p.add_argument("--optimizers", default="all",
                  help="comma-separated optimizer names, or 'all' (default; "
-                      "on the cpu preset lm and the fine-tuning tasks leave "
-                      "out gn_layerwise, 4x GN full's time, unless it is "
-                      "named)")
+                      "lm and the fine-tuning tasks leave out gn_layerwise, "
+                      "4-10x GN full's time, unless it is named)")
   p.add_argument("--steps", type=int, default=None,
                  help="first-order training steps of every run, tuning runs "
-                      "included (default: per task and preset; cpu: lm 160, "
-                      "digits 250, fine-tuning 60)")
+                      "included (default: per task and preset; cpu: lm 128, "
+                      "digits 200, fine-tuning 60)")
   p.add_argument("--eval-every", type=int, default=None,
                  help="steps between evaluations (= steps per jitted call; "
                       "default: per task and preset)")
