@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
@@ -255,16 +254,13 @@ def time_kernels(rows_: int, cols: int, *, block: int = 4096,
     turn[0] += 1
     return (grads[turn[0] % 3], o[2], o[3], o[4])
 
-  env = "PALLAS_KERNELS_NUM_WARPS_ERROR_FEEDBACK"
-  for warps in (None, 2, 8):
-    if warps:
-      os.environ[env] = str(warps)
-    f = jax.jit(lambda *a: ef_lib.error_feedback_pallas(*a, **kw),
-                donate_argnums=(1, 2, 3))
-    run(f"error_feedback pallas (warps={warps or 'default'})", f,
+  for warps, pack in ((None, None), (None, False), (4, None), (16, None)):
+    f = jax.jit(lambda *a, warps=warps, pack=pack: ef_lib.error_feedback_pallas(
+        *a, num_warps=warps, pack=pack, **kw), donate_argnums=(1, 2, 3))
+    run(f"error_feedback pallas (warps={warps or 'default'}, "
+        f"pack={'default' if pack is None else pack})", f,
         (g, codes.copy(), lo.copy(), hi.copy()), ef_bytes,
         feedback=ef_feedback)
-    os.environ.pop(env, None)
   f = jax.jit(lambda *a: ef_lib.error_feedback_reference(*a, **kw),
               donate_argnums=(1, 2, 3))
   run("error_feedback xla reference", f,
@@ -321,7 +317,7 @@ def time_kernels(rows_: int, cols: int, *, block: int = 4096,
 
 def sweep(rows_: int, cols: int, *, block: int = 4096, density: float = 0.01,
           window: int = 10, steps: int = 10, copy_bw: float) -> list[dict]:
-  """Tuning sweep: warps per program, probes per pass, persistent programs."""
+  """Tuning sweep: blocks and warps per program, persistent programs."""
   d = rows_ * cols
   nb, k, _, last_k, m = _layout(d, block, density, window)
   g, codes, lo, hi, idx, val = _random_state(jax.random.key(1), d, block,
@@ -333,25 +329,19 @@ def sweep(rows_: int, cols: int, *, block: int = 4096, density: float = 0.01,
             index_dtype=idx.dtype, values_dtype=val.dtype)
   count = jnp.int32(37)
 
-  def env_run(name, env, fn, args, nbytes, feedback=None):
-    old = {key: os.environ.get(key) for key in env}
-    os.environ.update({key: str(v) for key, v in env.items()})
+  def config_run(name, config, fn, args, nbytes, feedback=None):
     try:
       ms, _ = timed(jax.jit(fn, donate_argnums=(1, 2, 3) if feedback else ()),
                     args, steps=steps, feedback=feedback)
       bw = nbytes / (ms * 1e-3)
-      row = {"kernel": name, **env, "ms": ms, "GB_per_s": bw / 1e9,
+      row = {"kernel": name, **config, "ms": ms, "GB_per_s": bw / 1e9,
              "fraction_of_copy": bw / copy_bw}
-      print(f"  {name:<22} {env} {ms:8.3f} ms {100 * bw / copy_bw:5.1f} %",
+      print(f"  {name:<22} {config} {ms:8.3f} ms {100 * bw / copy_bw:5.1f} %",
             flush=True)
     except Exception as e:  # pylint: disable=broad-except
-      row = {"kernel": name, **env, "error": f"{type(e).__name__}: {e}"[:2000]}
-      print(f"  {name:<22} {env} FAILED {str(e)[:500]}", flush=True)
-    for key, v in old.items():
-      if v is None:
-        os.environ.pop(key, None)
-      else:
-        os.environ[key] = v
+      row = {"kernel": name, **config,
+             "error": f"{type(e).__name__}: {e}"[:2000]}
+      print(f"  {name:<22} {config} FAILED {str(e)[:500]}", flush=True)
     out.append(row)
 
   grads = [g] + [(jax.random.normal(jax.random.key(10 + i), (d,), jnp.float32)
@@ -362,58 +352,117 @@ def sweep(rows_: int, cols: int, *, block: int = 4096, density: float = 0.01,
     turn[0] += 1
     return (grads[turn[0] % 3], o[2], o[3], o[4])
 
-  for rows in (1,):
-    for warps in (2, 4, 8):
-      env_run("error_feedback", {"PALLAS_KERNELS_ROWS_ERROR_FEEDBACK": rows,
-                                 "PALLAS_KERNELS_NUM_WARPS_ERROR_FEEDBACK":
-                                 warps},
-              lambda *a: ef_lib.error_feedback_pallas(*a, **kw),
-              (g, codes.copy(), lo.copy(), hi.copy()), ef_bytes,
-              feedback=ef_feedback)
-  for rows in (1,):
-    for warps in (8, 16):
-      for programs in (528,):
-        env_run("window[elect]", {"PALLAS_KERNELS_ROWS_WINDOW": rows,
-                                  "PALLAS_KERNELS_NUM_WARPS_WINDOW": warps,
-                                  "PALLAS_KERNELS_PROGRAMS": programs},
-                lambda i, v: window_lib.window_update_pallas(
-                    i, v, count, block_size=block, out_dtype=jnp.bfloat16,
-                    variant="elect"), (idx, val), u_bytes)
+  for rows in (1, 2):
+    for warps in (4, 8, 16):
+      config_run("error_feedback", {"rows": rows, "num_warps": warps},
+                 lambda *a, rows=rows, warps=warps:
+                 ef_lib.error_feedback_pallas(*a, rows=rows, num_warps=warps,
+                                              **kw),
+                 (g, codes.copy(), lo.copy(), hi.copy()), ef_bytes,
+                 feedback=ef_feedback)
+  for rows in (1, 2):
+    for warps in (4, 8, 16):
+      for programs in (528, 1056):
+        config_run("window[elect]", {"rows": rows, "num_warps": warps,
+                                     "programs": programs},
+                   lambda i, v, rows=rows, warps=warps, programs=programs:
+                   window_lib.window_update_pallas(
+                       i, v, count, block_size=block, out_dtype=jnp.bfloat16,
+                       variant="elect", rows=rows, num_warps=warps,
+                       programs=programs), (idx, val), u_bytes)
   return out
 
 
-def best_env(rows: list[dict]) -> str:
-  """Shell ``export`` lines of the fastest configuration of each kernel."""
-  lines = []
+def device_sweep(rows_: int, cols: int, *, block: int = 4096,
+                 density: float = 0.01, window: int = 10, calls: int = 10,
+                 copy_bw: float) -> list[dict]:
+  """Kernel configurations timed on the device (CUPTI events of a trace).
+
+  Host-side timings of one kernel call carry the dispatch (~0.1-0.3 ms,
+  varying between runs); the trace gives the kernel's own duration: the
+  median over ``calls`` calls of each configuration.
+  """
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import step_profile  # pylint: disable=g-import-not-at-top
+  d = rows_ * cols
+  nb, k, _, last_k, m = _layout(d, block, density, window)
+  g, codes, lo, hi, idx, val = _random_state(jax.random.key(1), d, block,
+                                             density, window)
+  kw = dict(block_size=block, k=k, last_block_k=last_k,
+            index_dtype=idx.dtype, values_dtype=val.dtype)
+  ef_bytes = d * 2 + 2 * (d // 2) + 4 * nb * 4 + nb * k * 4
+  u_bytes = m * nb * k * (idx.dtype.itemsize + val.dtype.itemsize) + 2 * d
+  count = jnp.int32(37)
+  configs = []
+  for warps in (4, 8):
+    for pack in (False, True):
+      configs.append(("error_feedback", {"num_warps": warps, "pack": pack},
+                      lambda *a, w=warps, p=pack: ef_lib.error_feedback_pallas(
+                          *a, num_warps=w, pack=p, **kw),
+                      (g, codes, lo, hi), ef_bytes))
+  for variant in ("elect",):
+    for warps in (8, 16):
+      for programs in (528, 1056):
+        configs.append((f"window[{variant}]",
+                        {"num_warps": warps, "programs": programs},
+                        lambda i, v, w=warps, p=programs, var=variant:
+                        window_lib.window_update_pallas(
+                            i, v, count, block_size=block,
+                            out_dtype=jnp.bfloat16, variant=var,
+                            num_warps=w, programs=p), (idx, val), u_bytes))
+  out = []
+  for name, config, fn, args, nbytes in configs:
+    f = jax.jit(fn)
+    try:
+      for _ in range(2):
+        jax.block_until_ready(f(*args))
+      tmp = tempfile.mkdtemp()
+      with jax.profiler.trace(tmp):
+        for _ in range(calls):
+          jax.block_until_ready(f(*args))
+      key = name.split("[")[0]
+      times = [us for n, us in step_profile.device_events(tmp) if key in n]
+      us = statistics.median(times)
+      bw = nbytes / (us * 1e-6)
+      row = {"kernel": name, **config, "device_ms": us / 1e3,
+             "calls": len(times), "bytes": nbytes, "GB_per_s": bw / 1e9,
+             "fraction_of_copy": bw / copy_bw}
+      print(f"  {name:<16} {str(config):<36} {us / 1e3:8.3f} ms (device) "
+            f"{bw / 1e9:7.1f} GB/s {100 * bw / copy_bw:5.1f} % of copy",
+            flush=True)
+    except Exception as e:  # pylint: disable=broad-except
+      row = {"kernel": name, **config,
+             "error": f"{type(e).__name__}: {e}"[:2000]}
+      print(f"  {name} {config} FAILED {str(e)[:300]}", flush=True)
+    out.append(row)
+  return out
+
+
+def best_configs(rows: list[dict]) -> dict[str, dict]:
+  """The fastest configuration (explicit kernel arguments) of each kernel."""
+  best = {}
   for name in sorted({r["kernel"] for r in rows}):
     ok = [r for r in rows if r["kernel"] == name and "ms" in r]
-    if not ok:
-      continue
-    best = min(ok, key=lambda r: r["ms"])
-    lines += [f"export {key}={value}" for key, value in best.items()
-              if key.startswith("PALLAS_KERNELS_")]
-  return "\n".join(lines) + "\n"
+    if ok:
+      fastest = min(ok, key=lambda r: r["ms"])
+      best[name] = {k: v for k, v in fastest.items()
+                    if k in ("rows", "num_warps", "programs")}
+  return best
 
 
 def profile_once(rows_: int, cols: int) -> None:
-  """Runs the two main kernels once each (for a profiler such as ncu).
-
-  Each runs twice: one block per program, then four.
-  """
+  """Runs the two main kernels once each (for a profiler such as ncu)."""
   d = rows_ * cols
   _, k, _, last_k, _ = _layout(d, 4096, 0.01, 10)
   g, codes, lo, hi, idx, val = _random_state(jax.random.key(1), d, 4096,
                                              0.01, 10)
-  for rows in ("1", "4"):
-    os.environ["PALLAS_KERNELS_ROWS_ERROR_FEEDBACK"] = rows
-    os.environ["PALLAS_KERNELS_ROWS_WINDOW"] = rows
-    f = jax.jit(lambda *a: ef_lib.error_feedback_pallas(
-        *a, block_size=4096, k=k, last_block_k=last_k, index_dtype=idx.dtype,
-        values_dtype=val.dtype))
-    jax.block_until_ready(f(g, codes, lo, hi))
-    w = jax.jit(lambda i, v: window_lib.window_update_pallas(
-        i, v, jnp.int32(37), block_size=4096, out_dtype=jnp.bfloat16))
-    jax.block_until_ready(w(idx, val))
+  f = jax.jit(lambda *a: ef_lib.error_feedback_pallas(
+      *a, block_size=4096, k=k, last_block_k=last_k, index_dtype=idx.dtype,
+      values_dtype=val.dtype))
+  jax.block_until_ready(f(g, codes, lo, hi))
+  w = jax.jit(lambda i, v: window_lib.window_update_pallas(
+      i, v, jnp.int32(37), block_size=4096, out_dtype=jnp.bfloat16))
+  jax.block_until_ready(w(idx, val))
 
 
 def main(argv=None) -> dict:
@@ -428,8 +477,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--no-time", action="store_true")
   parser.add_argument("--sweep", action="store_true",
                       help="tuning sweep instead of the kernel table")
-  parser.add_argument("--best-env", default=None,
-                      help="with --sweep: write the best settings as exports")
+  parser.add_argument("--device-sweep", action="store_true",
+                      help="time kernel configurations from a device trace")
   parser.add_argument("--profile-once", action="store_true",
                       help="run the two main kernels once (for ncu) and exit")
   parser.add_argument("--json", default=None)
@@ -458,11 +507,12 @@ def main(argv=None) -> dict:
     result["copy_bandwidth_GB_per_s"] = bw / 1e9
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s; tensor {rows_} x {cols}",
           flush=True)
-    if args.sweep:
+    if args.device_sweep:
+      result["device_sweep"] = device_sweep(rows_, cols, copy_bw=bw)
+    elif args.sweep:
       result["sweep"] = sweep(rows_, cols, steps=args.steps, copy_bw=bw)
-      if args.best_env:
-        with open(args.best_env, "w") as f:
-          f.write(best_env(result["sweep"]))
+      result["best"] = best_configs(result["sweep"])
+      print("fastest:", result["best"], flush=True)
     else:
       result["kernels"] = time_kernels(rows_, cols, steps=args.steps,
                                        copy_bw=bw)

@@ -162,49 +162,51 @@ def next_pow2(n: int) -> int:
   return 1 << (n - 1).bit_length()
 
 
-def _env_int(name: str) -> int | None:
-  value = os.environ.get(name)
-  return int(value) if value else None
-
-
-#: Elements per warp that suit each kernel (measured on an H200, see
-#: benchmarks/NOTES_kernels.md): the Top-K kernels spend most of their
-#: instructions in per-program scalar work and reductions, so they want more
-#: elements per thread; the window kernel waits on memory and wants warps.
-_ELEMENTS_PER_WARP = {"error_feedback": 1024, "topk": 1024, "window": 512}
+#: Elements per warp that suit each kernel (device-timed on an H200,
+#: 2026-12-01, see benchmarks/NOTES_kernels.md): the Top-K and
+#: error-feedback kernels spend most of their instructions in per-element
+#: counting and the Top-K store, 4 warps per 4096-element block (0.306 ms
+#: on a 4096 x 11008 tensor; 8 warps 0.308 ms, 16 warps slower); the window
+#: kernel waits on the L2 and wants warps: 16 per program (0.199 ms against
+#: 0.220 ms with 8).
+_ELEMENTS_PER_WARP = {"error_feedback": 1024, "topk": 1024, "window": 256}
 
 
 def num_warps(elements: int, kernel: str = "") -> int:
-  """Warps per Triton program holding ``elements`` values on chip.
+  """Default warps per Triton program holding ``elements`` values on chip.
 
-  The environment variable ``PALLAS_KERNELS_NUM_WARPS_<KERNEL>`` (upper
-  case) overrides it, for tuning sweeps.
+  Kernels take an explicit ``num_warps`` argument that overrides it (tuning
+  sweeps pass it; nothing is read from the environment).
   """
-  override = _env_int(f"PALLAS_KERNELS_NUM_WARPS_{kernel.upper()}")
-  if override:
-    return override
   return max(1, min(16, elements // _ELEMENTS_PER_WARP.get(kernel, 512)))
 
 
-def rows_per_program(num_blocks: int, kernel: str = "", target: int = 1
-                     ) -> int:
-  """Blocks one GPU program holds (a power of two dividing ``num_blocks``).
+def rows_per_program(num_blocks: int, target: int = 1) -> int:
+  """Blocks one GPU program holds: the largest power of two ``<= target``
+  that divides ``num_blocks``.
 
   Several blocks per program let their reductions and memory round trips
-  overlap (one program's latency serves all its rows).
-  ``PALLAS_KERNELS_ROWS_<KERNEL>`` overrides ``target``.
+  overlap (one program's latency serves all its rows); kernels take the
+  ``target`` as an explicit ``rows`` argument (default 1, the fastest
+  measured).
   """
-  target = _env_int(f"PALLAS_KERNELS_ROWS_{kernel.upper()}") or target
+  target = max(1, int(target))
   rows = 1
   while rows * 2 <= target and num_blocks % (rows * 2) == 0:
     rows *= 2
   return rows
 
 
-def gpu_params(elements: int, kernel: str = "") -> Any:
-  """Triton compiler parameters for a program holding ``elements`` values."""
-  return pltriton.CompilerParams(num_warps=num_warps(elements, kernel),
-                                 num_stages=1)
+def gpu_params(elements: int, kernel: str = "",
+               warps: int | None = None) -> Any:
+  """Triton compiler parameters for a program holding ``elements`` values.
+
+  ``warps``: the kernel's explicit ``num_warps`` argument (``None``: the
+  default of :func:`num_warps`).
+  """
+  return pltriton.CompilerParams(
+      num_warps=int(warps) if warps else num_warps(elements, kernel),
+      num_stages=1)
 
 
 def tpu_params() -> Any:
@@ -212,16 +214,15 @@ def tpu_params() -> Any:
   return pltpu.CompilerParams(dimension_semantics=("parallel",))
 
 
-def persistent_programs(num_blocks: int) -> int:
+def persistent_programs(num_blocks: int, programs: int | None = None) -> int:
   """Programs of a persistent GPU grid that loops over ``num_blocks`` blocks.
 
   Kernels that keep a per-program scratch area in global memory (the window
   kernel) launch a fixed number of programs, so that the scratch stays small
-  and in the L2 cache. Four programs per multiprocessor of an H100/H200;
-  ``PALLAS_KERNELS_PROGRAMS`` overrides it.
+  and in the L2 cache. ``programs``: the kernel's explicit argument;
+  default four programs per multiprocessor of an H100/H200.
   """
-  override = _env_int("PALLAS_KERNELS_PROGRAMS")
-  target = override or 4 * 132
+  target = int(programs) if programs else 4 * 132
   return max(1, min(num_blocks, target))
 
 

@@ -97,13 +97,64 @@ def error_feedback_reference(grad: jax.Array, codes: jax.Array,
           hi)
 
 
-def _error_feedback_triton(grad: jax.Array, codes: jax.Array,
+#: Whether the GPU kernel packs each selected ``(index, value)`` into one
+#: 32-bit word when both dtypes are 16-bit (the default ``pack=None``).
+PACK_TOPK = True
+
+
+def error_feedback_kernel(g_ref, c_ref, lo_ref, hi_ref, *refs,
+                          num_blocks: int, block_size: int, k: int,
+                          last_len: int, last_k: int, rows: int,
+                          values_dtype: Any, packed: bool) -> None:
+  """One error-feedback step of ``rows`` blocks (Triton body).
+
+  ``g_ref`` ``(rows, P/2, 2)``: the gradient as pairs; ``c_ref`` ``(rows,
+  P/2)``: the packed 4-bit codes (byte ``j`` holds elements ``2 j`` and
+  ``2 j + 1``); ``lo_ref``/``hi_ref`` ``(rows,)``: each block's min/max.
+  Outputs (``refs``): the Top-K, either one flat int32 array of packed
+  ``(index, value)`` words (``packed``, see
+  :func:`pallas_kernels.topk.write_topk_packed`) or flat index and value
+  arrays; then the new codes and min/max (aliased to the inputs).
+  """
+  if packed:
+    topk_ref, c_out, lo_out, hi_out = refs
+  else:
+    idx_ref, val_ref, c_out, lo_out, hi_out = refs
+  half = g_ref.shape[1]
+  b = _onchip.rows_of(pl.program_id(0), rows)
+  last = b == num_blocks - 1
+  length = jnp.where(last, last_len, block_size)
+  k_b = jnp.where(last, last_k, k)
+  pos, col = _onchip.pair_iota(rows, half)
+  valid = pos < _onchip.per_row(length)
+  err = quant_lib.dequantize_pairs(c_ref[...], col, lo_ref[...], hi_ref[...])
+  a = jnp.where(valid, g_ref[...].astype(jnp.float32) + err, 0.0)
+  mag = _onchip.magnitude_bits(a, valid)
+  sel = _onchip.select_topk(mag, col, k_b, length)
+  if packed:
+    topk_lib.write_topk_packed(topk_ref, a, pos, col, sel, b, k, k_b,
+                               values_dtype)
+  else:
+    topk_lib.write_topk(idx_ref, val_ref, a, pos, col, sel, b, k, k_b)
+  packed_codes, lo, hi = quant_lib.quantize_pairs(jnp.where(sel, 0.0, a),
+                                                  col, valid)
+  c_out[...] = packed_codes
+  lo_out[...] = lo
+  hi_out[...] = hi
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "block_size", "k", "last_block_k", "index_dtype", "values_dtype",
+    "num_warps", "rows", "pack", "interpret"))
+def _error_feedback_gpu(grad: jax.Array, codes: jax.Array,
                            block_min: jax.Array, block_max: jax.Array, *,
                            block_size: int, k: int,
                            last_block_k: int | None = None,
                            index_dtype: Any = jnp.int32,
                            values_dtype: Any = jnp.float32,
-                           interpret: bool | None = None):
+                           num_warps: int | None = None, rows: int = 1,
+                           pack: bool | None = None,
+                           interpret: bool = False):
   """:func:`error_feedback_reference` as one Triton program per block.
 
   Each program loads the block's gradient, its codes and min/max, holds the
@@ -113,8 +164,15 @@ def _error_feedback_triton(grad: jax.Array, codes: jax.Array,
   ascending index order, and overwrites the codes and min/max in place
   (``input_output_aliases``: with donated state no new buffer is made).
 
-  Args: as :func:`error_feedback_reference`, plus ``interpret`` (default: on
-    CPU).
+  Args: as :func:`error_feedback_reference`, plus
+    num_warps: warps per program (default: see
+      :func:`pallas_kernels._backend.num_warps`).
+    rows: blocks per program (a power of two dividing the block count is
+      used; default 1).
+    pack: write each selected ``(index, value)`` as one 32-bit word (one
+      scattered store instead of two), unpacked by XLA afterwards; default
+      when both dtypes are 16-bit.
+    interpret: run in interpret mode.
 
   Returns:
     As :func:`error_feedback_reference`; the same selected sets (ties may be
@@ -122,7 +180,6 @@ def _error_feedback_triton(grad: jax.Array, codes: jax.Array,
   """
   num_blocks, last_len, last_k = _check(grad, codes, block_size, k,
                                         last_block_k)
-  interpret = _backend.interpret_mode(interpret)
   padded = max(2, _backend.next_pow2(block_size))
   half = padded // 2
   d = grad.size
@@ -137,51 +194,48 @@ def _error_feedback_triton(grad: jax.Array, codes: jax.Array,
   codes_in = codes
   if half != block_size // 2:
     codes_in = jnp.pad(codes, ((0, 0), (0, half - block_size // 2)))
-
-  rows = _backend.rows_per_program(num_blocks, "error_feedback")
-
-  def kernel(g_ref, c_ref, lo_ref, hi_ref, idx_ref, val_ref, c_out, lo_out,
-             hi_out):
-    b = _onchip.rows_of(pl.program_id(0), rows)
-    last = b == num_blocks - 1
-    length = jnp.where(last, last_len, block_size)
-    k_b = jnp.where(last, last_k, k)
-    pos, col = _onchip.pair_iota(rows, half)
-    valid = pos < _onchip.per_row(length)
-    err = quant_lib.dequantize_pairs(c_ref[...], col, lo_ref[...],
-                                     hi_ref[...])
-    a = jnp.where(valid, g_ref[...].astype(jnp.float32) + err, 0.0)
-    mag = _onchip.magnitude_bits(a, valid)
-    sel = _onchip.select_topk(mag, col, k_b, length)
-    topk_lib.write_topk(idx_ref, val_ref, a, pos, col, sel, b, k, k_b)
-    packed, lo, hi = quant_lib.quantize_pairs(jnp.where(sel, 0.0, a), col,
-                                              valid)
-    c_out[...] = packed
-    lo_out[...] = lo
-    hi_out[...] = hi
-
+  rows = _backend.rows_per_program(num_blocks, rows)
+  if pack is None:
+    pack = PACK_TOPK and topk_lib.packable(index_dtype, values_dtype)
+  elif pack and not topk_lib.packable(index_dtype, values_dtype):
+    raise ValueError("pack=True needs 16-bit index and value dtypes, got "
+                     f"{jnp.dtype(index_dtype)} and {jnp.dtype(values_dtype)}.")
+  kernel = functools.partial(
+      error_feedback_kernel, num_blocks=num_blocks, block_size=block_size,
+      k=k, last_len=last_len, last_k=last_k, rows=rows,
+      values_dtype=jnp.dtype(values_dtype), packed=pack)
   row = pl.BlockSpec((rows, half), lambda i: (i, 0))
   scalar = pl.BlockSpec((rows,), lambda i: (i,))
-  idx, val, new_codes, lo, hi = pl.pallas_call(
+  if pack:
+    topk_shapes = [jax.ShapeDtypeStruct((num_blocks * k,), jnp.int32)]
+  else:
+    topk_shapes = [
+        jax.ShapeDtypeStruct((num_blocks * k,), jnp.dtype(index_dtype)),
+        jax.ShapeDtypeStruct((num_blocks * k,), jnp.dtype(values_dtype))]
+  t = len(topk_shapes)
+  outs = pl.pallas_call(
       kernel,
       grid=(num_blocks // rows,),
       in_specs=[pl.BlockSpec((rows, half, 2), lambda i: (i, 0, 0)), row,
                 scalar, scalar],
-      out_specs=[pl.no_block_spec, pl.no_block_spec, row, scalar, scalar],
-      out_shape=[
-          jax.ShapeDtypeStruct((num_blocks * k,), jnp.dtype(index_dtype)),
-          jax.ShapeDtypeStruct((num_blocks * k,), jnp.dtype(values_dtype)),
+      out_specs=[pl.no_block_spec] * t + [row, scalar, scalar],
+      out_shape=topk_shapes + [
           jax.ShapeDtypeStruct(codes_in.shape, jnp.uint8),
           jax.ShapeDtypeStruct((num_blocks,), jnp.float32),
           jax.ShapeDtypeStruct((num_blocks,), jnp.float32),
       ],
-      input_output_aliases={1: 2, 2: 3, 3: 4},
+      input_output_aliases={1: t, 2: t + 1, 3: t + 2},
       compiler_params=None if interpret else _backend.gpu_params(
-          rows * padded, "error_feedback"),
+          rows * padded, "error_feedback", num_warps),
       interpret=interpret,
       name="error_feedback",
   )(g, codes_in, block_min.astype(jnp.float32),
     block_max.astype(jnp.float32))
+  if pack:
+    idx, val = topk_lib.unpack_topk(outs[0], index_dtype, values_dtype)
+  else:
+    idx, val = outs[:2]
+  new_codes, lo, hi = outs[t:]
   if half != block_size // 2:
     new_codes = new_codes[:, :block_size // 2]
   return (idx.reshape(num_blocks, k), val.reshape(num_blocks, k), new_codes,
@@ -316,16 +370,24 @@ def error_feedback_pallas(grad: jax.Array, codes: jax.Array,
                           block_size: int, k: int,
                           last_block_k: int | None = None,
                           index_dtype: Any = jnp.int32,
-                          values_dtype: Any = jnp.float32, interpret=None):
+                          values_dtype: Any = jnp.float32,
+                          num_warps: int | None = None, rows: int = 1,
+                          pack: bool | None = None, interpret=None):
   """:func:`error_feedback_reference` as one fused Pallas kernel.
 
   The Triton kernel when lowered for GPU, the Mosaic kernel when lowered for
   TPU (see :func:`pallas_kernels._backend.per_platform`).
 
-  Args: as :func:`error_feedback_reference`, plus ``interpret``: ``None``
-    (the compiled kernel of the lowering platform, interpreted on CPU),
-    ``True`` (the Triton kernel in interpret mode) or
-    ``pltpu.InterpretParams()`` (the Mosaic kernel in the TPU interpreter).
+  Args: as :func:`error_feedback_reference`, plus
+    num_warps: GPU only, warps per program (default: see
+      :func:`pallas_kernels._backend.num_warps`).
+    rows: GPU only, blocks per program (default 1).
+    pack: GPU only, write each selected ``(index, value)`` as one 32-bit
+      word (default: when both dtypes are 16-bit).
+    interpret: ``None`` (the compiled kernel of the lowering platform,
+      interpreted on CPU), ``True`` (the Triton kernel in interpret mode) or
+      ``pltpu.InterpretParams()`` (the Mosaic kernel in the TPU
+      interpreter).
 
   Returns:
     As :func:`error_feedback_reference`; the same selected sets (ties may be
@@ -334,6 +396,7 @@ def error_feedback_pallas(grad: jax.Array, codes: jax.Array,
   return error_feedback(grad, codes, block_min, block_max,
                         block_size=block_size, k=k, last_block_k=last_block_k,
                         index_dtype=index_dtype, values_dtype=values_dtype,
+                        num_warps=num_warps, rows=rows, pack=pack,
                         implementation="pallas", interpret=interpret)
 
 
@@ -342,6 +405,8 @@ def error_feedback(grad: jax.Array, codes: jax.Array, block_min: jax.Array,
                    last_block_k: int | None = None,
                    index_dtype: Any = jnp.int32,
                    values_dtype: Any = jnp.float32,
+                   num_warps: int | None = None, rows: int = 1,
+                   pack: bool | None = None,
                    implementation: str = "auto", interpret=None):
   """One error-feedback step: the reference or the fused kernel.
 
@@ -349,7 +414,8 @@ def error_feedback(grad: jax.Array, codes: jax.Array, block_min: jax.Array,
     ``"xla"`` (the reference), ``"auto"`` (per lowering platform: the Triton
     kernel on GPU, the Mosaic kernel on TPU, the reference elsewhere) or
     ``"pallas"`` (the same, with an interpreted kernel elsewhere); and
-    ``interpret`` (see :func:`error_feedback_pallas`).
+    ``num_warps``, ``rows``, ``pack``, ``interpret`` (see
+    :func:`error_feedback_pallas`).
 
   Returns:
     ``(indices, values, codes, block_min, block_max)``.
@@ -360,7 +426,8 @@ def error_feedback(grad: jax.Array, codes: jax.Array, block_min: jax.Array,
   return _backend.per_platform(
       grad, codes, block_min, block_max, implementation=implementation,
       reference=functools.partial(error_feedback_reference, **kwargs),
-      triton=functools.partial(_error_feedback_triton, **kwargs),
+      triton=functools.partial(_error_feedback_gpu, num_warps=num_warps,
+                               rows=rows, pack=pack, **kwargs),
       mosaic=functools.partial(_error_feedback_mosaic, **kwargs),
       interpret=interpret)
 

@@ -206,24 +206,37 @@ def _padded(q: int) -> int:
   return max(2, _backend.next_pow2(q))
 
 
+def quantize_kernel(x_ref, c_ref, lo_ref, hi_ref, *, num_blocks: int,
+                    q: int, last_len: int) -> None:
+  """4-bit codes and min/max of ``rows`` blocks ``(rows, P/2, 2)`` (Triton)."""
+  rows, half, _ = x_ref.shape
+  b = _onchip.rows_of(pl.program_id(0), rows)
+  length = jnp.where(b == num_blocks - 1, last_len, q)
+  pos, col = _onchip.pair_iota(rows, half)
+  packed, lo, hi = quantize_pairs(x_ref[...].astype(jnp.float32), col,
+                                  pos < _onchip.per_row(length))
+  c_ref[...] = packed
+  lo_ref[...] = lo
+  hi_ref[...] = hi
+
+
+def dequantize_kernel(c_ref, lo_ref, hi_ref, x_ref) -> None:
+  """The float32 values ``(rows, P/2, 2)`` of packed 4-bit codes (Triton)."""
+  rows, half = c_ref.shape
+  _, col = _onchip.pair_iota(rows, half)
+  x_ref[...] = dequantize_pairs(c_ref[...], col, lo_ref[...], hi_ref[...])
+
+
+@functools.partial(jax.jit, static_argnames=("last_len", "interpret"))
 def _quantize_gpu(x, last_len, interpret):
   num_blocks, q = x.shape
   padded = _padded(q)
   half = padded // 2
   xp = x if padded == q else jnp.pad(x, ((0, 0), (0, padded - q)))
 
-  rows = _backend.rows_per_program(num_blocks, "quantize")
-
-  def kernel(x_ref, c_ref, lo_ref, hi_ref):
-    b = _onchip.rows_of(pl.program_id(0), rows)
-    length = jnp.where(b == num_blocks - 1, last_len, q)
-    pos, col = _onchip.pair_iota(rows, half)
-    packed, lo, hi = quantize_pairs(x_ref[...].astype(jnp.float32), col,
-                                    pos < _onchip.per_row(length))
-    c_ref[...] = packed
-    lo_ref[...] = lo
-    hi_ref[...] = hi
-
+  rows = _backend.rows_per_program(num_blocks)
+  kernel = functools.partial(quantize_kernel, num_blocks=num_blocks, q=q,
+                             last_len=last_len)
   scalar = pl.BlockSpec((rows,), lambda i: (i,))
   packed, lo, hi = pl.pallas_call(
       kernel,
@@ -242,6 +255,7 @@ def _quantize_gpu(x, last_len, interpret):
   return packed[:, :q // 2], lo, hi
 
 
+@functools.partial(jax.jit, static_argnames=("q", "interpret"))
 def _dequantize_gpu(packed, lo, hi, q, interpret):
   num_blocks = packed.shape[0]
   padded = _padded(q)
@@ -249,15 +263,10 @@ def _dequantize_gpu(packed, lo, hi, q, interpret):
   if packed.shape[1] != half:
     packed = jnp.pad(packed, ((0, 0), (0, half - packed.shape[1])))
 
-  rows = _backend.rows_per_program(num_blocks, "dequantize")
-
-  def kernel(c_ref, lo_ref, hi_ref, x_ref):
-    _, col = _onchip.pair_iota(rows, half)
-    x_ref[...] = dequantize_pairs(c_ref[...], col, lo_ref[...], hi_ref[...])
-
+  rows = _backend.rows_per_program(num_blocks)
   scalar = pl.BlockSpec((rows,), lambda i: (i,))
   x = pl.pallas_call(
-      kernel,
+      dequantize_kernel,
       grid=(num_blocks // rows,),
       in_specs=[pl.BlockSpec((rows, half), lambda i: (i, 0)), scalar, scalar],
       out_specs=pl.BlockSpec((rows, half, 2), lambda i: (i, 0, 0)),

@@ -136,6 +136,42 @@ def write_topk(idx_ref, val_ref, a, pos, col, sel, b, k, k_b) -> None:
                           hole)
 
 
+def packable(index_dtype, values_dtype) -> bool:
+  """Whether a Top-K row fits one 32-bit word per slot (16-bit both)."""
+  return (jnp.dtype(index_dtype).itemsize == 2
+          and jnp.dtype(values_dtype).itemsize == 2)
+
+
+def write_topk_packed(out_ref, a, pos, col, sel, b, k, k_b,
+                      values_dtype) -> None:
+  """:func:`write_topk` into one int32 word per slot.
+
+  The slot's index in the low 16 bits and the bit pattern of its value
+  (``values_dtype``, 16-bit) in the high 16 bits: one scattered store per
+  selected entry instead of two (see :func:`unpack_topk`).
+  """
+  value_bits = jax.lax.bitcast_convert_type(a.astype(values_dtype),
+                                            jnp.uint16).astype(jnp.int32)
+  word = (pos & 0xFFFF) | (value_bits << 16)
+  rank = _onchip.exclusive_rank(jnp.where(sel, 1, 0), col)
+  _onchip.store_scattered(out_ref, _onchip.per_row(b) * k + rank, word, sel)
+  kp = _backend.next_pow2(k)
+  rows = b.shape[0]
+  empty = jax.lax.broadcasted_iota(jnp.int32, (rows, kp), 1)
+  hole = (empty >= k_b[:, None]) & (empty < k)
+  _onchip.store_scattered(out_ref, b[:, None] * k + empty,
+                          jnp.zeros((rows, kp), jnp.int32), hole)
+
+
+def unpack_topk(words: jax.Array, index_dtype, values_dtype
+                ) -> tuple[jax.Array, jax.Array]:
+  """The indices and values held by :func:`write_topk_packed`'s words."""
+  low = (words & 0xFFFF).astype(jnp.uint16)
+  high = jax.lax.shift_right_logical(words, jnp.int32(16)).astype(jnp.uint16)
+  return (low.astype(index_dtype),
+          jax.lax.bitcast_convert_type(high, values_dtype))
+
+
 def _check_args(x: jax.Array, k: int, last_block_length: int | None,
                 last_block_k: int | None) -> tuple[int, int]:
   """Checks the arguments; returns ``(last_block_length, last_block_k)``."""
@@ -150,11 +186,34 @@ def _check_args(x: jax.Array, k: int, last_block_length: int | None,
   return last_len, last_k
 
 
-def _block_topk_triton(x: jax.Array, k: int, *,
+def topk_kernel(x_ref, idx_ref, val_ref, *, num_blocks: int, block: int,
+                k: int, last_len: int, last_k: int, rows: int) -> None:
+  """Top-K of ``rows`` blocks held as ``(rows, P/2, 2)`` pairs (Triton body).
+
+  Writes slot-ordered block-relative indices and values into the flat
+  ``idx_ref``/``val_ref`` ``(num_blocks * k,)``.
+  """
+  half = x_ref.shape[1]
+  b = _onchip.rows_of(pl.program_id(0), rows)
+  last = b == num_blocks - 1
+  length = jnp.where(last, last_len, block)
+  k_b = jnp.where(last, last_k, k)
+  pos, col = _onchip.pair_iota(rows, half)
+  valid = pos < _onchip.per_row(length)
+  a = x_ref[...].astype(jnp.float32)
+  mag = _onchip.magnitude_bits(a, valid)
+  sel = _onchip.select_topk(mag, col, k_b, length)
+  write_topk(idx_ref, val_ref, a, pos, col, sel, b, k, k_b)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "k", "last_block_length", "last_block_k", "index_dtype", "num_warps",
+    "rows", "interpret"))
+def _block_topk_gpu(x: jax.Array, k: int, *,
                        last_block_length: int | None = None,
                        last_block_k: int | None = None,
-                       index_dtype=jnp.int32,
-                       interpret: bool | None = None
+                       index_dtype=jnp.int32, num_warps: int | None = None,
+                       rows: int = 1, interpret: bool = False
                        ) -> tuple[jax.Array, jax.Array]:
   """:func:`block_topk_reference` as one Triton program per row (or rows).
 
@@ -162,29 +221,18 @@ def _block_topk_triton(x: jax.Array, k: int, *,
   largest magnitude by counting passes (see
   :func:`pallas_kernels._onchip.kth_threshold`), breaks ties at it by
   position, and compacts the selection with a prefix sum into slots in
-  ascending index order. ``interpret``: run in interpret mode (default: on
-  CPU).
+  ascending index order. ``num_warps``/``rows``: warps and blocks per
+  program (defaults: :func:`pallas_kernels._backend.num_warps`, 1);
+  ``interpret``: run in interpret mode.
   """
   num_blocks, block = x.shape
   last_len, last_k = _check_args(x, k, last_block_length, last_block_k)
-  interpret = _backend.interpret_mode(interpret)
   padded = max(2, _backend.next_pow2(block))
   half = padded // 2
-
-  rows = _backend.rows_per_program(num_blocks, "topk")
-
-  def kernel(x_ref, idx_ref, val_ref):
-    b = _onchip.rows_of(pl.program_id(0), rows)
-    last = b == num_blocks - 1
-    length = jnp.where(last, last_len, block)
-    k_b = jnp.where(last, last_k, k)
-    pos, col = _onchip.pair_iota(rows, half)
-    valid = pos < _onchip.per_row(length)
-    a = x_ref[...].astype(jnp.float32)
-    mag = _onchip.magnitude_bits(a, valid)
-    sel = _onchip.select_topk(mag, col, k_b, length)
-    write_topk(idx_ref, val_ref, a, pos, col, sel, b, k, k_b)
-
+  rows = _backend.rows_per_program(num_blocks, rows)
+  kernel = functools.partial(topk_kernel, num_blocks=num_blocks, block=block,
+                             k=k, last_len=last_len, last_k=last_k,
+                             rows=rows)
   idx, val = pl.pallas_call(
       kernel,
       grid=(num_blocks // rows,),
@@ -193,7 +241,7 @@ def _block_topk_triton(x: jax.Array, k: int, *,
       out_shape=[jax.ShapeDtypeStruct((num_blocks * k,), index_dtype),
                  jax.ShapeDtypeStruct((num_blocks * k,), x.dtype)],
       compiler_params=None if interpret else _backend.gpu_params(
-          rows * padded, "topk"),
+          rows * padded, "topk", num_warps),
       interpret=interpret,
       name="block_topk",
   )(to_pairs(x, padded))
@@ -276,7 +324,8 @@ def _block_topk_mosaic(x: jax.Array, k: int, *,
 def block_topk_pallas(x: jax.Array, k: int, *,
                       last_block_length: int | None = None,
                       last_block_k: int | None = None,
-                      index_dtype=jnp.int32,
+                      index_dtype=jnp.int32, num_warps: int | None = None,
+                      rows: int = 1,
                       interpret=None) -> tuple[jax.Array, jax.Array]:
   """:func:`block_topk_reference` as a Pallas kernel.
 
@@ -289,6 +338,9 @@ def block_topk_pallas(x: jax.Array, k: int, *,
     last_block_length: valid entries of the last row (default ``B``).
     last_block_k: entries selected in the last row (default ``k``).
     index_dtype: dtype of the returned indices (int16 or int32).
+    num_warps: GPU only, warps per program (default: see
+      :func:`pallas_kernels._backend.num_warps`).
+    rows: GPU only, blocks per program (default 1).
     interpret: ``None``: the compiled kernel of the lowering platform
       (interpreted on CPU); ``True``: the Triton kernel in interpret mode;
       ``pltpu.InterpretParams()``: the Mosaic kernel in the TPU interpreter.
@@ -299,11 +351,13 @@ def block_topk_pallas(x: jax.Array, k: int, *,
   """
   return block_topk(x, k, last_block_length=last_block_length,
                     last_block_k=last_block_k, index_dtype=index_dtype,
+                    num_warps=num_warps, rows=rows,
                     implementation="pallas", interpret=interpret)
 
 
 def block_topk(x: jax.Array, k: int, *, last_block_length: int | None = None,
                last_block_k: int | None = None, index_dtype=jnp.int32,
+               num_warps: int | None = None, rows: int = 1,
                implementation: str = "auto", interpret=None
                ) -> tuple[jax.Array, jax.Array]:
   """Block-wise Top-K by magnitude: the reference or a Pallas kernel.
@@ -319,6 +373,8 @@ def block_topk(x: jax.Array, k: int, *, last_block_length: int | None = None,
       on TPU, the reference elsewhere) or ``"pallas"`` (the same, with an
       interpreted kernel elsewhere); see
       :func:`pallas_kernels._backend.per_platform`.
+    num_warps: see :func:`block_topk_pallas`.
+    rows: see :func:`block_topk_pallas`.
     interpret: see :func:`block_topk_pallas` (``"pallas"`` only).
 
   Returns:
@@ -336,8 +392,8 @@ def block_topk(x: jax.Array, k: int, *, last_block_length: int | None = None,
 
   return _backend.per_platform(
       x, implementation=implementation, reference=reference,
-      triton=lambda v, interpret: _block_topk_triton(v, k, interpret=interpret,
-                                                     **kw),
+      triton=lambda v, interpret: _block_topk_gpu(
+          v, k, num_warps=num_warps, rows=rows, interpret=interpret, **kw),
       mosaic=lambda v, interpret: _block_topk_mosaic(v, k, interpret=interpret,
                                                      **kw),
       interpret=interpret)

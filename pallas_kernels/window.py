@@ -27,7 +27,6 @@ only, the reference on TPU), for users who apply MicroAdam's update without
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import jax
@@ -151,15 +150,144 @@ def window_param_update_reference(params: jax.Array, indices: jax.Array,
 #:   4 * 2 * B bytes of scratch traffic per block.
 WINDOW_VARIANTS = ("elect", "atomic")
 
+#: The variant used when none is given (the faster one on an H200).
+DEFAULT_VARIANT = "elect"
 
-def _default_variant() -> str:
-  return os.environ.get("PALLAS_KERNELS_WINDOW_VARIANT", "elect")
+
+def _entries_of(b, idx_ref, val_ref, w_ref, *, m: int, k: int, ep: int,
+                stride: int):
+  """The window entries of blocks ``b`` ``(rows,)``, as ``(rows, EP)``.
+
+  Returns ``(slot, valid, position, w1 * value, w2 * value^2)``.
+  """
+  rows = b.shape[0]
+  entries = m * k
+  e = jax.lax.broadcasted_iota(jnp.int32, (rows, ep), 1)
+  r = e // k
+  valid = e < entries
+  addr = r * stride + b[:, None] * k + (e - r * k)
+  pos = _onchip.load_scattered(idx_ref, addr, valid, 0).astype(jnp.int32)
+  v = _onchip.load_scattered(val_ref, addr, valid, 0).astype(jnp.float32)
+  w1r = _onchip.load_scattered(w_ref, r, valid, 0.0)
+  w2r = _onchip.load_scattered(w_ref, m + r, valid, 0.0)
+  return e, valid, pos, w1r * v, (w2r * v) * v
+
+
+def window_kernel(idx_ref, val_ref, w_ref, c_ref, *rest, m: int, k: int,
+                  rows: int, padded: int, ep: int, groups: int,
+                  g_count: int, variant: str, update_params: bool,
+                  wd_is_zero: bool, interpret: bool) -> None:
+  """Persistent-grid body of the window kernel (Triton).
+
+  Program ``g`` of ``g_count`` walks the groups ``g, g + g_count, ...`` of
+  ``rows`` consecutive blocks. Operands: the flat window indices and values
+  ``(m * num_blocks * k,)``, the row weights ``(2 m,)`` (first, second
+  moment), the constants ``(eps, lr, wd, 0)``, with ``update_params`` the
+  flat parameter; outputs: ``u`` (or the new parameter, aliased), then the
+  per-program scratch of ``variant`` (see :data:`WINDOW_VARIANTS`).
+  """
+  stride = groups * rows * k
+  tag_size = rows * padded
+  sums_size = rows * ep
+  acc_size = 2 * rows * padded
+  entries_of = functools.partial(_entries_of, m=m, k=k, ep=ep, stride=stride)
+  if update_params:
+    p_ref, out_ref, *scratch = rest
+  else:
+    p_ref = None
+    out_ref, *scratch = rest
+  g = pl.program_id(0)
+  eps_ = c_ref[0]
+  lr_ = c_ref[1]
+  wd_ = c_ref[2]
+  count_g = (groups - g + g_count - 1) // g_count
+  local = jax.lax.broadcasted_iota(jnp.int32, (rows,), 0)
+
+  def dense(group):
+    return pl.ds(group * rows * padded, rows * padded)
+
+  def dense_update(group, u):
+    """Writes u (or the updated parameter) for the group's blocks."""
+    u = u.reshape(rows * padded)
+    if update_params:
+      p = p_ref[dense(group)].astype(jnp.float32)
+      u = p - lr_ * (u + wd_ * p)
+    out_ref[dense(group)] = u.astype(out_ref.dtype)
+
+  if variant == "atomic":
+    (acc_ref,) = scratch
+    base = g * acc_size
+    acc_ref[pl.ds(base, acc_size)] = jnp.zeros((acc_size,), jnp.float32)
+    _backend.barrier(interpret)
+
+    def body(i, carry):
+      group = g + i * g_count
+      b = group * rows + local
+      _, valid, pos, x1, x2 = entries_of(b, idx_ref, val_ref, w_ref)
+      at = base + local[:, None] * padded + pos
+      _onchip.scatter_add(acc_ref, at, x1, valid, interpret)
+      _onchip.scatter_add(acc_ref, at + rows * padded, x2, valid,
+                          interpret)
+      _backend.barrier(interpret)
+      m_hat = _onchip.load_block(acc_ref.at[pl.ds(base, rows * padded)],
+                                 volatile=True)
+      v_hat = _onchip.load_block(
+          acc_ref.at[pl.ds(base + rows * padded, rows * padded)],
+          volatile=True)
+      dense_update(group, m_hat / (jnp.sqrt(v_hat) + eps_))
+      acc_ref[pl.ds(base, acc_size)] = jnp.zeros((acc_size,), jnp.float32)
+      _backend.barrier(interpret)
+      return carry
+
+  else:  # "elect"
+    tag_ref, sum1_ref, sum2_ref = scratch
+    tbase = (g * tag_size + local * padded)[:, None]
+    sbase = (g * sums_size + local * ep)[:, None]
+    mine = pl.ds(g * sums_size, sums_size)
+
+    def body(i, carry):
+      group = g + i * g_count
+      b = group * rows + local
+      e, valid, pos, x1, x2 = entries_of(b, idx_ref, val_ref, w_ref)
+      _onchip.store_scattered(tag_ref, tbase + pos, e, valid)
+      sum1_ref[mine] = jnp.zeros((sums_size,), jnp.float32)
+      sum2_ref[mine] = jnp.zeros((sums_size,), jnp.float32)
+      _backend.barrier(interpret)
+      rep = _onchip.load_scattered(tag_ref, tbase + pos, valid, -1,
+                                   volatile=True)
+      loser = valid & (rep != e)
+      _onchip.scatter_add(sum1_ref, sbase + rep, x1, loser, interpret)
+      _onchip.scatter_add(sum2_ref, sbase + rep, x2, loser, interpret)
+      _backend.barrier(interpret)
+      s1 = _onchip.load_block(sum1_ref.at[mine], volatile=True).reshape(
+          rows, ep)
+      s2 = _onchip.load_block(sum2_ref.at[mine], volatile=True).reshape(
+          rows, ep)
+      winner = valid & (rep == e)
+      u = (x1 + s1) / (jnp.sqrt(x2 + s2) + eps_)
+      at = b[:, None] * padded + pos
+      if update_params:
+        p = _onchip.load_scattered(p_ref, at, winner, 0).astype(jnp.float32)
+        if not wd_is_zero:
+          _backend.barrier(interpret)
+          dense_update(group, jnp.zeros((rows * padded,), jnp.float32))
+          _backend.barrier(interpret)
+        new = p - lr_ * (u + wd_ * p)
+        _onchip.store_scattered(out_ref, at, new, winner)
+      else:
+        out_ref[dense(group)] = jnp.zeros((rows * padded,), out_ref.dtype)
+        _backend.barrier(interpret)
+        _onchip.store_scattered(out_ref, at, u, winner)
+      _backend.barrier(interpret)
+      return carry
+
+  jax.lax.fori_loop(0, count_g, body, 0)
 
 
 def _window_kernel_call(indices, values, count, *, block_size, b1, b2, eps,
                         out_dtype, params=None, learning_rate=None,
                         weight_decay=0.0, variant=None, programs=None,
-                        interpret=None):
+                        num_warps=None, rows=1, interpret=None):
   """Shared wrapper of the window kernel (``u`` or the new parameter).
 
   A persistent grid of programs walks groups of ``rows`` consecutive blocks
@@ -170,17 +298,16 @@ def _window_kernel_call(indices, values, count, *, block_size, b1, b2, eps,
   if values.shape != indices.shape:
     raise ValueError(f"indices {indices.shape} and values {values.shape} "
                      "must have the same shape.")
-  variant = variant or _default_variant()
+  variant = variant or DEFAULT_VARIANT
   if variant not in WINDOW_VARIANTS:
     raise ValueError(f"variant must be one of {WINDOW_VARIANTS}, got "
                      f"{variant!r}.")
   interpret = _backend.interpret_mode(interpret)
   padded = _backend.next_pow2(block_size)
-  entries = m * k
-  ep = _backend.next_pow2(entries)
-  rows = _backend.rows_per_program(num_blocks, "window")
+  ep = _backend.next_pow2(m * k)
+  rows = _backend.rows_per_program(num_blocks, rows)
   groups = num_blocks // rows
-  g_count = programs or _backend.persistent_programs(groups)
+  g_count = _backend.persistent_programs(groups, programs)
   g_count = max(1, min(int(g_count), groups))
   update_params = params is not None
   wd_is_zero = (not update_params) or (
@@ -192,118 +319,16 @@ def _window_kernel_call(indices, values, count, *, block_size, b1, b2, eps,
                       jnp.asarray(lr, jnp.float32),
                       jnp.asarray(weight_decay, jnp.float32),
                       jnp.float32(0)])
-  stride = num_blocks * k
   # Scratch per program: "elect" a tag table (rows, P) and two sums
   # (rows, EP); "atomic" dense sums (2, rows, P).
   tag_size = rows * padded
   sums_size = rows * ep
   acc_size = 2 * rows * padded
-
-  def entries_of(b, idx_ref, val_ref, w_ref):
-    """The window entries of blocks ``b`` ``(rows,)``, as ``(rows, EP)``."""
-    e = jax.lax.broadcasted_iota(jnp.int32, (rows, ep), 1)
-    r = e // k
-    valid = e < entries
-    addr = r * stride + b[:, None] * k + (e - r * k)
-    pos = _onchip.load_scattered(idx_ref, addr, valid, 0).astype(jnp.int32)
-    v = _onchip.load_scattered(val_ref, addr, valid, 0).astype(jnp.float32)
-    w1r = _onchip.load_scattered(w_ref, r, valid, 0.0)
-    w2r = _onchip.load_scattered(w_ref, m + r, valid, 0.0)
-    return e, valid, pos, w1r * v, (w2r * v) * v
-
-  def kernel(idx_ref, val_ref, w_ref, c_ref, *rest):
-    if update_params:
-      p_ref, out_ref, *scratch = rest
-    else:
-      p_ref = None
-      out_ref, *scratch = rest
-    g = pl.program_id(0)
-    eps_ = c_ref[0]
-    lr_ = c_ref[1]
-    wd_ = c_ref[2]
-    count_g = (groups - g + g_count - 1) // g_count
-    local = jax.lax.broadcasted_iota(jnp.int32, (rows,), 0)
-
-    def dense(group):
-      return pl.ds(group * rows * padded, rows * padded)
-
-    def dense_update(group, u):
-      """Writes u (or the updated parameter) for the group's blocks."""
-      u = u.reshape(rows * padded)
-      if update_params:
-        p = p_ref[dense(group)].astype(jnp.float32)
-        u = p - lr_ * (u + wd_ * p)
-      out_ref[dense(group)] = u.astype(out_ref.dtype)
-
-    if variant == "atomic":
-      (acc_ref,) = scratch
-      base = g * acc_size
-      acc_ref[pl.ds(base, acc_size)] = jnp.zeros((acc_size,), jnp.float32)
-      _backend.barrier(interpret)
-
-      def body(i, carry):
-        group = g + i * g_count
-        b = group * rows + local
-        _, valid, pos, x1, x2 = entries_of(b, idx_ref, val_ref, w_ref)
-        at = base + local[:, None] * padded + pos
-        _onchip.scatter_add(acc_ref, at, x1, valid, interpret)
-        _onchip.scatter_add(acc_ref, at + rows * padded, x2, valid,
-                            interpret)
-        _backend.barrier(interpret)
-        m_hat = _onchip.load_block(acc_ref.at[pl.ds(base, rows * padded)],
-                                   volatile=True)
-        v_hat = _onchip.load_block(
-            acc_ref.at[pl.ds(base + rows * padded, rows * padded)],
-            volatile=True)
-        dense_update(group, m_hat / (jnp.sqrt(v_hat) + eps_))
-        acc_ref[pl.ds(base, acc_size)] = jnp.zeros((acc_size,), jnp.float32)
-        _backend.barrier(interpret)
-        return carry
-
-    else:  # "elect"
-      tag_ref, sum1_ref, sum2_ref = scratch
-      tbase = (g * tag_size + local * padded)[:, None]
-      sbase = (g * sums_size + local * ep)[:, None]
-      mine = pl.ds(g * sums_size, sums_size)
-
-      def body(i, carry):
-        group = g + i * g_count
-        b = group * rows + local
-        e, valid, pos, x1, x2 = entries_of(b, idx_ref, val_ref, w_ref)
-        _onchip.store_scattered(tag_ref, tbase + pos, e, valid)
-        sum1_ref[mine] = jnp.zeros((sums_size,), jnp.float32)
-        sum2_ref[mine] = jnp.zeros((sums_size,), jnp.float32)
-        _backend.barrier(interpret)
-        rep = _onchip.load_scattered(tag_ref, tbase + pos, valid, -1,
-                                     volatile=True)
-        loser = valid & (rep != e)
-        _onchip.scatter_add(sum1_ref, sbase + rep, x1, loser, interpret)
-        _onchip.scatter_add(sum2_ref, sbase + rep, x2, loser, interpret)
-        _backend.barrier(interpret)
-        s1 = _onchip.load_block(sum1_ref.at[mine], volatile=True).reshape(
-            rows, ep)
-        s2 = _onchip.load_block(sum2_ref.at[mine], volatile=True).reshape(
-            rows, ep)
-        winner = valid & (rep == e)
-        u = (x1 + s1) / (jnp.sqrt(x2 + s2) + eps_)
-        at = b[:, None] * padded + pos
-        if update_params:
-          p = _onchip.load_scattered(p_ref, at, winner, 0).astype(jnp.float32)
-          if not wd_is_zero:
-            _backend.barrier(interpret)
-            dense_update(group, jnp.zeros((rows * padded,), jnp.float32))
-            _backend.barrier(interpret)
-          new = p - lr_ * (u + wd_ * p)
-          _onchip.store_scattered(out_ref, at, new, winner)
-        else:
-          out_ref[dense(group)] = jnp.zeros((rows * padded,), out_ref.dtype)
-          _backend.barrier(interpret)
-          _onchip.store_scattered(out_ref, at, u, winner)
-        _backend.barrier(interpret)
-        return carry
-
-    jax.lax.fori_loop(0, count_g, body, 0)
-
+  kernel = functools.partial(
+      window_kernel, m=m, k=k, rows=rows, padded=padded, ep=ep,
+      groups=groups, g_count=g_count, variant=variant,
+      update_params=update_params, wd_is_zero=wd_is_zero,
+      interpret=interpret)
   out_len = num_blocks * padded
   if variant == "atomic":
     scratch_shapes = [jax.ShapeDtypeStruct((g_count * acc_size,),
@@ -332,7 +357,7 @@ def _window_kernel_call(indices, values, count, *, block_size, b1, b2, eps,
       + scratch_shapes,
       input_output_aliases=aliases,
       compiler_params=None if interpret else _backend.gpu_params(
-          rows * padded, "window"),
+          rows * padded, "window", num_warps),
       interpret=interpret,
       name=f"window_{variant}",
   )(*operands)
@@ -342,13 +367,18 @@ def _window_kernel_call(indices, values, count, *, block_size, b1, b2, eps,
   return out
 
 
-def _window_update_triton(indices, values, count, *, block_size, b1=0.9,
+@functools.partial(jax.jit, static_argnames=(
+    "block_size", "out_dtype", "variant", "programs", "num_warps", "rows",
+    "interpret"))
+def _window_update_gpu(indices, values, count, *, block_size, b1=0.9,
                           b2=0.999, eps=1e-8, out_dtype=jnp.float32,
-                          variant=None, programs=None, interpret=None):
+                          variant=None, programs=None, num_warps=None,
+                          rows=1, interpret=None):
   """:func:`window_update_reference` as a persistent Triton kernel."""
   return _window_kernel_call(indices, values, count, block_size=block_size,
                              b1=b1, b2=b2, eps=eps, out_dtype=out_dtype,
                              variant=variant, programs=programs,
+                             num_warps=num_warps, rows=rows,
                              interpret=interpret)
 
 
@@ -466,6 +496,7 @@ def window_update_pallas(indices: jax.Array, values: jax.Array,
                          eps: float = 1e-8, out_dtype: Any = jnp.float32,
                          variant: str | None = None,
                          programs: int | None = None,
+                         num_warps: int | None = None, rows: int = 1,
                          interpret=None) -> jax.Array:
   """:func:`window_update_reference` as a Pallas kernel.
 
@@ -478,10 +509,13 @@ def window_update_pallas(indices: jax.Array, values: jax.Array,
 
   Args: as :func:`window_update_reference`, plus
     out_dtype: dtype of ``u`` (the parameters' dtype in the optimizer).
-    variant: GPU only, one of :data:`WINDOW_VARIANTS` (default ``"elect"``,
-      or the environment variable ``PALLAS_KERNELS_WINDOW_VARIANT``).
+    variant: GPU only, one of :data:`WINDOW_VARIANTS` (default
+      :data:`DEFAULT_VARIANT`).
     programs: GPU only, number of programs (default: see
       :func:`pallas_kernels._backend.persistent_programs`).
+    num_warps: GPU only, warps per program (default: see
+      :func:`pallas_kernels._backend.num_warps`).
+    rows: GPU only, blocks per program iteration (default 1).
     interpret: ``None`` (the compiled kernel of the lowering platform,
       interpreted on CPU), ``True`` (the Triton kernel in interpret mode) or
       ``pltpu.InterpretParams()`` (the Mosaic kernel in the TPU
@@ -492,14 +526,15 @@ def window_update_pallas(indices: jax.Array, values: jax.Array,
   """
   return window_update(indices, values, count, block_size=block_size, b1=b1,
                        b2=b2, eps=eps, out_dtype=out_dtype, variant=variant,
-                       programs=programs, implementation="pallas",
-                       interpret=interpret)
+                       programs=programs, num_warps=num_warps, rows=rows,
+                       implementation="pallas", interpret=interpret)
 
 
 def window_update(indices: jax.Array, values: jax.Array, count: jax.Array, *,
                   block_size: int, b1: float = 0.9, b2: float = 0.999,
                   eps: float = 1e-8, out_dtype: Any = jnp.float32,
                   variant: str | None = None, programs: int | None = None,
+                  num_warps: int | None = None, rows: int = 1,
                   implementation: str = "auto", interpret=None) -> jax.Array:
   """The update direction ``u`` from the window: reference or kernel.
 
@@ -521,8 +556,9 @@ def window_update(indices: jax.Array, values: jax.Array, count: jax.Array, *,
   return _backend.per_platform(
       indices, values, jnp.asarray(count, jnp.int32),
       implementation=implementation, reference=reference,
-      triton=functools.partial(_window_update_triton, out_dtype=out_dtype,
+      triton=functools.partial(_window_update_gpu, out_dtype=out_dtype,
                                variant=variant, programs=programs,
+                               num_warps=num_warps, rows=rows,
                                **kw) if fits else None,
       mosaic=functools.partial(_window_update_mosaic, out_dtype=out_dtype,
                                **kw),
@@ -536,6 +572,7 @@ def window_param_update_pallas(params: jax.Array, indices: jax.Array,
                                b2: float = 0.999, eps: float = 1e-8,
                                variant: str | None = None,
                                programs: int | None = None,
+                               num_warps: int | None = None, rows: int = 1,
                                interpret: bool | None = None) -> jax.Array:
   """:func:`window_param_update_reference` as one kernel, in place.
 
@@ -545,7 +582,8 @@ def window_param_update_pallas(params: jax.Array, indices: jax.Array,
   ``u`` is zero everywhere else, so the rest of the parameter is untouched.
 
   Args: as :func:`window_param_update_reference`, plus ``variant``,
-    ``programs`` and ``interpret`` (see :func:`window_update_pallas`).
+    ``programs``, ``num_warps``, ``rows`` and ``interpret`` (see
+    :func:`window_update_pallas`).
 
   Returns:
     The new parameter, same shape and dtype as ``params``.
@@ -555,7 +593,8 @@ def window_param_update_pallas(params: jax.Array, indices: jax.Array,
                             b1=b1, b2=b2, eps=eps, out_dtype=params.dtype,
                             params=params, learning_rate=learning_rate,
                             weight_decay=weight_decay, variant=variant,
-                            programs=programs, interpret=interpret)
+                            programs=programs, num_warps=num_warps, rows=rows,
+                            interpret=interpret)
   return out.reshape(-1)[:d].reshape(params.shape)
 
 

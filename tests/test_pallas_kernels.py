@@ -85,11 +85,10 @@ def test_topk_ties_and_special_values(request):
   np.testing.assert_array_equal(np.asarray(idx)[1], np.arange(9))
 
 
-def test_topk_several_blocks_per_program(request, monkeypatch):
-  monkeypatch.setenv("PALLAS_KERNELS_ROWS_TOPK", "2")
+def test_topk_several_blocks_per_program(request):
   x = jnp.asarray(_rng(request).standard_normal((4, 96)), jnp.float32)
   idx, _ = topk_lib.block_topk_pallas(x, 5, last_block_length=50,
-                                      last_block_k=3)
+                                      last_block_k=3, rows=2)
   ref, _ = topk_lib.block_topk_reference(x, 5, last_block_length=50,
                                          last_block_k=3)
   np.testing.assert_array_equal(_sorted(idx), _sorted(ref))
@@ -167,17 +166,27 @@ def test_error_feedback_matches_reference(request, d, block, k, last_k):
   assert got[0].dtype == jnp.int16 and got[1].dtype == jnp.bfloat16
 
 
-def test_error_feedback_several_blocks_per_program(request, monkeypatch):
-  monkeypatch.setenv("PALLAS_KERNELS_ROWS_ERROR_FEEDBACK", "2")
+@pytest.mark.parametrize("pack", [False, True])
+def test_error_feedback_several_blocks_per_program(request, pack):
   rng = _rng(request)
   g = jnp.asarray(rng.standard_normal(4 * 64 - 10), jnp.float32)
   codes = jnp.zeros((4, 32), jnp.uint8)
   zeros = jnp.zeros((4,), jnp.float32)
   kw = dict(block_size=64, k=3)
-  got = ef_lib.error_feedback_pallas(g, codes, zeros, zeros, **kw)
-  ref = ef_lib.error_feedback_reference(g, codes, zeros, zeros, **kw)
+  dtypes = dict(index_dtype=jnp.int16, values_dtype=jnp.bfloat16)
+  got = ef_lib.error_feedback_pallas(g, codes, zeros, zeros, rows=2,
+                                     pack=pack, **dtypes, **kw)
+  ref = ef_lib.error_feedback_reference(g, codes, zeros, zeros, **dtypes,
+                                        **kw)
   np.testing.assert_array_equal(_sorted(got[0]), _sorted(ref[0]))
+  np.testing.assert_array_equal(_sorted(got[1]), _sorted(ref[1]))
   np.testing.assert_array_equal(got[2], ref[2])
+  # The values are the selected entries, in the same slots as the indices.
+  a = np.pad(np.asarray(g, np.float32), (0, 10)).reshape(4, 64)
+  want = np.take_along_axis(a, np.asarray(got[0], np.int64), axis=1)
+  np.testing.assert_array_equal(np.asarray(got[1], np.float32),
+                                np.asarray(jnp.asarray(want, jnp.bfloat16),
+                                           np.float32) * (want != 0))
 
 
 # ------------------------------------------------------------------ window
@@ -208,15 +217,13 @@ def test_window_update_matches_reference(request, variant, m, nb, k, block,
 
 @pytest.mark.parametrize("variant,wd", [("elect", 0.0), ("elect", 0.1),
                                         ("atomic", 0.1)])
-def test_window_param_update_matches_reference(request, monkeypatch, variant,
-                                               wd):
-  monkeypatch.setenv("PALLAS_KERNELS_ROWS_WINDOW", "2")
+def test_window_param_update_matches_reference(request, variant, wd):
   rng = _rng(request)
   idx, val = _window(rng, 3, 4, 5, 64)
   p = jnp.asarray(rng.standard_normal(4 * 64 - 7), jnp.float32)
   kw = dict(block_size=64, learning_rate=0.01, weight_decay=wd)
   got = window_lib.window_param_update_pallas(p, idx, val, 2, variant=variant,
-                                              programs=1, **kw)
+                                              programs=1, rows=2, **kw)
   ref = window_lib.window_param_update_reference(p, idx, val, 2, **kw)
   assert got.shape == p.shape and got.dtype == p.dtype
   np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
