@@ -1067,9 +1067,10 @@ def test_one_nan_poisons_its_block_and_apply_if_finite_skips_it():
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(s))
 
 
+@pytest.mark.parametrize("split", ["columns", "rows"])
 @pytest.mark.parametrize("axis_type", ["explicit", "auto"])
-def test_fused_qkv_on_a_mesh(axis_type):
-  """Columns split over 8 devices: same updates, state placed like init's."""
+def test_fused_qkv_on_a_mesh(axis_type, split):
+  """c_attn split over 8 devices: same updates, state placed like init's."""
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   if len(jax.devices()) < 8:
     pytest.skip("needs 8 devices")
@@ -1081,7 +1082,8 @@ def test_fused_qkv_on_a_mesh(axis_type):
       np.float32)}}
   rules = mo.AdamMiniRules(head_dim=4)
   tx = mo.adam_mini(1e-3, partition=rules)
-  params = jax.device_put(host, NamedSharding(mesh, P(None, "x")))
+  spec = P(None, "x") if split == "columns" else P("x", None)
+  params = jax.device_put(host, NamedSharding(mesh, spec))
   with jax.set_mesh(mesh):
     shardings = mo.state_shardings(tx, params)
     state = jax.jit(tx.init, out_shardings=shardings)(params)
@@ -1099,4 +1101,4 @@ def test_fused_qkv_on_a_mesh(axis_type):
                              rtol=1e-5)
   assert state[0].segments == want_state[0].segments
   assert u["c_attn"]["kernel"].sharding.is_equivalent_to(
-      NamedSharding(mesh, P(None, "x")), 2)
+      NamedSharding(mesh, spec), 2)
