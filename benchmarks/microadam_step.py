@@ -44,8 +44,6 @@ import jax.numpy as jnp
 import optax
 
 import microadam_optax as mo
-from microadam_optax.microadam import _Hyper  # pylint: disable=protected-access
-from microadam_optax.microadam import _leaf_update  # pylint: disable=protected-access
 from microadam_optax._layout import leaf_layout
 from pallas_kernels import error_feedback as ef_lib
 from pallas_kernels import window as window_lib
@@ -92,19 +90,22 @@ def fused_step(*, weight_decay: float, window: int = 10,
   decay and learning rate, as :func:`microadam_optax.microadam`.
   """
 
+  # Leaves whose Top-K and quantization blocks differ take the optimizer's
+  # own (public) per-leaf update, then the parameter step in XLA.
+  scale = mo.scale_by_microadam(window=window, density=density,
+                                topk_block_size=block, implementation="pallas")
+
   def leaf(p, g, iw, vw, codes, lo, hi, count):
     lay = leaf_layout(p.size, topk_block_size=block, quant_block_size=block,
                       density=density, error_bits=4)
     if not lay.aligned:
-      # Odd-sized leaves (blocks of different grids): the optimizer's path.
-      hp = _Hyper(b1=0.9, b2=0.999, eps=1e-8, alpha=0.0, bits=4,
-                  values_dtype=vw.dtype, implementation="pallas")
-      u, iw, vw, codes, lo, hi = _leaf_update(g, iw, vw, codes, lo, hi,
-                                              count, lay, hp)
+      u, s = scale.update(g, mo.MicroAdamState(count - 1, iw, vw, codes, lo,
+                                               hi))
       pf = p.astype(jnp.float32)
       p = (pf - LR * (u.astype(jnp.float32) + weight_decay * pf)).astype(
           p.dtype)
-      return p, iw, vw, codes, lo, hi
+      return (p, s.window_indices, s.window_values, s.error_codes,
+              s.error_min, s.error_max)
     idx, vals, codes, lo, hi = ef_lib.error_feedback_pallas(
         g, codes, lo, hi, block_size=lay.topk_block, k=lay.k,
         last_block_k=lay.last_k, index_dtype=iw.dtype, values_dtype=vw.dtype)

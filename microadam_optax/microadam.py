@@ -155,7 +155,6 @@ class _Hyper(NamedTuple):
   eps: Any
   alpha: Any
   bits: int
-  values_dtype: Any
   implementation: str
 
 
@@ -530,7 +529,6 @@ def scale_by_microadam(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     hp = _Hyper(b1=b1, b2=b2, eps=eps, alpha=alpha, bits=error_bits,
-                values_dtype=vdtype,
                 implementation=_resolve_implementation(implementation))
     count = numerics.safe_increment(state.count)
 
