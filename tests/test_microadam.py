@@ -34,12 +34,12 @@ CASES = [
 
 
 def _run_pair(shapes, kwargs, steps, rng, window=4, values_dtype=jnp.float32,
-              values_round=None, b1=0.9, b2=0.999):
+              values_round=None, b1=0.9, b2=0.999, implementation="xla"):
   params = {f"p{i}": jnp.asarray(rng.standard_normal(s), jnp.float32)
             for i, s in enumerate(shapes)}
   tx = mo.scale_by_microadam(b1=b1, b2=b2, window=window,
-                             values_dtype=values_dtype, implementation="xla",
-                             **kwargs)
+                             values_dtype=values_dtype,
+                             implementation=implementation, **kwargs)
   refs = {k: MicroAdamReference(
       v.shape, b1=b1, b2=b2, window=window, density=kwargs["density"],
       topk_block=kwargs.get("topk_block_size", mo.DEFAULT_BLOCK_SIZE),
@@ -73,7 +73,23 @@ def test_matches_float64_reference(name, shapes, kwargs):
   assert frac >= 0.999, f"{name}: only {frac:.5f} of update entries agree"
 
 
-def test_matches_reference_with_bf16_values():
+# The Pallas kernels (interpret mode on CPU) against the same float64
+# reference: the fused error-feedback kernel (coinciding blocks, 4-bit), the
+# separate kernels (misaligned blocks, 8-bit errors) and the densified update.
+PALLAS_CASES = ["odd_size", "multi_dim", "default_blocks_with_short_last_block",
+                "alpha_misaligned_blocks", "eight_bit_errors"]
+
+
+@pytest.mark.parametrize("name", PALLAS_CASES)
+def test_pallas_matches_float64_reference(name):
+  shapes, kwargs = {c[0]: c[1:] for c in CASES}[name]
+  rng = np.random.default_rng(abs(hash(name)) % 2**32)
+  frac = _run_pair(shapes, kwargs, steps=8, rng=rng, implementation="pallas")
+  assert frac >= 0.999, f"{name}: only {frac:.5f} of update entries agree"
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_matches_reference_with_bf16_values(implementation):
   rng = np.random.default_rng(7)
 
   def to_bf16(v):
@@ -81,7 +97,7 @@ def test_matches_reference_with_bf16_values():
 
   frac = _run_pair([(40, 25)], dict(density=0.04, topk_block_size=128),
                    steps=25, rng=rng, values_dtype=jnp.bfloat16,
-                   values_round=to_bf16)
+                   values_round=to_bf16, implementation=implementation)
   assert frac >= 0.999
 
 
