@@ -287,9 +287,10 @@ def missing_extra(modules: Sequence[str] = EXTRA_MODULES) -> list[str]:
   return missing
 
 
-def _require_extra(command: str) -> bool:
+def _require_extra(command: str,
+                   modules: Sequence[str] = EXTRA_MODULES) -> bool:
   """Prints one line and returns False when the extra is not installed."""
-  missing = missing_extra()
+  missing = missing_extra(modules)
   if missing:
     print(f"microadam-optax {command} needs the examples extra "
           f"({', '.join(missing)} not installed): {INSTALL_HINT}",
@@ -300,7 +301,10 @@ def _require_extra(command: str) -> bool:
 
 def run_compare(args: argparse.Namespace) -> int:
   """Runs ``compare`` with parsed arguments; returns the exit status."""
-  if not _require_extra("compare"):
+  # Orbax only saves the fine-tuning tasks' pre-trained GPT.
+  needs = [m for m in EXTRA_MODULES if m != "orbax.checkpoint"
+           or any(t.startswith("finetune") for t in TASK_GROUPS[args.task])]
+  if not _require_extra("compare", needs):
     return 2
   # Imported here, so that `--help` and `list` need neither Flax nor
   # matplotlib.
@@ -376,7 +380,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
   """Runs ``report``: joins the given runs; returns the exit status."""
-  if not _require_extra("report"):
+  if not _require_extra("report", ("flax", "matplotlib")):
     return 2
   # pylint: disable=g-import-not-at-top
   from microadam_compare import compare
