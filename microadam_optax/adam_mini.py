@@ -13,7 +13,10 @@ function of the path and the leaf.
 
 The partition of a leaf is stored in the shape of its ``nu``: ``nu`` has one
 entry per block, and ``update`` reads the blocks back from that shape, so it
-needs neither parameter names nor Python-side state.
+needs neither parameter names nor Python-side state. A leaf whose blocks
+differ along one axis (a fused ``[q | k | v]`` kernel: one v per query head,
+per key head, per value neuron) also has its ``segments`` in the state, as a
+static leafless node (:class:`AdamMiniSegments`).
 """
 
 from __future__ import annotations
