@@ -491,7 +491,7 @@ class AdamMiniRules:
       the value third of ``"qkv"`` leaves) instead of one per output neuron:
       the authors' advice for runs shorter than 10-20 k steps, which "can
       converge faster initially". Measured on a tiny GPT-2-style model
-      (``tests/adam_mini_short_run.py``: 400 steps, 5 seeds, 3 learning
+      (``benchmarks/adam_mini_short_run.py``: 400 steps, 5 seeds, 3 learning
       rates; the README's Adam-mini section has the table) it did not
       converge faster: on a copy task the training loss averaged over the
       run was 0.002-0.012 higher at every rate (per-seed differences of both
