@@ -121,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
           "batches for all. Prints a table (mean ± std over seeds) and "
           "writes results.json, table.txt and PNG plots to --out. "
           "Gauss-Newton steps are outer iterations. The defaults (every "
-          "task, preset cpu, 2 seeds) take about 9 minutes on two idle "
-          "CPU cores (an estimate; benchmarks/RESULTS.md)."),
+          "task, preset cpu, 2 seeds) took 500 s on two idle CPU cores "
+          "(benchmarks/RESULTS.md)."),
       epilog="Optimizers: " + ", ".join(opt_lib.REGISTRY) + ".")
   p.add_argument("--task", choices=tuple(TASK_GROUPS), default="all",
                  help="which task(s) to run: lm (GPT from scratch), digits "
