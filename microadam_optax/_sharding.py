@@ -146,6 +146,20 @@ def place(x: jax.Array, mesh: Any, spec: P) -> jax.Array:
   return jax.device_put(x, target)
 
 
+def with_explicit_sharding(x: jax.Array,
+                           sharding: Optional[NamedSharding]) -> jax.Array:
+  """``x`` resharded to ``sharding`` where sharding is in the types.
+
+  Returns ``x`` unchanged when ``sharding`` is ``None``, its mesh has no
+  Explicit axes, or ``x`` is concrete (the compiler or the runtime places
+  it).
+  """
+  if (sharding is None or not _has_explicit_axes(sharding.mesh)
+      or not is_traced(x)):
+    return x
+  return jax.sharding.reshard(x, sharding.spec)
+
+
 def keep_sharding(x: jax.Array, like: Any) -> jax.Array:
   """``x`` resharded like ``like`` where sharding is in the types.
 
@@ -154,11 +168,7 @@ def keep_sharding(x: jax.Array, like: Any) -> jax.Array:
   keeps the leaf's own, so a state's shardings do not change from step to
   step. Elsewhere ``x`` is returned as it is (the compiler places it).
   """
-  sharding = known_sharding(like)
-  if (sharding is None or not _has_explicit_axes(sharding.mesh)
-      or not is_traced(x)):
-    return x
-  return jax.sharding.reshard(x, sharding.spec)
+  return with_explicit_sharding(x, known_sharding(like))
 
 
 def zeros(shape: tuple[int, ...], dtype: Any, like: Any, mesh: Any,
@@ -168,10 +178,9 @@ def zeros(shape: tuple[int, ...], dtype: Any, like: Any, mesh: Any,
   ``like`` is the parameter the zeros belong to: when it is concrete, each
   device allocates only its own shard.
   """
-  target = NamedSharding(mesh, spec)
   if is_traced(like):
-    return jax.sharding.reshard(jax.numpy.zeros(shape, dtype), target)
-  return jax.numpy.zeros(shape, dtype, device=target)
+    return place(jax.numpy.zeros(shape, dtype), mesh, spec)
+  return jax.numpy.zeros(shape, dtype, device=NamedSharding(mesh, spec))
 
 
 def _param_sharding(path: Any, leaf: Any) -> NamedSharding:

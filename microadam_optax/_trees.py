@@ -32,11 +32,6 @@ def is_wrapper(x: Any) -> bool:
   return len(leaves) == 1 and treedef.num_nodes > 1
 
 
-def unwrap(x: Any) -> Any:
-  """The array inside a wrapper, or ``x`` itself."""
-  return jax.tree.leaves(x)[0] if is_wrapper(x) else x
-
-
 def flatten(tree: Any) -> tuple[list[Any], Any, list[Callable[[Any], Any]]]:
   """Flattens ``tree`` down to arrays, wrappers counting as their array.
 

@@ -878,10 +878,8 @@ def _segmented_divide(m: jax.Array, denom: jax.Array, axis: int,
     entry = (tuple(sharding.spec) + (None,) * m.ndim)[axis]
     spec = [None] * m.ndim
     spec[axis] = entry
-    spread = _sharding.keep_sharding(
-        spread, jax.ShapeDtypeStruct(spread.shape, spread.dtype,
-                                     sharding=jax.sharding.NamedSharding(
-                                         sharding.mesh, P(*spec))))
+    spread = _sharding.with_explicit_sharding(
+        spread, jax.sharding.NamedSharding(sharding.mesh, P(*spec)))
   return _divide_blocks(m, spread)
 
 

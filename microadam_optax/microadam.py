@@ -6,15 +6,14 @@ Overhead and Provable Convergence*, NeurIPS 2024, arXiv:2405.15593.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Optional, Union
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import math
-import warnings
-
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -278,9 +277,10 @@ class _Plan(NamedTuple):
   """How one leaf is updated: ``mode`` and, for a known sharding, its grid.
 
   Modes: ``"global"`` (no mesh), ``"local"`` (per shard, ``shard_map``;
-  on a replicated leaf each device updates its replica), ``"gather"`` (sharded without whole blocks per shard:
-  gathered, state replicated), ``"deferred"`` (traced on a mesh with Auto
-  axes: decided by ``custom_partitioning`` when compiling).
+  on a replicated leaf each device updates its replica), ``"gather"``
+  (sharded without whole blocks per shard: gathered, state replicated),
+  ``"deferred"`` (traced on a mesh with Auto axes: decided by
+  ``custom_partitioning`` when compiling).
   """
   mode: str
   sharding: Optional[NamedSharding] = None

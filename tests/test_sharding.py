@@ -66,14 +66,6 @@ def _collectives(compiled_text):
   return [c for c in COLLECTIVES if c in compiled_text]
 
 
-def _per_device_bytes(tree, mesh):
-  out = dict.fromkeys(mesh.devices.flat, 0)
-  for leaf in jax.tree.leaves(tree):
-    for shard in leaf.addressable_shards:
-      out[shard.device] += shard.data.nbytes
-  return out
-
-
 def _reference_updates(tx, grads, local_shape, indices):
   """MicroAdam on each shard's data alone, on one device."""
   out = {}
@@ -191,7 +183,8 @@ def test_state_shardings_match_eager_init_for_a_chain():
 
 
 def test_state_shardings_rejects_unplaced_leaves():
-  with pytest.raises(ValueError, match=r"NamedSharding.*\['w'\] has sharding None"):
+  with pytest.raises(ValueError,
+                     match=r"NamedSharding.*\['w'\] has sharding None"):
     mo.state_shardings(mo.microadam(1e-3), {"w": np.zeros((4, 4))})
 
 
