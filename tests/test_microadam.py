@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -68,7 +70,7 @@ def _run_pair(shapes, kwargs, steps, rng, window=4, values_dtype=jnp.float32,
 @pytest.mark.parametrize("name,shapes,kwargs", CASES,
                          ids=[c[0] for c in CASES])
 def test_matches_float64_reference(name, shapes, kwargs):
-  rng = np.random.default_rng(abs(hash(name)) % 2**32)
+  rng = np.random.default_rng(zlib.crc32(name.encode()))
   frac = _run_pair(shapes, kwargs, steps=25, rng=rng)
   assert frac >= 0.999, f"{name}: only {frac:.5f} of update entries agree"
 
@@ -83,7 +85,7 @@ PALLAS_CASES = ["odd_size", "multi_dim", "default_blocks_with_short_last_block",
 @pytest.mark.parametrize("name", PALLAS_CASES)
 def test_pallas_matches_float64_reference(name):
   shapes, kwargs = {c[0]: c[1:] for c in CASES}[name]
-  rng = np.random.default_rng(abs(hash(name)) % 2**32)
+  rng = np.random.default_rng(zlib.crc32(name.encode()))
   frac = _run_pair(shapes, kwargs, steps=8, rng=rng, implementation="pallas")
   assert frac >= 0.999, f"{name}: only {frac:.5f} of update entries agree"
 
