@@ -208,10 +208,10 @@ def test_leaves_without_whole_blocks_per_shard_are_gathered_with_warning():
 def _run_in_fresh_process(name, *args):
   """Runs ``tests/mesh_runs.py NAME ARGS`` on 8 CPU devices; asserts success.
 
-  Orbax and the NNX training loop run in processes of their own: in a process
-  that has run many other mesh computations, XLA's CPU collectives on 8
-  devices over 2 cores occasionally deadlock (a rendezvous where one device
-  never arrives), which a fresh process has not shown in 25 runs.
+  Orbax and the NNX training loop run in processes of their own, and their
+  loops wait for each step: XLA's CPU collectives on 8 devices over 2 cores
+  deadlocked when several collective steps were in flight at once (a
+  rendezvous where one device never arrives).
   """
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
