@@ -36,6 +36,11 @@ class GPTConfig:
     num_layers: number of transformer blocks.
     num_heads: attention heads per block (``d_model`` must divide evenly).
     mlp_ratio: width of the MLP hidden layer, in multiples of ``d_model``.
+    dtype: the dtype activations and matrix products are computed in
+      (``"float32"`` or ``"bfloat16"``: mixed precision, as GPT-2-sized
+      models are trained on accelerators). Parameters, gradients and every
+      optimizer's arithmetic stay ``float32``; attention's softmax, the
+      LayerNorm statistics and the loss are computed in ``float32``.
   """
   vocab_size: int = 256
   seq_len: int = 128
@@ -43,8 +48,12 @@ class GPTConfig:
   num_layers: int = 4
   num_heads: int = 4
   mlp_ratio: int = 4
+  dtype: str = "float32"
 
   def __post_init__(self):
+    if self.dtype not in ("float32", "bfloat16"):
+      raise ValueError(
+          f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}.")
     if self.d_model % self.num_heads:
       raise ValueError(
           f"d_model ({self.d_model}) must be a multiple of num_heads "
@@ -86,17 +95,17 @@ class CausalSelfAttention(nnx.Module):
   """
 
   def __init__(self, d_model: int, num_heads: int, *, out_std: float,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, dtype: Any = jnp.float32):
     self.num_heads = num_heads
     init = _normal(0.02)
     self.query = nnx.Linear(d_model, d_model, use_bias=False,
-                            kernel_init=init, rngs=rngs)
+                            kernel_init=init, dtype=dtype, rngs=rngs)
     self.key = nnx.Linear(d_model, d_model, use_bias=False, kernel_init=init,
-                          rngs=rngs)
+                          dtype=dtype, rngs=rngs)
     self.value = nnx.Linear(d_model, d_model, use_bias=False,
-                            kernel_init=init, rngs=rngs)
+                            kernel_init=init, dtype=dtype, rngs=rngs)
     self.out = nnx.Linear(d_model, d_model, use_bias=False,
-                          kernel_init=_normal(out_std), rngs=rngs)
+                          kernel_init=_normal(out_std), dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, t, d = x.shape
@@ -106,8 +115,9 @@ class CausalSelfAttention(nnx.Module):
     v = self.value(x).reshape(b, t, h, d // h)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // h)
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    logits = jnp.where(causal, logits, jnp.finfo(logits.dtype).min)
-    weights = jax.nn.softmax(logits, axis=-1)
+    logits = jnp.where(causal, logits.astype(jnp.float32),
+                       jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     y = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
     return self.out(y)
 
@@ -116,11 +126,12 @@ class MLP(nnx.Module):
   """Two ``Linear`` layers with a GELU between them."""
 
   def __init__(self, d_model: int, hidden: int, *, out_std: float,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, dtype: Any = jnp.float32):
     self.fc_in = nnx.Linear(d_model, hidden, use_bias=False,
-                            kernel_init=_normal(0.02), rngs=rngs)
+                            kernel_init=_normal(0.02), dtype=dtype, rngs=rngs)
     self.fc_out = nnx.Linear(hidden, d_model, use_bias=False,
-                             kernel_init=_normal(out_std), rngs=rngs)
+                             kernel_init=_normal(out_std), dtype=dtype,
+                             rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.fc_out(jax.nn.gelu(self.fc_in(x)))
@@ -131,12 +142,13 @@ class Block(nnx.Module):
 
   def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
     out_std = 0.02 / math.sqrt(2 * config.num_layers)
-    self.ln1 = nnx.LayerNorm(config.d_model, rngs=rngs)
+    dtype = jnp.dtype(config.dtype)
+    self.ln1 = nnx.LayerNorm(config.d_model, dtype=dtype, rngs=rngs)
     self.attn = CausalSelfAttention(config.d_model, config.num_heads,
-                                    out_std=out_std, rngs=rngs)
-    self.ln2 = nnx.LayerNorm(config.d_model, rngs=rngs)
+                                    out_std=out_std, rngs=rngs, dtype=dtype)
+    self.ln2 = nnx.LayerNorm(config.d_model, dtype=dtype, rngs=rngs)
     self.mlp = MLP(config.d_model, config.mlp_ratio * config.d_model,
-                   out_std=out_std, rngs=rngs)
+                   out_std=out_std, rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x + self.attn(self.ln1(x))
@@ -159,16 +171,18 @@ class GPT(nnx.Module):
 
   def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
     self.config = config
+    dtype = jnp.dtype(config.dtype)
     self.embed = nnx.Embed(config.vocab_size, config.d_model,
-                           embedding_init=_normal(0.02), rngs=rngs)
+                           embedding_init=_normal(0.02), dtype=dtype, rngs=rngs)
     self.pos_embed = nnx.Embed(config.seq_len, config.d_model,
-                               embedding_init=_normal(0.01), rngs=rngs)
+                               embedding_init=_normal(0.01), dtype=dtype,
+                               rngs=rngs)
     self.blocks = _ModuleList(
         [Block(config, rngs=rngs) for _ in range(config.num_layers)])
-    self.ln_f = nnx.LayerNorm(config.d_model, rngs=rngs)
+    self.ln_f = nnx.LayerNorm(config.d_model, dtype=dtype, rngs=rngs)
     self.lm_head = nnx.Linear(config.d_model, config.vocab_size,
                               use_bias=False, kernel_init=_normal(0.02),
-                              rngs=rngs)
+                              dtype=dtype, rngs=rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     t = tokens.shape[-1]
@@ -197,15 +211,17 @@ class GPTClassifier(nnx.Module):
 
   def __init__(self, config: GPTConfig, num_classes: int, *, rngs: nnx.Rngs):
     self.config = config
+    dtype = jnp.dtype(config.dtype)
     self.embed = nnx.Embed(config.vocab_size, config.d_model,
-                           embedding_init=_normal(0.02), rngs=rngs)
+                           embedding_init=_normal(0.02), dtype=dtype, rngs=rngs)
     self.pos_embed = nnx.Embed(config.seq_len, config.d_model,
-                               embedding_init=_normal(0.01), rngs=rngs)
+                               embedding_init=_normal(0.01), dtype=dtype,
+                               rngs=rngs)
     self.blocks = _ModuleList(
         [Block(config, rngs=rngs) for _ in range(config.num_layers)])
-    self.ln_f = nnx.LayerNorm(config.d_model, rngs=rngs)
+    self.ln_f = nnx.LayerNorm(config.d_model, dtype=dtype, rngs=rngs)
     self.output = nnx.Linear(config.d_model, num_classes,
-                             kernel_init=_normal(0.02), rngs=rngs)
+                             kernel_init=_normal(0.02), dtype=dtype, rngs=rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     t = tokens.shape[-1]

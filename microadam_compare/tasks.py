@@ -107,7 +107,8 @@ def lm_task(preset: str = "cpu", *, seed: int = 0,
             batch_size: Optional[int] = None, max_files: Optional[int] = None,
             eval_batches: Optional[int] = None, gn_inner_steps: int = 10,
             weight_decay: Optional[float] = None,
-            exclude_packages: tuple[str, ...] = ()) -> Task:
+            exclude_packages: tuple[str, ...] = (),
+            dtype: Optional[str] = None) -> Task:
   """Byte-level language modelling of the standard library's sources.
 
   Args:
@@ -121,11 +122,15 @@ def lm_task(preset: str = "cpu", *, seed: int = 0,
       optimizer's own).
     exclude_packages: top-level packages left out of the corpus (the
       pre-training of the fine-tuning tasks).
+    dtype: the model's compute dtype (:attr:`models.GPTConfig.dtype`);
+      ``None``: the preset's.
 
   Returns:
     A :class:`Task`.
   """
   config = models.GPT_PRESETS[preset]
+  if dtype is not None:
+    config = dataclasses.replace(config, dtype=dtype)
   batch_size = batch_size or LM_BATCH_SIZE[preset]
   corpus = data.stdlib_corpus(max_files=max_files,
                               exclude_packages=tuple(exclude_packages))
@@ -161,7 +166,8 @@ def lm_task(preset: str = "cpu", *, seed: int = 0,
       with_seed=functools.partial(
           lm_task, preset, batch_size=batch_size, max_files=max_files,
           eval_batches=eval_batches, gn_inner_steps=gn_inner_steps,
-          weight_decay=weight_decay, exclude_packages=exclude_packages))
+          weight_decay=weight_decay, exclude_packages=exclude_packages,
+          dtype=dtype))
 
 
 def digits_task(preset: str = "cpu", *, seed: int = 0,
