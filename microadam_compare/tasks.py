@@ -148,7 +148,9 @@ def lm_task(preset: str = "cpu", *, seed: int = 0,
       name="lm",
       description=(f"byte-level GPT on the Python stdlib sources ({preset}: "
                    f"d={config.d_model}, {config.num_layers} layers, "
-                   f"context {seq}, batch {batch_size})"),
+                   f"context {seq}, batch {batch_size}"
+                   + ("" if config.dtype == "float32" else f", {config.dtype}")
+                   + ")"),
       graphdef=graphdef, init_params=_as_numpy(params),
       apply=_apply_fn(graphdef), loss=cross_entropy, accuracy=accuracy,
       train_batches=train_batches, eval_batches=evals, context=context,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -181,6 +183,39 @@ def test_gpt_forward_and_sizes(tiny_gpt):
   names = {"embed", "pos_embed", "blocks", "ln_f", "lm_head"}
   assert set(params) == names
   assert set(params["blocks"][0]["attn"]) == {"query", "key", "value", "out"}
+
+
+def test_gpt_bfloat16_computes_in_bf16_and_keeps_float32_params(tiny_gpt):
+  _, graphdef, params = tiny_gpt
+  config = dataclasses.replace(models.GPT_PRESETS["tiny"], dtype="bfloat16")
+  bf16 = models.GPT(config, rngs=nnx.Rngs(0))
+  bf16_graphdef, bf16_params = models.split_params(bf16)
+  # Same parameters (float32), whatever the compute dtype.
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(bf16_params)):
+    assert b.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  tokens = jnp.asarray(
+      np.random.default_rng(0).integers(0, 256, (2, config.seq_len)),
+      jnp.int32)
+
+  def loss(graph, p):
+    return tasks.cross_entropy(models.merge_params(graph, p)(tokens), tokens)
+
+  l32, g32 = jax.value_and_grad(functools.partial(loss, graphdef))(params)
+  l16, g16 = jax.value_and_grad(functools.partial(loss, bf16_graphdef))(
+      bf16_params)
+  assert models.merge_params(bf16_graphdef, bf16_params)(tokens).dtype == (
+      jnp.bfloat16)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))
+  # bf16 products (8-bit mantissa) change the loss by ~1e-3, not more.
+  np.testing.assert_allclose(float(l16), float(l32), rtol=1e-2)
+  assert float(l16) != float(l32)
+  cos = [float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+         for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16))]
+  assert min(cos) > 0.99, cos
+  with pytest.raises(ValueError, match="dtype must be"):
+    models.GPTConfig(dtype="float16")
+  assert models.GPT_PRESETS["gpu"].dtype == "bfloat16"
 
 
 def test_gpt_names_drive_adam_mini_partition(tiny_gpt):
