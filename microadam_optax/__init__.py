@@ -2,6 +2,8 @@
 
 * :func:`microadam` / :func:`scale_by_microadam` -- MicroAdam (NeurIPS 2024):
   a sliding window of Top-K-sparse gradients plus 4-bit error feedback.
+* :func:`microadam_mixed` -- MicroAdam on the large tensors, dense Adam on
+  norms, biases, small leaves and (optionally) embeddings.
 * :func:`state_nbytes` -- bytes held by any optimizer state.
 * :func:`state_shardings` -- the shardings of any optimizer state on a mesh.
 """
@@ -30,6 +32,13 @@ from microadam_optax.microadam import MICROADAM_STATIC_ARGS
 from microadam_optax.microadam import MicroAdamState
 from microadam_optax.microadam import microadam
 from microadam_optax.microadam import scale_by_microadam
+from microadam_optax.microadam_mixed import DENSE_LABEL
+from microadam_optax.microadam_mixed import EMBEDDING_NAMES
+from microadam_optax.microadam_mixed import MICROADAM_LABEL
+from microadam_optax.microadam_mixed import microadam_labels
+from microadam_optax.microadam_mixed import microadam_mixed
+from microadam_optax.microadam_mixed import scale_by_microadam_mixed
+from microadam_optax.microadam_mixed import state_bytes_per_param
 
 __version__ = "0.1.0"
 
@@ -39,6 +48,13 @@ __all__ = [
     "MicroAdamState",
     "microadam",
     "scale_by_microadam",
+    "DENSE_LABEL",
+    "EMBEDDING_NAMES",
+    "MICROADAM_LABEL",
+    "microadam_labels",
+    "microadam_mixed",
+    "scale_by_microadam_mixed",
+    "state_bytes_per_param",
     "model_shapes",
     "state_nbytes",
     "state_shardings",
