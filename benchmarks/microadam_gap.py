@@ -1,0 +1,333 @@
+"""How far MicroAdam trails AdamW: density x window, and MicroAdam with dense leaves.
+
+The gap table of issue 15. Every configuration runs through the comparison's
+own machinery (:func:`microadam_compare.compare.run_optimizer`): the same
+tasks, seeds, batches, warmup + cosine schedule, global-norm clipping at 1.0
+and full-length tuning of the learning rate (every rate of the grid as long
+as the reported run, the grid extended by half-decades while its best rate
+is at an end), the best rate rerun on the other seeds. Rows:
+
+* ``adamw``, ``adam_mini``: the comparison's entries (authors' recipes).
+* ``microadam_d{1,2,5}_w{10,20}``: the published MicroAdam (the authors'
+  b2 0.999, wd 0) at density 1 / 2 / 5 % and window 10 / 20;
+  ``microadam_d1_w10`` is the published default (and the comparison's
+  ``microadam``).
+* ``mixed_small``: :func:`microadam_optax.microadam_mixed`: MicroAdam
+  (d 1 %, m 10) on the matrices, dense Adam (b2 0.95) on the leaves where
+  compression saves nothing (fewer than 2 dimensions or 4096 entries:
+  norms, biases, small heads).
+* ``mixed_small_embed``: the same plus dense Adam on embeddings and output
+  heads (by name).
+* ``mixed_small_embed_mini``: the same leaves given to Adam-mini instead of
+  Adam (one v per block: about half the dense state).
+
+The MicroAdam rows and the mixed rows start from MicroAdam's grid of the
+comparison (per task); AdamW and Adam-mini from theirs.
+
+  python benchmarks/microadam_gap.py                      # everything, cpu
+  python benchmarks/microadam_gap.py --tasks lm,finetune --configs published
+  python benchmarks/microadam_gap.py --preset gpu --tasks lm,finetune \\
+      --configs adamw,microadam_d1_w10,mixed_small,mixed_small_embed \\
+      --seeds 3 --out benchmarks/results/microadam_gap_gpu.json
+
+Results are merged into ``--out`` cell by cell (task x config), after each
+cell, so that a run can be split into several invocations or resumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import optax
+
+import microadam_optax as mo
+from microadam_compare import cli
+from microadam_compare import compare
+from microadam_compare import optimizers as opt_lib
+from microadam_compare import tasks as task_lib
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           "results", "microadam_gap_cpu.json")
+
+#: Density (fraction) and window of the published-algorithm rows.
+DENSITIES = (0.01, 0.02, 0.05)
+WINDOWS = (10, 20)
+
+#: Goal of issue 15: state at most this many bytes per parameter, final loss
+#: within 2 % of AdamW's when fine-tuning and within 5 % from scratch.
+BUDGET_BYTES_PER_PARAM = 1.2
+GOAL = {"lm": 0.05, "digits": 0.05, "finetune": 0.02, "finetune_cls": 0.02}
+
+
+def _microadam(density: float, window: int) -> opt_lib.Builder:
+  def build(lr, ctx):
+    return mo.microadam(lr, b1=0.9, b2=0.999, eps=1e-8,
+                        weight_decay=ctx.decay(0.0), mask=opt_lib.decay_mask,
+                        window=window, density=density)
+  return build
+
+
+def _mixed(dense: str, embeddings: bool) -> opt_lib.Builder:
+  def build(lr, ctx):
+    return mo.microadam_mixed(
+        lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=ctx.decay(0.0),
+        mask=opt_lib.decay_mask, window=10, density=0.01, dense=dense,
+        dense_b2=0.95,
+        dense_names=mo.EMBEDDING_NAMES if embeddings else None)
+  return build
+
+
+def _configs() -> dict[str, opt_lib.OptimizerSpec]:
+  reg = opt_lib.REGISTRY
+  micro = reg["microadam"]
+  specs = {"adamw": reg["adamw"], "adam_mini": reg["adam_mini"]}
+  for window in WINDOWS:
+    for density in DENSITIES:
+      name = f"microadam_d{round(100 * density)}_w{window}"
+      specs[name] = dataclasses.replace(
+          micro, name=name, label=f"MicroAdam {100 * density:g} % m{window}",
+          build=_microadam(density, window),
+          note=f"b2 0.999, m {window}, density {100 * density:g} %, wd 0")
+  for name, label, dense, embeddings in (
+      ("mixed_small", "MicroAdam + Adam small", "adam", False),
+      ("mixed_small_embed", "MicroAdam + Adam small+emb", "adam", True),
+      ("mixed_small_embed_mini", "MicroAdam + Adam-mini small+emb",
+       "adam_mini", True)):
+    specs[name] = dataclasses.replace(
+        micro, name=name, label=label, build=_mixed(dense, embeddings),
+        requires="mo.microadam_mixed",
+        note=(f"MicroAdam (b2 0.999, m 10, 1 %) on matrices; {dense} "
+              f"(b2 0.95) on leaves < 2-D or < 4096 entries"
+              + (", embeddings and heads" if embeddings else "")))
+  return specs
+
+
+CONFIGS = _configs()
+GROUPS = {
+    "published": ["adamw", "adam_mini"] + [
+        n for n in CONFIGS if n.startswith("microadam_")],
+    "variants": [n for n in CONFIGS if n.startswith("mixed_")],
+}
+GROUPS["all"] = GROUPS["published"] + GROUPS["variants"]
+ALL_TASKS = ("lm", "finetune", "finetune_cls", "digits")
+
+#: The fields of :func:`compare.run_optimizer`'s result kept in the JSON.
+KEEP = ("name", "label", "note", "status", "message", "seeds", "lr_grid",
+        "initial_lr_grid", "grid_extensions", "best_lr",
+        "best_lr_at_grid_edge", "sweep", "steps_run", "eval_every", "steps",
+        "val_loss", "val_loss_std", "final_val_loss_per_seed",
+        "final_val_loss_mean", "final_val_loss_std",
+        "final_val_acc_per_seed", "final_val_acc_mean", "final_val_acc_std",
+        "state_bytes", "state_bytes_per_param", "step_time_s",
+        "compile_s", "wall_s")
+
+
+def _names(text: str) -> list[str]:
+  names: list[str] = []
+  for item in (s.strip() for s in text.split(",")):
+    if not item:
+      continue
+    for n in GROUPS.get(item, [item]):
+      if n not in CONFIGS:
+        raise SystemExit(
+            f"microadam_gap: unknown config {n!r}; known: "
+            f"{', '.join(list(GROUPS) + list(CONFIGS))}.")
+      if n not in names:
+        names.append(n)
+  return names
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  if isinstance(x, dict):
+    return {k: _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  return x
+
+
+def _load(path: str) -> dict:
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  return {"cells": {}}
+
+
+def _save(report: dict, path: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(_jsonable(report), f, indent=1)
+  os.replace(tmp, path)
+
+
+def _stat(r: dict, key: str = "final_val_loss") -> tuple[float, float]:
+  mean, std = r.get(f"{key}_mean"), r.get(f"{key}_std")
+  return (math.nan if mean is None else mean,
+          math.nan if std is None else std)
+
+
+def format_tables(report: dict, tasks: Sequence[str],
+                  names: Sequence[str]) -> str:
+  """One markdown table per task: rate, loss mean ± std, gap to AdamW
+  (``tie`` within 2 std), distance to the issue's goal, state B/param."""
+  out = []
+  for task in tasks:
+    cells = report["cells"].get(task, {})
+    if not cells:
+      continue
+    ref = cells.get("adamw")
+    meta = report.get("tasks", {}).get(task, {})
+    goal = GOAL[task]
+    out.append(
+        f"| {task} ({meta.get('num_params', 0):,} params, "
+        f"{meta.get('steps', '?')} steps) | lr (rates tried) | "
+        f"val loss, mean ± std | vs AdamW | within goal ({100 * goal:g} %, "
+        f"<= {BUDGET_BYTES_PER_PARAM} B/p)? | state B/p | wall s |")
+    out.append("| --- | --- | ---: | ---: | --- | ---: | ---: |")
+    for name in [n for n in names if n in cells] + [
+        n for n in cells if n not in names]:
+      r = cells[name]
+      if r.get("status") != "ok":
+        out.append(f"| {r.get('label', name)} | {r.get('status')}: "
+                   f"{r.get('message', '')} | | | | | |")
+        continue
+      mean, std = _stat(r)
+      rates = ", ".join(f"{x:g}" for x in r["lr_grid"])
+      edge = " !" if r.get("best_lr_at_grid_edge") else ""
+      vs, verdict = "—", ""
+      if ref is not None and ref.get("status") == "ok" and name != "adamw":
+        rmean, rstd = _stat(ref)
+        gap = mean / rmean - 1
+        tie = abs(mean - rmean) <= 2 * max(std, rstd)
+        vs = f"{100 * gap:+.1f} %" + (" (tie)" if tie else "")
+        bpp = r["state_bytes_per_param"]
+        ok_loss = gap <= goal
+        ok_mem = bpp <= BUDGET_BYTES_PER_PARAM + 1e-9
+        verdict = ("yes" if ok_loss and ok_mem else
+                   "no: " + ", ".join(
+                       ([f"{100 * (gap - goal):.1f} points over"]
+                        if not ok_loss else [])
+                       + ([f"{bpp:.2f} B/p"] if not ok_mem else [])))
+      out.append(
+          f"| {r['label']} | {r['best_lr']:.0e}{edge} ({rates}) | "
+          f"{mean:.4f} ± {std:.4f} | {vs} | {verdict} | "
+          f"{r['state_bytes_per_param']:.3f} | {r.get('wall_s', 0):.0f} |")
+    out.append("")
+  return "\n".join(out)
+
+
+def _make_task(name: str, preset: str, seed: int, cache_dir: Optional[str],
+               log) -> Any:
+  kwargs: dict[str, Any] = dict(seed=seed)
+  if name.startswith("finetune"):
+    kwargs.update(cache_dir=cache_dir, log=log)
+  return task_lib.TASKS[name](preset, **kwargs)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--preset", choices=("cpu", "gpu", "tiny"), default="cpu")
+  p.add_argument("--tasks", default=",".join(ALL_TASKS),
+                 help=f"comma-separated, of {', '.join(ALL_TASKS)}")
+  p.add_argument("--configs", default="all",
+                 help="comma-separated config names or groups ("
+                      + ", ".join(GROUPS) + "); known configs: "
+                      + ", ".join(CONFIGS))
+  p.add_argument("--seeds", type=int, default=None,
+                 help="seeds of the final runs (default: the comparison's, "
+                      "2 on cpu, 3 on gpu)")
+  p.add_argument("--steps", type=int, default=None,
+                 help="override the preset's steps (smoke runs)")
+  p.add_argument("--no-tune", action="store_true",
+                 help="middle rate of each grid, no tuning (smoke runs)")
+  p.add_argument("--cache-dir", default=None)
+  p.add_argument("--out", default=None,
+                 help=f"JSON file (default: {DEFAULT_OUT} for the cpu "
+                      "preset, microadam_gap_<preset>.json beside it)")
+  p.add_argument("--table-only", action="store_true",
+                 help="print the table of --out and exit")
+  args = p.parse_args(argv)
+
+  tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+  for t in tasks:
+    if t not in ALL_TASKS:
+      raise SystemExit(f"microadam_gap: unknown task {t!r}; known: "
+                       f"{', '.join(ALL_TASKS)}.")
+  names = _names(args.configs)
+  out = args.out or DEFAULT_OUT.replace("_cpu.json", f"_{args.preset}.json")
+  report = _load(out)
+  if args.table_only:
+    print(format_tables(report, tasks, names))
+    return 0
+
+  num_seeds = args.seeds or cli.DEFAULT_SEEDS[args.preset]
+  seeds = tuple(range(num_seeds))
+  log = lambda s: print(s, flush=True)
+  report.setdefault("cells", {})
+  report.setdefault("tasks", {})
+  report.update(
+      preset=args.preset,
+      environment={
+          "python": platform.python_version(), "jax": jax.__version__,
+          "optax": optax.__version__, "backend": jax.default_backend(),
+          "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(),
+          "platform": platform.platform()})
+  report.setdefault("commands", []).append(
+      {"argv": ["python", "benchmarks/microadam_gap.py",
+                *(sys.argv[1:] if argv is None else argv)],
+       "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
+           timespec="seconds")})
+  for task_name in tasks:
+    sched = dict(cli.SCHEDULES[(task_name, args.preset)])
+    sched.pop("skip", None)
+    if args.steps:
+      sched.update(steps=args.steps, eval_every=min(args.steps,
+                                                    sched["eval_every"]))
+    config = compare.RunConfig(**sched, seeds=seeds, tune=not args.no_tune,
+                               progress=False)
+    task = _make_task(task_name, args.preset, seeds[0], args.cache_dir, log)
+    seed_tasks = [task.with_seed(seed=s) for s in seeds[1:]]
+    evaluate = compare.make_eval(task)
+    report["tasks"][task_name] = {
+        "num_params": task.num_params, "description": task.description,
+        "steps": config.steps, "eval_every": config.eval_every,
+        "seeds": list(seeds)}
+    log(f"== {task_name}: {task.description}; {task.num_params:,} params")
+    for name in names:
+      spec = CONFIGS[name]
+      t0 = time.perf_counter()
+      result = compare.run_optimizer(task, spec, config, evaluate, seed_tasks,
+                                     log=log)
+      result["wall_s"] = time.perf_counter() - t0
+      kept = {k: result[k] for k in KEEP if k in result}
+      report["cells"].setdefault(task_name, {})[name] = kept
+      _save(report, out)
+      if result["status"] == "ok":
+        log(f"[{task_name}] {spec.label:<32} lr={result['best_lr']:.0e} "
+            f"loss {result['final_val_loss_mean']:.4f} ± "
+            f"{result['final_val_loss_std']:.4f}  "
+            f"{result['state_bytes_per_param']:.3f} B/p  "
+            f"({result['wall_s']:.0f} s)")
+      else:
+        log(f"[{task_name}] {spec.label}: {result['status']}: "
+            f"{result.get('message')}")
+  print()
+  print(format_tables(report, tasks, names))
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
