@@ -13,14 +13,28 @@ For each task and optimizer:
    other seeds (other initial parameters, other batch order) rerun it.
    Results are the mean and standard deviation over seeds.
 
-Every run of a seed starts from the same initial parameters and sees the
-same batches in the same order (batch ``s`` is a pure function of the seed
+Every run of a seed starts from the same initial parameters and reads the
+same stream of training batches (batch ``s`` is a pure function of the seed
 and ``s``). First-order optimizers clip the gradient's global norm to
 ``clip_norm`` (1.0) and follow a linear-warmup + cosine schedule (5 %
-warmup, decay to 10 % of the peak). Gauss-Newton optimizers run ``gn_steps``
-*outer* iterations (each one a full inner solve plus a line search, so one
-of their steps costs several first-order steps); their learning rate is the
-inner optimizer's, constant, the line search setting the global step.
+warmup, decay to 10 % of the peak); step ``s`` reads batch ``s``.
+
+Gauss-Newton optimizers run the protocol of Abreu et al.'s code for
+``gn_steps`` *outer* iterations of ``N = gn_inner_steps`` inner steps:
+outer step ``t`` linearizes the model at its parameters, feeds its ``N``
+inner steps the next ``N`` batches of the stream (one fresh batch
+each) and its line search (the best of the step sizes ``1/sqrt(2)^i``,
+``i < 5``, on the true loss) the ``M`` batches after them
+(:func:`gauss_newton_batch_indices`; ``M = N`` as in the paper unless
+``gn_linesearch_batches``). Their learning rate is the inner optimizer's,
+on the first-order runs' warmup + cosine schedule spanning all ``gn_steps *
+N`` inner steps of the run, the inner state and iterate kept across outer
+steps. Data is counted: ``gn_steps * N`` training batches against the
+first-order runs' ``steps`` (the line search's batches are reported
+apart, as the paper does), so the presets pick ``gn_steps * N`` close to
+``steps``. Every result records the tokens (examples, for the
+classification tasks) each evaluation had seen, and the tokens to the
+target beside the iterations and seconds.
 
 One jitted, buffer-donating function per optimizer runs ``eval_every`` steps
 in a :func:`jax.lax.scan`; every run reuses the same executable (the
@@ -61,8 +75,14 @@ class RunConfig:
     steps: training steps of every first-order run (tuning runs included);
       rounded up to a multiple of ``eval_every``.
     eval_every: steps between evaluations (also the steps per jitted call).
-    gn_steps: outer iterations of every Gauss-Newton run.
+    gn_steps: outer iterations of every Gauss-Newton run (each of
+      ``gn_inner_steps`` inner steps on fresh batches).
     gn_eval_every: outer iterations between their evaluations.
+    gn_inner_steps: inner steps per Gauss-Newton outer iteration, each on a
+      fresh batch; ``None``: the task's (``task.context.gn_inner_steps``).
+    gn_linesearch_batches: batches of its own the Gauss-Newton line search
+      averages the true loss over, per outer step; ``None``: as many as
+      inner steps (the paper's).
     tune: run every rate of the grid (and extend it); ``False``: take the
       middle of the grid (the lower middle for an even grid), for smoke runs.
     max_grid_extensions: how many half-decades the tuning may add to a grid
@@ -86,6 +106,8 @@ class RunConfig:
   eval_every: int = 20
   gn_steps: int = 40
   gn_eval_every: int = 5
+  gn_inner_steps: Optional[int] = None
+  gn_linesearch_batches: Optional[int] = None
   tune: bool = True
   max_grid_extensions: int = 2
   seeds: tuple[int, ...] = (0,)
@@ -147,20 +169,60 @@ def warmup_cosine(count: jax.Array, total_steps: jax.Array) -> jax.Array:
   return ramp * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * cosine)
 
 
-def _learning_rate(spec: opt_lib.OptimizerSpec, lr: Any,
+def gauss_newton_batch_indices(outer_step: int, inner_steps: int,
+                               linesearch_batches: Optional[int] = None
+                               ) -> tuple[range, range]:
+  """Which batches of a task's training stream one Gauss-Newton outer step
+  reads: its inner steps' and then its line search's, as the paper's code
+  draws them from one iterator.
+
+  Args:
+    outer_step: the outer step ``t >= 0``.
+    inner_steps: inner steps ``N >= 1`` per outer step (one batch each).
+    linesearch_batches: the line search's batches ``M >= 1`` per outer
+      step; ``None``: ``N``.
+
+  Returns:
+    ``(inner, linesearch)``: the stream indices ``[t (N + M), t (N + M) +
+    N)`` and ``[t (N + M) + N, (t + 1)(N + M))``.
+
+  Example:
+    >>> from microadam_compare import compare
+    >>> compare.gauss_newton_batch_indices(1, inner_steps=3)
+    (range(6, 9), range(9, 12))
+  """
+  for name, value, low in (("outer_step", outer_step, 0),
+                           ("inner_steps", inner_steps, 1),
+                           ("linesearch_batches", linesearch_batches, 1)):
+    if value is None and name == "linesearch_batches":
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+  m = inner_steps if linesearch_batches is None else linesearch_batches
+  first = outer_step * (inner_steps + m)
+  return (range(first, first + inner_steps),
+          range(first + inner_steps, first + inner_steps + m))
+
+
+def _learning_rate(spec: opt_lib.OptimizerSpec, task: Task, lr: Any,
                    total_steps: Any) -> optax.ScalarOrSchedule:
-  if spec.second_order:
-    return lr
-  return lambda count: lr * warmup_cosine(count, total_steps)
+  # A Gauss-Newton optimizer's inner state is kept across outer steps, so
+  # its schedule (of the inner step count) spans every inner step.
+  total = (total_steps * task.context.gn_inner_steps if spec.second_order
+           else total_steps)
+  return lambda count: lr * warmup_cosine(count, total)
 
 
 def make_optimizer(spec: opt_lib.OptimizerSpec, task: Task, lr: Any,
                    total_steps: Any, clip_norm: Optional[float] = 1.0
                    ) -> optax.GradientTransformation:
-  """``spec`` built for ``task`` with peak learning rate ``lr`` (the
-  schedule of a first-order optimizer spans ``total_steps``, its gradient
-  clipped to global norm ``clip_norm`` first)."""
-  tx = spec.build(_learning_rate(spec, lr, total_steps), task.context)
+  """``spec`` built for ``task`` with peak learning rate ``lr`` on the
+  warmup + cosine schedule of :func:`warmup_cosine`, spanning
+  ``total_steps`` steps (Gauss-Newton: ``total_steps`` outer steps, the
+  schedule of its inner optimizer spanning all their inner steps); a
+  first-order optimizer's gradient is clipped to global norm ``clip_norm``
+  first."""
+  tx = spec.build(_learning_rate(spec, task, lr, total_steps), task.context)
   if clip_norm is not None and not spec.second_order:
     tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
   return tx
@@ -171,33 +233,46 @@ def make_train_chunk(task: Task, spec: opt_lib.OptimizerSpec,
   """The jitted function running one chunk of training steps.
 
   ``chunk(params, opt_state, batches, lr, total_steps) -> (params, opt_state,
-  (losses, step_sizes))``: a :func:`jax.lax.scan` over the leading axis of
-  ``batches`` (``(inputs, targets)``), ``losses`` being each step's batch loss
-  before its update and ``step_sizes`` the step size the Gauss-Newton line
-  search chose (``nan`` for first-order optimizers). ``params`` and
+  (losses, step_sizes, linesearch_losses))``: a :func:`jax.lax.scan` over
+  the leading axis of ``batches``. For a first-order optimizer ``batches``
+  is ``(inputs, targets)`` (one batch per step) and ``losses`` each step's
+  batch loss before its update. For Gauss-Newton it is ``(inner,
+  linesearch)``, each ``(inputs, targets)`` with a second axis of ``N``
+  (inner steps) and ``M`` batches (:func:`gauss_newton_batch_indices`);
+  ``losses`` is the mean loss of the inner batches at the outer step's
+  parameters, ``step_sizes`` the step size the line search chose and
+  ``linesearch_losses`` the mean loss of the line search's batches after
+  the step (both ``nan`` for first-order optimizers). ``params`` and
   ``opt_state`` are donated.
   """
+
+  def model_fn(params, batch):
+    return task.apply(params, batch[0])
+
+  def loss_fn(outputs, batch):
+    return task.loss(outputs, batch[1])
 
   def chunk(params, opt_state, batches, lr, total_steps):
     tx = make_optimizer(spec, task, lr, total_steps, clip_norm)
 
     def body(carry, batch):
       params, opt_state = carry
-      inputs, targets = batch
       if spec.second_order:
+        inner, linesearch = batch
         updates, opt_state = tx.update(
-            None, opt_state, params,
-            model_fn=lambda p: task.apply(p, inputs),
-            loss_fn=lambda outputs: task.loss(outputs, targets))
+            None, opt_state, params, model_fn=model_fn, loss_fn=loss_fn,
+            batches=inner, linesearch_batches=linesearch)
         loss, step_size = opt_state.loss_before, opt_state.step_size
+        search_loss = opt_state.loss_after
       else:
         loss, grads = jax.value_and_grad(
-            lambda p: task.loss(task.apply(p, inputs), targets))(params)
+            lambda p: loss_fn(model_fn(p, batch), batch))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        step_size = jnp.nan
+        step_size = search_loss = jnp.nan
       params = optax.apply_updates(params, updates)
       return (params, opt_state), (jnp.asarray(loss, jnp.float32),
-                                   jnp.asarray(step_size, jnp.float32))
+                                   jnp.asarray(step_size, jnp.float32),
+                                   jnp.asarray(search_loss, jnp.float32))
 
     (params, opt_state), losses = jax.lax.scan(body, (params, opt_state),
                                                batches)
@@ -244,6 +319,17 @@ def _finite_or_inf(x: float) -> float:
   return x if math.isfinite(x) else math.inf
 
 
+def batch_data(task: Task) -> tuple[int, str]:
+  """How much data one training batch of ``task`` holds, and in what:
+  ``(batch tokens, "tokens")`` for the language-modelling tasks, ``(batch
+  size, "examples")`` for the classification tasks (one label per image or
+  window)."""
+  meta = task.metadata
+  if meta.get("tokens_per_step"):
+    return int(meta["tokens_per_step"]), "tokens"
+  return int(meta["batch_size"]), "examples"
+
+
 @dataclasses.dataclass
 class _Runner:
   """Runs one optimizer on one task (compiled once, for every seed)."""
@@ -254,12 +340,20 @@ class _Runner:
   every: int
   clip_norm: Optional[float] = 1.0
   compiler_options: Optional[dict[str, Any]] = None
+  linesearch_batches: Optional[int] = None
 
   def __post_init__(self):
     self.chunk = make_train_chunk(self.task, self.spec, self.clip_norm)
     self.compiled = None
     self.compile_s = 0.0
     self.step_memory_bytes = None
+    # Batches each step reads: (training, line search).
+    if self.spec.second_order:
+      inner = int(self.task.context.gn_inner_steps)
+      self.batches_per_step = (inner, inner if self.linesearch_batches is None
+                               else int(self.linesearch_batches))
+    else:
+      self.batches_per_step = (1, 0)
 
   def fresh(self, task: Task, lr: float, total: int):
     params = jax.tree.map(jnp.asarray, task.init_params)
@@ -270,7 +364,18 @@ class _Runner:
     return params, state
 
   def _batches(self, task: Task, start: int):
-    return jax.tree.map(jnp.asarray, task.train_batches(start, self.every))
+    """The batches of steps ``start .. start + every - 1``, in one call of
+    ``task.train_batches`` (Gauss-Newton: split per outer step into the
+    inner steps' and the line search's, as
+    :func:`gauss_newton_batch_indices` says)."""
+    if not self.spec.second_order:
+      return jax.tree.map(jnp.asarray, task.train_batches(start, self.every))
+    n, m = self.batches_per_step
+    stream = task.train_batches(start * (n + m), self.every * (n + m))
+    per_step = jax.tree.map(
+        lambda x: x.reshape((self.every, n + m) + x.shape[1:]), stream)
+    return (jax.tree.map(lambda x: jnp.asarray(x[:, :n]), per_step),
+            jax.tree.map(lambda x: jnp.asarray(x[:, n:]), per_step))
 
   def compile(self, lr: float, total: int) -> None:
     params, state = self.fresh(self.task, lr, total)
@@ -298,6 +403,7 @@ class _Runner:
               "train_loss": [], "chunk_s": []}
     if self.spec.second_order:
       record["step_sizes"] = []  # the line search's choice per outer step
+      record["linesearch_loss"] = []  # its batches' mean loss after it
 
     def do_eval(step, elapsed):
       loss, acc = self.evaluate(params, self.eval_batches)
@@ -314,7 +420,7 @@ class _Runner:
       batches = self._batches(task, start)
       jax.block_until_ready(batches)
       t0 = time.perf_counter()
-      params, state, (losses, sizes) = self.compiled(
+      params, state, (losses, sizes, search_losses) = self.compiled(
           params, state, batches, lr_arr, total_arr)
       losses = np.asarray(jax.block_until_ready(losses))
       dt = time.perf_counter() - t0
@@ -323,6 +429,8 @@ class _Runner:
       record["train_loss"].extend(float(x) for x in losses)
       if self.spec.second_order:
         record["step_sizes"].extend(float(x) for x in np.asarray(sizes))
+        record["linesearch_loss"].extend(
+            float(x) for x in np.asarray(search_losses))
       last = float(losses[-1])
       if bar is not None:
         bar.update(self.every)
@@ -442,7 +550,14 @@ def run_optimizer(task: Task, spec: opt_lib.OptimizerSpec, config: RunConfig,
     ``sweep_steps`` (= ``steps_run``), ``second_order``, the tuning runs'
     final losses (``sweep``), the curves averaged over seeds (``steps``,
     ``val_loss``, ``val_loss_std``, ``val_acc``, ``time_s``) and per seed,
-    state bytes, step time, compile time and memory. ``status`` is ``"ok"``,
+    state bytes, step time, compile time and memory. The data: ``data_unit``
+    (``"tokens"``, or ``"examples"`` for the classification tasks),
+    ``tokens_per_batch``, ``tokens_per_step`` (training data of one step:
+    one batch, or for Gauss-Newton its ``inner_steps`` batches),
+    ``tokens_seen`` (per point of ``steps``) and ``tokens_run``; Gauss-Newton
+    adds ``linesearch_batches``, ``linesearch_tokens_per_step``,
+    ``linesearch_tokens_seen`` and ``linesearch_tokens_run`` (read by the
+    line search, not counted as training data). ``status`` is ``"ok"``,
     ``"unavailable"`` or ``"error"`` (with ``message``).
   """
   seeds = list(config.seeds)
@@ -456,6 +571,13 @@ def run_optimizer(task: Task, spec: opt_lib.OptimizerSpec, config: RunConfig,
   if reason is not None:
     result.update(status="unavailable", message=reason)
     return result
+  inner_steps = config.gn_inner_steps
+  if spec.second_order and inner_steps is not None:
+    # The run's inner steps, in the context the builders read.
+    task, *seed_tasks = [
+        dataclasses.replace(t, context=dataclasses.replace(
+            t.context, gn_inner_steps=int(inner_steps)))
+        for t in (task, *seed_tasks)]
   steps, every = config.steps_for(spec)
   grid = config.grid_for(spec, task.name)
   evaluate = evaluate or make_eval(task)
@@ -467,7 +589,8 @@ def run_optimizer(task: Task, spec: opt_lib.OptimizerSpec, config: RunConfig,
     with warnings.catch_warnings():
       warnings.filterwarnings("ignore", message=".*donated buffers.*")
       runner = _Runner(task, spec, evaluate, eval_batches, every,
-                       config.clip_norm, config.compiler_options)
+                       config.clip_norm, config.compiler_options,
+                       config.gn_linesearch_batches)
       runner.compile(grid[0], steps)
       if tuning:
         best_lr, records, extensions, at_edge = tune(
@@ -496,7 +619,7 @@ def run_optimizer(task: Task, spec: opt_lib.OptimizerSpec, config: RunConfig,
   val_acc, val_acc_std = _mean_curve([r["val_acc"] for r in runs])
   time_s, _ = _mean_curve([r["time_s"] for r in runs])
   chunk_s = [c for r in runs for c in r["chunk_s"]]
-  per_step = [c / every for c in chunk_s]
+  step_times = [c / every for c in chunk_s]
   finite = [v for v in val_loss if math.isfinite(v)]
   state_bytes = first["state_bytes"]
   transient = None
@@ -504,6 +627,20 @@ def run_optimizer(task: Task, spec: opt_lib.OptimizerSpec, config: RunConfig,
     inner = spec.inner(best_lr, task.context)
     transient = mo.state_nbytes(jax.eval_shape(inner.init, task.init_params))
   rates = sorted(records)
+  per_batch, unit = batch_data(task)
+  train_batches, search_batches = runner.batches_per_step
+  per_step = train_batches * per_batch
+  result.update(
+      data_unit=unit, tokens_per_batch=per_batch, tokens_per_step=per_step,
+      tokens_seen=[s * per_step for s in first["steps"]],
+      tokens_run=len(first["train_loss"]) * per_step)
+  if spec.second_order:
+    search = search_batches * per_batch
+    result.update(
+        inner_steps=train_batches, linesearch_batches=search_batches,
+        linesearch_tokens_per_step=search,
+        linesearch_tokens_seen=[s * search for s in first["steps"]],
+        linesearch_tokens_run=len(first["train_loss"]) * search)
   result.update(
       status="ok", lr_grid=rates, initial_lr_grid=list(grid),
       grid_extensions=extensions,
@@ -528,13 +665,15 @@ def run_optimizer(task: Task, spec: opt_lib.OptimizerSpec, config: RunConfig,
       transient_state_bytes=transient,
       transient_state_bytes_per_param=(None if transient is None
                                        else transient / task.num_params),
-      step_time_s=statistics.median(per_step) if per_step else math.nan,
+      step_time_s=(statistics.median(step_times) if step_times
+                   else math.nan),
       train_time_s=sum(first["chunk_s"]), compile_s=runner.compile_s,
       step_memory_bytes=runner.step_memory_bytes,
       device_peak_bytes=(mem or {}).get("peak_bytes_in_use"),
   )
   if spec.second_order:
     result["step_sizes"] = first["step_sizes"]
+    result["linesearch_loss"] = first["linesearch_loss"]
   return result
 
 
@@ -553,8 +692,10 @@ def is_tie(a: dict, b: dict, width: float = 2.0) -> Optional[bool]:
 
 
 def add_targets(results: list[dict], config: RunConfig) -> Optional[float]:
-  """Fills in ``target_loss``, ``steps_to_target``, ``time_to_target_s``
-  (first crossings of the seed-mean validation curve) and the comparison
+  """Fills in ``target_loss``, ``steps_to_target`` (first-order steps,
+  Gauss-Newton outer iterations), ``tokens_to_target`` (``None`` for results
+  without ``tokens_seen``), ``time_to_target_s`` (first crossings of the
+  seed-mean validation curve) and the comparison
   with the reference and with the best (``vs_reference``,
   ``tie_with_reference``, ``tie_with_best``) of every successful result;
   returns the target."""
@@ -586,8 +727,12 @@ def add_targets(results: list[dict], config: RunConfig) -> Optional[float]:
     r["is_best"] = r is best
     if target is None:
       r["steps_to_target"] = r["time_to_target_s"] = None
+      r["tokens_to_target"] = None
       continue
     r["steps_to_target"] = first_crossing(r["steps"], r["val_loss"], target)
+    r["tokens_to_target"] = (
+        first_crossing(r["tokens_seen"], r["val_loss"], target)
+        if r.get("tokens_seen") else None)
     r["time_to_target_s"] = first_crossing(r["time_s"], r["val_loss"], target)
   return target
 

@@ -120,11 +120,60 @@ def _plot_by_axis(task_result: dict, path: str, show: bool, *, y_key: str,
 def plot_loss_vs_step(task_result: dict, path: str, show: bool = False
                       ) -> Optional[Any]:
   """Validation loss against step; Gauss-Newton against outer iterations,
-  on its own axis."""
+  on its own axis (:func:`plot_loss_vs_tokens` puts every optimizer on
+  one axis of data)."""
   return _plot_by_axis(
       task_result, path, show, y_key="val_loss",
       ylabel=f"validation loss ({task_result.get('loss_unit', '')})",
       title="validation loss", accuracy=False)
+
+
+def plot_loss_vs_tokens(task_result: dict, path: str, show: bool = False
+                        ) -> Optional[Any]:
+  """Validation loss against the training tokens read (examples for the
+  classification tasks), every optimizer on one axis: a Gauss-Newton outer
+  iteration counts the batches of its inner steps (its line search's are
+  not training data), so it lands where the first-order runs' steps would
+  have read the same data.
+
+  Args:
+    task_result: one entry of :func:`compare.compare_task` (results without
+      ``tokens_seen``, from older runs, are left out).
+    path: where to write the PNG (``None``: nowhere).
+    show: show the figure instead of closing it (and return it).
+
+  Returns:
+    The figure when ``show``, else ``None``.
+
+  Example:
+    >>> import tempfile, os
+    >>> from microadam_compare import plots
+    >>> result = {"task": "lm", "loss_unit": "nats/byte", "results": [
+    ...     {"name": "adamw", "label": "AdamW", "status": "ok",
+    ...      "best_lr": 1e-3, "data_unit": "tokens",
+    ...      "tokens_seen": [0, 512, 1024], "val_loss": [5.0, 3.0, 2.5]}]}
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...   plots.plot_loss_vs_tokens(result, os.path.join(d, "lm.png"))
+    ...   os.path.getsize(os.path.join(d, "lm.png")) > 0
+    True
+  """
+  plt = _pyplot()
+  ok = [r for r in _ok(task_result) if r.get("tokens_seen")]
+  unit = next((r["data_unit"] for r in ok if r.get("data_unit")), "tokens")
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for r in ok:
+    _curve(ax, r, "tokens_seen", "val_loss")
+  _target(ax, task_result)
+  _maybe_log(ax, ok)
+  ax.set_xlabel(f"training {unit} read (Gauss-Newton: its inner steps' "
+                "batches)")
+  ax.set_ylabel(f"validation loss ({task_result.get('loss_unit', '')})")
+  ax.set_title(f"{task_result['task']}: validation loss per training {unit}"
+               f"{_seeds_text(task_result)}")
+  ax.grid(alpha=0.3)
+  if ok:
+    ax.legend(fontsize=8)
+  return _finish(plt, fig, path, show)
 
 
 def plot_loss_vs_time(task_result: dict, path: str, show: bool = False
@@ -264,7 +313,8 @@ def plot_task(task_result: dict, out_dir: str) -> list[str]:
     The paths written.
   """
   name = task_result["task"]
-  figures = [("loss_vs_step", plot_loss_vs_step),
+  figures = [("loss_vs_tokens", plot_loss_vs_tokens),
+             ("loss_vs_step", plot_loss_vs_step),
              ("loss_vs_time", plot_loss_vs_time),
              ("state_bytes", plot_state_bytes),
              ("lr_sweep", plot_lr_sweep),

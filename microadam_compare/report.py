@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -19,6 +20,26 @@ def _fmt(x: Any, spec: str = ".4f", none: str = "-") -> str:
 
 def _mib(n: Optional[int]) -> str:
   return "n/a" if n is None else f"{n / 2**20:.1f}"
+
+
+def _count(n: Optional[float]) -> str:
+  """A count of tokens or examples in three digits: ``131k``, ``9.83M``.
+
+  >>> _count(131072), _count(9_830_400), _count(640), _count(None)
+  ('131k', '9.83M', '640', '-')
+  """
+  if n is None or (isinstance(n, float) and not math.isfinite(n)):
+    return "-"
+  for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+    if abs(n) >= size:
+      return f"{n / size:.3g}{suffix}"
+  return f"{n:.0f}"
+
+
+def _data_unit(results: Sequence[dict]) -> str:
+  """What a task's results count (``tokens`` or ``examples``)."""
+  return next((r["data_unit"] for r in results if r.get("data_unit")),
+              "tokens")
 
 
 def _mean_std(r: dict, key: str, spec: str) -> str:
@@ -69,10 +90,15 @@ def legend(task_results: Sequence[dict]) -> str:
       "  vs AdamW: change of the mean final loss; 'tie' when the means "
       "differ by at most 2 std over seeds (the larger of the two). (best): "
       "lowest mean; (= best): tied with it.",
-      "  steps→tgt / s→tgt: the first evaluation at which the seed-mean "
-      "validation loss reaches the target (AdamW's mean final loss unless "
-      "--target-loss): its step, and the training seconds before it "
-      "(compilation and evaluation excluded); - = never.",
+      "  tokens / examples: the training data each run read (batch tokens "
+      "for the language models, examples for the classifiers).",
+      "  steps→tgt / tokens→tgt / s→tgt: the first evaluation at which the "
+      "seed-mean validation loss reaches the target (AdamW's mean final "
+      "loss unless --target-loss): its iteration (a first-order step, a "
+      "Gauss-Newton outer iteration), the training tokens (examples) read "
+      "before it and the training seconds before it (compilation and "
+      "evaluation excluded); - = never. Tokens and seconds are the common "
+      "scale across optimizers; iterations are not.",
       "  state B/p: optimizer-state bytes per parameter. step ms: median "
       "time of one step. step MiB: XLA's memory estimate of the compiled "
       "training chunk (arguments + outputs + temporaries of eval_every "
@@ -82,10 +108,18 @@ def legend(task_results: Sequence[dict]) -> str:
   ]
   if any(r.get("second_order") for r in ok):
     lines.append(
-        "  * Gauss-Newton: steps are outer iterations (inner solve + line "
-        "search), not comparable with first-order steps; its state is what "
-        "it keeps between outer steps, '+X inner' the inner optimizer's, "
-        "re-made in every outer step.")
+        "  * Gauss-Newton: steps are outer iterations, each linearizing the "
+        "model once and running inner steps that each read a fresh "
+        "training batch, then a line search on batches of its own (the "
+        "paper's protocol; their tokens are listed under the table, not "
+        "counted as training data); outer x inner steps read about as many "
+        "training tokens as the first-order runs. Its state is what it "
+        "keeps between outer steps (the inner optimizer's state and "
+        "iterate)" + (
+            ", '+X inner' the state of an inner optimizer re-made in every "
+            "outer step (older runs)."
+            if any(r.get("transient_state_bytes_per_param") for r in ok)
+            else "."))
   notes = {r["label"]: r["note"] for r in ok if r.get("note")}
   if notes:
     lines.append("  hyper-parameters (the authors' recommendations; every "
@@ -99,9 +133,10 @@ def format_table(task_result: dict) -> str:
   """One task's results as a fixed-width text table, with the notes that
   explain it.
 
-  Columns: optimizer, chosen learning rate, rates tried, steps run, final
-  validation loss (mean ± std over seeds) and its change against the
-  reference (``tie`` within two standard deviations), accuracy, steps and
+  Columns: optimizer, chosen learning rate, rates tried, steps run, the
+  training tokens (examples) they read, final validation loss (mean ± std
+  over seeds) and its change against the reference (``tie`` within two
+  standard deviations), accuracy, iterations, tokens (examples) and
   train-seconds to the target loss, optimizer-state bytes per parameter,
   median step time, compile time, the compiled step's memory (XLA's
   memory analysis) and, where the back end reports it, the device's peak
@@ -125,9 +160,11 @@ def format_table(task_result: dict) -> str:
           f"{len(seeds or [0])} seed(s); target loss {_fmt(target)} "
           f"{task_result.get('loss_unit', '')}")
   show_peak = any(r.get("device_peak_bytes") is not None for r in ok)
-  cols = ["optimizer", "lr", "rates", "steps", "val loss", f"vs {ref_label}",
-          "val acc", "steps→tgt", "s→tgt", "state B/p", "step ms",
-          "compile s", "step MiB"] + (["peak MiB"] if show_peak else [])
+  unit = _data_unit(ok)
+  cols = ["optimizer", "lr", "rates", "steps", unit, "val loss",
+          f"vs {ref_label}", "val acc", "steps→tgt", f"{unit}→tgt", "s→tgt",
+          "state B/p", "step ms", "compile s", "step MiB"] + (
+              ["peak MiB"] if show_peak else [])
   rows = []
   notes = []
   for r in task_result["results"]:
@@ -144,10 +181,12 @@ def format_table(task_result: dict) -> str:
                                      else ""),
         str(len(r.get("lr_grid") or ())),
         str(r["steps_run"]) + (" outer" if r.get("second_order") else ""),
+        _count(r.get("tokens_run")),
         _mean_std(r, "final_val_loss", ".4f"),
         _versus(r, reference),
         _mean_std(r, "final_val_acc", ".3f"),
         _fmt(r.get("steps_to_target"), "d"),
+        _count(r.get("tokens_to_target")),
         _fmt(r.get("time_to_target_s"), ".1f"),
         _state(r),
         _fmt(1000 * r["step_time_s"], ".1f"),
@@ -165,13 +204,24 @@ def format_table(task_result: dict) -> str:
   out = [head, line(cols), "  ".join("-" * w for w in widths)]
   out += [line(row) for row in rows]
   for r in ok:
+    if r.get("second_order") and r.get("inner_steps"):
+      n, m = r["inner_steps"], r.get("linesearch_batches")
+      text = (f"  {r['label']}: {r['steps_run']} outer x {n} inner steps, "
+              f"each inner step on a fresh batch ({_count(r['tokens_run'])} "
+              f"{unit} of training)")
+      if m:
+        text += (f"; the line search read {m} batches of its own per outer "
+                 f"step ({_count(r.get('linesearch_tokens_run'))} {unit} "
+                 f"more, not counted above)")
+      out.append(text + ".")
     sizes = [a for a in r.get("step_sizes") or () if a is not None]
     if sizes:
-      zeros = sum(a == 0 for a in sizes)
-      out.append(f"  {r['label']}: line-search step size median "
-                 f"{statistics.median(sizes):g}, 0 (step rejected) in {zeros} "
-                 f"of {len(sizes)} outer iterations (seed "
-                 f"{(seeds or [0])[0]}).")
+      counts = collections.Counter(round(a, 4) for a in sizes)
+      chosen = ", ".join(f"{a:g} x{c}" for a, c in sorted(
+          counts.items(), key=lambda kv: -kv[0]))
+      out.append(f"  {r['label']}: line-search step sizes chosen: {chosen} "
+                 f"(median {statistics.median(sizes):g}; {len(sizes)} outer "
+                 f"iterations, seed {(seeds or [0])[0]}).")
   skipped = task_result.get("skipped_by_default")
   if skipped:
     out.append(f"  not run by default on this task and preset: "
