@@ -130,6 +130,45 @@ def fused_step(*, weight_decay: float, window: int = 10,
   return jax.jit(step, donate_argnums=(0, 1))
 
 
+#: Step rows of MicroAdam's kernels with other defaults: ``"module.NAME":
+#: value`` for module-level defaults of :mod:`pallas_kernels.window` and
+#: :mod:`pallas_kernels.error_feedback` (read when the dispatch is traced).
+PALLAS_ROWS = {
+    # The kernels before issue 13's second session.
+    "pallas-before": {"window.RELAXED_ATOMICS": False,
+                      "error_feedback.SELECTION": "exact"},
+    "pallas": {},
+    "pallas-exact": {"error_feedback.SELECTION": "exact"},
+    "pallas-candidates-atomic": {
+        "error_feedback.SELECTION": "candidates_atomic"},
+    "pallas-window-atomic": {"window.DEFAULT_VARIANT": "atomic"},
+}
+
+_MODULES = {"window": window_lib, "error_feedback": ef_lib}
+
+
+class with_kernel_defaults:  # pylint: disable=invalid-name
+  """A jitted step whose ``lower`` sees other kernel defaults.
+
+  ``overrides``: ``{"module.NAME": value}`` (see :data:`PALLAS_ROWS`), set
+  while the step is lowered, then restored.
+  """
+
+  def __init__(self, step, overrides: dict[str, Any]):
+    self._step = step
+    self._overrides = {tuple(k.split(".")): v for k, v in overrides.items()}
+
+  def lower(self, *args):
+    saved = {(m, a): getattr(_MODULES[m], a) for m, a in self._overrides}
+    try:
+      for (m, a), v in self._overrides.items():
+        setattr(_MODULES[m], a, v)
+      return self._step.lower(*args)
+    finally:
+      for (m, a), v in saved.items():
+        setattr(_MODULES[m], a, v)
+
+
 def run_row(name: str, init: Callable, step: Callable, shapes: Any,
             grad_sets: list, *, steps: int, warmup: int) -> dict:
   """Times one optimizer; frees its parameters and state afterwards.
@@ -200,7 +239,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--xla-steps", type=int, default=3,
                       help="steps for the (slow) XLA MicroAdam row")
   parser.add_argument("--rows", default="fused,pallas,xla,adamw",
-                      help="comma list of fused, pallas, xla, adamw")
+                      help="comma list of fused, xla, adamw, pallas and "
+                      "the pallas-* rows of PALLAS_ROWS")
   parser.add_argument("--kernels", action="store_true",
                       help="also time each kernel on one 4096 x 11008 tensor")
   parser.add_argument("--json", default=None)
@@ -234,10 +274,17 @@ def main(argv=None) -> dict:
     for wd in (0.0, 0.01):
       rows.append((f"kernel-level fused step (no apply_updates), wd={wd}",
                    ma_init, fused_step(weight_decay=wd), args.steps))
-  if "pallas" in wanted:
-    tx = mo.microadam(implementation="pallas", **ma_kw)
-    rows.append(('mo.microadam implementation="pallas"', tx.init,
-                 optax_step(tx), args.steps))
+  # "pallas" runs the kernels' defaults; the "pallas-*" rows change kernel
+  # defaults while their step is traced (A/B in one process).
+  for row_name, overrides in PALLAS_ROWS.items():
+    if row_name in wanted:
+      tx = mo.microadam(implementation="pallas", **ma_kw)
+      label = 'mo.microadam implementation="pallas"' + (
+          " [" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + "]"
+          if overrides else "")
+      rows.append((label, tx.init,
+                   with_kernel_defaults(optax_step(tx), overrides),
+                   args.steps))
   if "xla" in wanted:
     tx = mo.microadam(implementation="xla", **ma_kw)
     rows.append(('mo.microadam implementation="xla"', tx.init,
