@@ -23,6 +23,10 @@ is at an end), the best rate rerun on the other seeds. Rows:
 * ``mixed_small_embed_mini16``: the same with Adam-mini's first moment in
   bfloat16 (fits 1.2 B/param on the cpu preset, whose embeddings and head
   are 10 % of the parameters).
+* ``microadam_d2_w5``, ``microadam_d3_w3``: shorter windows at the
+  default's bytes (fewer rows of more entries).
+* ``mixed_small_embed_mini16_d2_w5``: ``mixed_small_embed_mini16`` with
+  MicroAdam at 2 % and m 5.
 * ``microadam_d1_w10_wbc``: the published default with the bias correction
   spanning the window (``1 - b^min(t, m)``) instead of ``1 - b^t``. MicroAdam's
   direction is ``c1 M / (sqrt(c2 V) + eps)`` with scalar corrections, so this
@@ -75,6 +79,10 @@ DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
 DENSITIES = (0.01, 0.02, 0.05)
 WINDOWS = (10, 20)
 
+#: Shorter windows at the same bytes as the default (density x window = 10
+#: rows of 1 %): more entries per row, fewer rows.
+SHORT_WINDOWS = ((0.02, 5), (0.03, 3))
+
 #: Goal of issue 15: state at most this many bytes per parameter, final loss
 #: within 2 % of AdamW's when fine-tuning and within 5 % from scratch.
 BUDGET_BYTES_PER_PARAM = 1.2
@@ -89,12 +97,12 @@ def _microadam(density: float, window: int) -> opt_lib.Builder:
   return build
 
 
-def _mixed(dense: str, embeddings: bool, mu_dtype: Any = None
-           ) -> opt_lib.Builder:
+def _mixed(dense: str, embeddings: bool, mu_dtype: Any = None,
+           density: float = 0.01, window: int = 10) -> opt_lib.Builder:
   def build(lr, ctx):
     return mo.microadam_mixed(
         lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=ctx.decay(0.0),
-        mask=opt_lib.decay_mask, window=10, density=0.01, dense=dense,
+        mask=opt_lib.decay_mask, window=window, density=density, dense=dense,
         dense_b2=0.95, dense_mu_dtype=mu_dtype,
         dense_names=mo.EMBEDDING_NAMES if embeddings else None)
   return build
@@ -136,25 +144,30 @@ def _configs() -> dict[str, opt_lib.OptimizerSpec]:
   micro = dataclasses.replace(micro, task_lr_grids={
       **micro.task_lr_grids, "finetune_cls": CLASSIFY_GRID})
   specs = {"adamw": reg["adamw"], "adam_mini": reg["adam_mini"]}
-  for window in WINDOWS:
-    for density in DENSITIES:
-      name = f"microadam_d{round(100 * density)}_w{window}"
-      specs[name] = dataclasses.replace(
-          micro, name=name, label=f"MicroAdam {100 * density:g} % m{window}",
-          build=_microadam(density, window),
-          note=f"b2 0.999, m {window}, density {100 * density:g} %, wd 0")
-  for name, label, dense, embeddings, mu_dtype in (
-      ("mixed_small", "MicroAdam + Adam small", "adam", False, None),
-      ("mixed_small_embed", "MicroAdam + Adam small+emb", "adam", True, None),
+  pairs = [(d, w) for w in WINDOWS for d in DENSITIES] + list(SHORT_WINDOWS)
+  for density, window in pairs:
+    name = f"microadam_d{round(100 * density)}_w{window}"
+    specs[name] = dataclasses.replace(
+        micro, name=name, label=f"MicroAdam {100 * density:g} % m{window}",
+        build=_microadam(density, window),
+        note=f"b2 0.999, m {window}, density {100 * density:g} %, wd 0")
+  for name, label, dense, embeddings, mu_dtype, density, window in (
+      ("mixed_small", "MicroAdam + Adam small", "adam", False, None, .01, 10),
+      ("mixed_small_embed", "MicroAdam + Adam small+emb", "adam", True, None,
+       .01, 10),
       ("mixed_small_embed_mini", "MicroAdam + Adam-mini small+emb",
-       "adam_mini", True, None),
+       "adam_mini", True, None, .01, 10),
       ("mixed_small_embed_mini16", "MicroAdam + Adam-mini(bf16 m) small+emb",
-       "adam_mini", True, jnp.bfloat16)):
+       "adam_mini", True, jnp.bfloat16, .01, 10),
+      ("mixed_small_embed_mini16_d2_w5",
+       "MicroAdam 2 % m5 + Adam-mini(bf16 m) small+emb", "adam_mini", True,
+       jnp.bfloat16, .02, 5)):
     specs[name] = dataclasses.replace(
         micro, name=name, label=label,
-        build=_mixed(dense, embeddings, mu_dtype),
+        build=_mixed(dense, embeddings, mu_dtype, density, window),
         requires="mo.microadam_mixed",
-        note=(f"MicroAdam (b2 0.999, m 10, 1 %) on matrices; {dense} "
+        note=(f"MicroAdam (b2 0.999, m {window}, {100 * density:g} %) on "
+              f"matrices; {dense} "
               f"(b2 0.95{', bf16 m' if mu_dtype else ''}) on leaves < 2-D "
               f"or < 4096 entries"
               + (", embeddings and heads" if embeddings else "")))
@@ -168,12 +181,17 @@ def _configs() -> dict[str, opt_lib.OptimizerSpec]:
 CONFIGS = _configs()
 GROUPS = {
     "published": ["adamw", "adam_mini"] + [
-        n for n in CONFIGS if n.startswith("microadam_")
-        and not n.endswith("_wbc")],
-    "variants": [n for n in CONFIGS if n.startswith("mixed_")
+        f"microadam_d{round(100 * d)}_w{w}" for w in WINDOWS
+        for d in DENSITIES],
+    "short_windows": [f"microadam_d{round(100 * d)}_w{w}"
+                      for d, w in SHORT_WINDOWS]
+                     + ["mixed_small_embed_mini16_d2_w5"],
+    "variants": [n for n in CONFIGS if (n.startswith("mixed_")
+                                        and not n.endswith("_d2_w5"))
                  or n.endswith("_wbc")],
 }
-GROUPS["all"] = GROUPS["published"] + GROUPS["variants"]
+GROUPS["all"] = (GROUPS["published"] + GROUPS["variants"]
+                 + GROUPS["short_windows"])
 ALL_TASKS = ("lm", "finetune", "finetune_cls", "digits")
 
 #: The fields of :func:`compare.run_optimizer`'s result kept in the JSON.
