@@ -304,13 +304,13 @@ REGISTRY: dict[str, OptimizerSpec] = {s.name: s for s in (
                        "on batches of its own (paper's)",
                   task_lr_grids={"digits": (3e-3, 1e-2, 3e-2),
                                  _FINETUNE: (1e-3, 3e-3, 1e-2),
-                                 _CLASSIFY: (1e-3, 3e-3, 1e-2)}),
+                                 _CLASSIFY: (1e-2, 3e-2, 1e-1)}),
     OptimizerSpec("gn_layerwise", "GN (layerwise)", _gauss_newton(True),
                   (3e-3, 1e-2, 3e-2), "mo.gauss_newton", second_order=True,
                   note="GN (full)'s protocol, one block per layer (paper's)",
                   task_lr_grids={"digits": (1e-3, 3e-3, 1e-2),
                                  _FINETUNE: (1e-3, 3e-3, 1e-2),
-                                 _CLASSIFY: (1e-3, 3e-3, 1e-2)}),
+                                 _CLASSIFY: (1e-2, 3e-2, 1e-1)}),
 )}
 
 
