@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import _backend
 from pallas_kernels import error_feedback as ef_lib
 from pallas_kernels import quantize as quant_lib
 from pallas_kernels import topk as topk_lib
@@ -162,19 +161,18 @@ def _check_case(rows: list, rng, d: int, block: int, density: float) -> None:
   if block % 2 == 0:
     kw = dict(block_size=block, k=k, last_block_k=last_k,
               index_dtype=jnp.int16, values_dtype=jnp.bfloat16)
+    out_p = jax.jit(lambda *a: ef_lib.error_feedback_pallas(*a, **kw))(
+        g, codes, lo, hi)
     out_r = jax.jit(lambda *a: ef_lib.error_feedback_reference(*a, **kw))(
         g, codes, lo, hi)
-    for selection in ef_lib.SELECTIONS:
-      out_p = jax.jit(lambda *a, s=selection: ef_lib.error_feedback_pallas(
-          *a, selection=s, **kw))(g, codes, lo, hi)
-      same_codes = float(np.mean(np.asarray(out_p[2]) == np.asarray(
-          out_r[2])))
-      rows.append({
-          "kernel": f"error_feedback[{selection}]", "d": d, "block": block,
-          "ok": _sets_equal(out_p[0], out_r[0]) and same_codes > 0.999
-                and bool(np.allclose(out_p[3], out_r[3], rtol=1e-6))
-                and bool(np.allclose(out_p[4], out_r[4], rtol=1e-6)),
-          "codes_equal_fraction": same_codes})
+    same_codes = float(np.mean(np.asarray(out_p[2]) == np.asarray(
+        out_r[2])))
+    rows.append({
+        "kernel": "error_feedback", "d": d, "block": block,
+        "ok": _sets_equal(out_p[0], out_r[0]) and same_codes > 0.999
+              and bool(np.allclose(out_p[3], out_r[3], rtol=1e-6))
+              and bool(np.allclose(out_p[4], out_r[4], rtol=1e-6)),
+        "codes_equal_fraction": same_codes})
     # Quantize / dequantize.
     xq = jax.random.normal(key, (nb, block), jnp.float32)
     qp = quant_lib.quantize_pallas(xq, 4, last_len)
@@ -190,15 +188,11 @@ def _check_case(rows: list, rng, d: int, block: int, density: float) -> None:
   for t in (1, 5):
     ur = window_lib.window_update_reference(idx, val, t, block_size=block)
     for variant in window_lib.WINDOW_VARIANTS:
-      for relaxed in (True, False):
-        up = window_lib.window_update_pallas(idx, val, t, block_size=block,
-                                             variant=variant, programs=3,
-                                             relaxed_atomics=relaxed)
-        err = float(jnp.max(jnp.abs(up - ur))
-                    / (jnp.max(jnp.abs(ur)) + 1e-30))
-        rows.append({"kernel": f"window[{variant}]", "d": d, "block": block,
-                     "t": t, "relaxed_atomics": relaxed, "ok": err < 1e-5,
-                     "rel_err": err})
+      up = window_lib.window_update_pallas(idx, val, t, block_size=block,
+                                           variant=variant, programs=3)
+      err = float(jnp.max(jnp.abs(up - ur)) / (jnp.max(jnp.abs(ur)) + 1e-30))
+      rows.append({"kernel": f"window[{variant}]", "d": d, "block": block,
+                   "t": t, "ok": err < 1e-5, "rel_err": err})
       p = jax.random.normal(key, (d,), jnp.float32)
       for wd in (0.0, 0.1):
         pp = window_lib.window_param_update_pallas(
@@ -400,41 +394,21 @@ def device_sweep(rows_: int, cols: int, *, block: int = 4096,
   u_bytes = m * nb * k * (idx.dtype.itemsize + val.dtype.itemsize) + 2 * d
   count = jnp.int32(37)
   configs = []
-  # Error feedback, packed: both selections, both ways of ranking the
-  # selection for the store, 4 warps (the default) and 8, 2 blocks per
-  # program at 8 warps (the same elements per thread, half the programs).
-  for rows, warps, scan, sel in (
-      (1, 4, "pairs", "exact"), (1, 4, "pairs", "candidates"),
-      (1, 4, "columns", "exact"), (1, 4, "columns", "candidates"),
-      (1, 8, "pairs", "candidates"), (2, 8, "pairs", "candidates"),
-      (1, 4, "pairs", "candidates_atomic"),
-      (1, 8, "pairs", "candidates_atomic")):
-    configs.append(("error_feedback", {"rows": rows, "num_warps": warps,
-                                       "pack": True, "rank_scan": scan,
-                                       "selection": sel},
-                    lambda *a, r=rows, w=warps, sc=scan, se=sel:
-                    ef_lib.error_feedback_pallas(
-                        *a, rows=r, num_warps=w, pack=True, rank_scan=sc,
-                        selection=se, **kw),
-                    (g, codes, lo, hi), ef_bytes))
-  # Window: the variants with fenced (acquire-release, the kernels before
-  # issue 13's second session) and relaxed atomics.
-  window_configs = [
-      ("elect", False, 16, 528, 1), ("elect", True, 16, 528, 1),
-      ("elect", True, 16, 1056, 1), ("elect", True, 8, 528, 1),
-      ("elect", True, 16, 528, 2), ("atomic", False, 16, 528, 1),
-      ("atomic", True, 16, 528, 1), ("atomic", True, 8, 528, 1),
-      ("atomic", True, 16, 1056, 1)]
-  for variant, relaxed, warps, programs, rows in window_configs:
+  for warps in (4, 8):
+    for pack in (False, True):
+      configs.append(("error_feedback", {"num_warps": warps, "pack": pack},
+                      lambda *a, w=warps, p=pack: ef_lib.error_feedback_pallas(
+                          *a, num_warps=w, pack=p, **kw),
+                      (g, codes, lo, hi), ef_bytes))
+  for variant, warps, programs in (("elect", 8, 528), ("elect", 16, 528),
+                                   ("elect", 16, 1056), ("atomic", 16, 528)):
     configs.append((f"window[{variant}]",
-                    {"relaxed_atomics": relaxed, "num_warps": warps,
-                     "programs": programs, "rows": rows},
-                    lambda i, v, w=warps, p=programs, var=variant,
-                    rel=relaxed, r=rows: window_lib.window_update_pallas(
+                    {"num_warps": warps, "programs": programs},
+                    lambda i, v, w=warps, p=programs, var=variant:
+                    window_lib.window_update_pallas(
                         i, v, count, block_size=block,
-                        out_dtype=jnp.bfloat16, variant=var, num_warps=w,
-                        programs=p, rows=r, relaxed_atomics=rel),
-                    (idx, val), u_bytes))
+                        out_dtype=jnp.bfloat16, variant=var,
+                        num_warps=w, programs=p), (idx, val), u_bytes))
   # Every configuration's output is checked: the window's against the XLA
   # reference, the error feedback's against the first configuration's.
   u_ref = window_lib.window_update_reference(idx, val, count,
@@ -553,7 +527,6 @@ def main(argv=None) -> dict:
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s; tensor {rows_} x {cols}",
           flush=True)
     if args.device_sweep:
-      result["relaxed_atomics_available"] = _backend.RELAXED_ATOMICS
       result["device_sweep"] = device_sweep(rows_, cols, copy_bw=bw)
     elif args.sweep:
       result["sweep"] = sweep(rows_, cols, steps=args.steps, copy_bw=bw)

@@ -131,20 +131,15 @@ def fused_step(*, weight_decay: float, window: int = 10,
 
 
 #: Step rows of MicroAdam's kernels with other defaults: ``"module.NAME":
-#: value`` for module-level defaults of :mod:`pallas_kernels.window` and
-#: :mod:`pallas_kernels.error_feedback` (read when the dispatch is traced).
+#: value`` for module-level defaults that the dispatch reads when it is
+#: traced (:data:`pallas_kernels.window.DEFAULT_VARIANT`; a default read
+#: inside a jitted kernel wrapper would be cached with its first trace).
 PALLAS_ROWS = {
-    # The kernels before issue 13's second session.
-    "pallas-before": {"window.RELAXED_ATOMICS": False,
-                      "error_feedback.SELECTION": "exact"},
     "pallas": {},
-    "pallas-exact": {"error_feedback.SELECTION": "exact"},
-    "pallas-candidates-atomic": {
-        "error_feedback.SELECTION": "candidates_atomic"},
     "pallas-window-atomic": {"window.DEFAULT_VARIANT": "atomic"},
 }
 
-_MODULES = {"window": window_lib, "error_feedback": ef_lib}
+_MODULES = {"window": window_lib}
 
 
 class with_kernel_defaults:  # pylint: disable=invalid-name

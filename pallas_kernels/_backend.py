@@ -30,7 +30,6 @@ the back end a kernel is lowered for (:func:`gpu_params`, :func:`tpu_params`).
 from __future__ import annotations
 
 import os
-import types
 from typing import Any, Callable
 
 import jax
@@ -235,89 +234,3 @@ def barrier(interpret: bool) -> None:
   """
   if not interpret:
       pltriton.debug_barrier()
-
-
-# ---------------------------------------------------------------------------
-# Relaxed atomic add (Triton).
-# ---------------------------------------------------------------------------
-#
-# ``pltriton.atomic_add`` lowers to an acquire-release atomic at GPU scope,
-# which the CUDA compiler brackets with a full GPU memory fence and an L1
-# invalidation (``MEMBAR.ALL.GPU``, ``CCTL.IVALL``) on every warp that
-# reaches it, lanes masked or not: ncu found those fences holding 27 % of the
-# window kernel's stall samples (benchmarks/NOTES_kernels.md). The window
-# kernel only needs the sums to be complete after the program's next barrier
-# (``bar.sync`` orders a program's global memory accesses), so a relaxed
-# atomic (``red.relaxed.gpu``, no fence) is enough.
-#
-# Pallas exposes no memory-semantics argument; the primitive below is
-# ``atomic_rmw_p`` with its Triton lowering rule re-bound to a view of the
-# lowering module whose ``_atomic_rmw`` passes ``MemSemantic.RELAXED``
-# (nothing global is patched). It uses JAX internals: where they differ
-# (another JAX version), :func:`atomic_add` falls back to
-# ``pltriton.atomic_add`` and :data:`RELAXED_ATOMICS` is ``False``.
-
-
-def _make_relaxed_atomic_rmw():
-  """The relaxed ``atomic_rmw`` primitive and its binder, or ``None``."""
-  try:
-    # pylint: disable=g-import-not-at-top
-    from jax._src import core as jax_core
-    from jax._src import tree_util
-    from jax._src.lib.triton import dialect as tt_dialect
-    from jax._src.pallas.triton import lowering as tl_lowering
-    from jax._src.pallas.triton import primitives as tl_primitives
-    from jax._src.state import discharge as state_discharge
-    from jax._src.state import primitives as state_primitives
-    # pylint: enable=g-import-not-at-top
-    rule = tl_primitives._atomic_lowering_rule  # pylint: disable=protected-access
-    atomic_rmw = tl_lowering._atomic_rmw  # pylint: disable=protected-access
-    relaxed = tt_dialect.MemSemantic.RELAXED
-    add = tl_primitives.AtomicOpType.ADD
-    abstract_eval = tl_primitives._atomic_abstract_eval  # pylint: disable=protected-access
-    discharge = tl_primitives._atomic_rmw_discharge_rule  # pylint: disable=protected-access
-  except (ImportError, AttributeError):
-    return None
-
-  class _RelaxedLowering(types.ModuleType):
-    """The Triton lowering module, with relaxed atomics."""
-
-    def __getattr__(self, name):
-      return getattr(tl_lowering, name)
-
-  view = _RelaxedLowering("relaxed_lowering")
-  view._atomic_rmw = lambda op, ptr, val, mask=None, **kw: atomic_rmw(  # pylint: disable=protected-access
-      op, ptr, val, mask=mask, semantic=relaxed)
-  relaxed_rule = types.FunctionType(
-      rule.__code__, dict(rule.__globals__, lowering=view),
-      "_relaxed_atomic_lowering_rule", rule.__defaults__, rule.__closure__)
-  primitive = jax_core.Primitive("relaxed_atomic_rmw")
-  primitive.def_effectful_abstract_eval(abstract_eval)
-  state_discharge.register_discharge_rule(primitive)(discharge)
-  tl_lowering.register_lowering(primitive)(relaxed_rule)
-
-  def bind(ref, idx, val, mask):
-    ref, transforms = state_primitives.get_ref_and_transforms(
-        ref, idx, "atomic_rmw")
-    flat, tree = tree_util.tree_flatten((ref, transforms, val, mask))
-    return primitive.bind(*flat, args_tree=tree, atomic_type=add)
-
-  return bind
-
-
-_relaxed_atomic_add = _make_relaxed_atomic_rmw()
-
-#: Whether :func:`atomic_add` can emit relaxed atomics with this JAX.
-RELAXED_ATOMICS = _relaxed_atomic_add is not None
-
-
-def atomic_add(ref, idx, val, *, mask=None, relaxed: bool = True):
-  """``ref[idx] += val`` atomically on GPU (Triton), without a fence.
-
-  ``relaxed``: a relaxed atomic (no memory ordering beyond the add itself;
-  order it with a :func:`barrier`) where this JAX allows it, else (or with
-  ``False``) ``pltriton.atomic_add``, acquire-release.
-  """
-  if relaxed and _relaxed_atomic_add is not None:
-    return _relaxed_atomic_add(ref, idx, val, mask)
-  return pltriton.atomic_add(ref, idx, val, mask=mask)

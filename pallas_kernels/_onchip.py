@@ -24,8 +24,6 @@ from jax.experimental.pallas import triton as pltriton
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import _backend
-
 # 2^23 as float32: adding it to a small non-negative integer-valued float
 # leaves the integer in the low mantissa bits (and the reverse).
 _MAGIC = 8388608.0
@@ -71,35 +69,6 @@ def exclusive_rank(flag: jax.Array, col: jax.Array) -> jax.Array:
   return before[:, :, None] + jnp.where(col == 1, first[:, :, None], 0)
 
 
-def exclusive_rank_columns(flag: jax.Array, col: jax.Array) -> jax.Array:
-  """:func:`exclusive_rank` with the scan along the block's own layout.
-
-  Scans the ``(rows, h, 2)`` array along ``h`` (each column separately) and
-  combines the two columns per pair, instead of scanning the ``(rows, h)``
-  pair sums: the scan's operand and result keep the block's layout, which may
-  spare the GPU the layout conversions between the scan and the block's
-  other arrays (measured, see benchmarks/NOTES_kernels.md).
-  """
-  inclusive = jnp.sum(jnp.cumsum(flag, axis=1), axis=2, keepdims=True)
-  pair = jnp.sum(flag, axis=2, keepdims=True)
-  first = jnp.sum(jnp.where(col == 0, flag, 0), axis=2, keepdims=True)
-  return inclusive - pair + jnp.where(col == 1, first, 0)
-
-
-#: How the Top-K store ranks the selected entries: ``"pairs"``
-#: (:func:`exclusive_rank`) or ``"columns"`` (:func:`exclusive_rank_columns`).
-RANK_SCANS = ("pairs", "columns")
-
-
-def rank_of(flag: jax.Array, col: jax.Array, scan: str) -> jax.Array:
-  """Exclusive prefix count of ``flag`` by one of :data:`RANK_SCANS`."""
-  if scan == "columns":
-    return exclusive_rank_columns(flag, col)
-  if scan != "pairs":
-    raise ValueError(f"rank scan must be one of {RANK_SCANS}, got {scan!r}.")
-  return exclusive_rank(flag, col)
-
-
 def magnitude_bits(a: jax.Array, valid: jax.Array) -> jax.Array:
   """Bit pattern of ``|a|`` as int32 (monotone in ``|a|``); -1 where invalid."""
   bits = lax.bitcast_convert_type(a, jnp.int32) & 0x7FFFFFFF
@@ -129,54 +98,46 @@ def _log_count(c: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(c.astype(jnp.float32) + 0.5, jnp.int32)
 
 
-def kth_bracket(mag: jax.Array, k: jax.Array, nvalid: jax.Array,
-                cap: jax.Array | int | None = None
-                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """Per-row bracket of the ``k``-th largest entry of ``mag`` (int32 >= 0).
+def kth_threshold(mag: jax.Array, k: jax.Array, nvalid: jax.Array
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-row threshold of the ``k`` largest entries of ``mag`` (int32 >= 0).
 
-  Searches, for every row at once, bit patterns ``lo < hi`` with ``clo =
-  count(mag >= lo) >= k > chi = count(mag >= hi)``. Each pass counts the
-  entries at or above one probe (:func:`count_at_least`: two instructions
-  per entry, one reduction):
+  Searches, for every row at once, the bit pattern of the ``k``-th largest
+  magnitude with a bracket ``[lo, hi)`` such that ``count(mag >= lo) >= k >
+  count(mag >= hi)``. Each pass counts the entries at or above one probe
+  (one compare and one add per entry, one reduction):
 
   * while no lower bound is known, probes step down from the largest
     magnitude by 1, 2, 4, ... octaves;
   * then the probe interpolates linearly between the bracket ends in bit
     patterns (~ ``log|x|``) against the bit patterns of the counts (~
-    ``log count``), aiming at ``(k + cap) // 2`` entries: a power-law tail
-    model that costs a few integer and float operations, no transcendental
-    functions;
+    ``log count``): a power-law tail model that costs a few integer and
+    float operations, no transcendental functions;
   * an interpolation that did not halve the bracket is followed by a
     bisection, so that the bracket always shrinks geometrically.
 
-  It stops when ``clo <= cap`` (``cap = k``, the default: the ``k``-th
-  magnitude is ``lo``) or the bracket holds one bit pattern (``hi = lo + 1``:
-  the ``k``-th magnitude is ``lo``, tied). Exact (``cap = k``) it makes 6-10
-  passes on Gaussian-like data and on MicroAdam's gradient-plus-error
-  blocks (at most ~35, on heavily tied data); with ``cap = 64`` for ``k =
-  41`` about half as many (a NumPy replay: 7.4 -> 3.6 on Gaussian blocks,
-  7.7 -> 3.9 on gradient plus 4-bit error). Rows that are done wait for the
-  others.
+  It stops when a probe counts exactly ``k`` or the bracket holds one bit
+  pattern (the ``k``-th magnitude is then tied). On Gaussian-like data and
+  on MicroAdam's gradient-plus-error blocks it makes 6-10 passes (at most
+  ~35, on heavily tied data). Rows that are done wait for the others.
 
   Args:
     mag: int32 magnitudes ``(rows, h, 2)`` (``-1``: never selected).
     k: entries to select per row, int32 ``(rows,)``, ``<= nvalid``.
     nvalid: entries with ``mag >= 0`` per row, int32 ``(rows,)``.
-    cap: stop once at most ``cap >= k`` entries are ``>= lo`` (default
-      ``k``).
 
   Returns:
-    ``(lo, clo, hi, chi)``, each ``(rows,)``; rows with ``k = 0`` keep
-    ``lo = 0``.
+    ``(at_least, tie, need)``, each ``(rows,)``: select every entry with
+    ``mag >= at_least`` plus the first ``need`` entries (in element order)
+    with ``mag == tie``.
   """
   top = jnp.max(mag, axis=(1, 2))
   zero = jnp.zeros_like(k)
-  cap = k if cap is None else jnp.maximum(k, cap)
-  log_target = _log_count((k + cap) // 2)
+  log_k = _log_count(k)
 
   def cond(s):
     lo, clo, hi = s[:3]
-    active = (hi - lo > 1) & (clo > cap) & (k > 0)
+    active = (hi - lo > 1) & (clo != k) & (k > 0)
     return jnp.max(jnp.where(active, 1, 0)) > 0
 
   def body(s):
@@ -184,7 +145,7 @@ def kth_bracket(mag: jax.Array, k: jax.Array, nvalid: jax.Array,
     width = hi - lo
     gallop = lo == 0
     step_down = jnp.maximum(top - jnp.minimum(down, 255) * _OCTAVE, 1)
-    frac = ((_log_count(clo) - log_target).astype(jnp.float32)
+    frac = ((_log_count(clo) - log_k).astype(jnp.float32)
             / jnp.maximum(_log_count(clo) - _log_count(chi), 1).astype(
                 jnp.float32))
     guess = lo + (width.astype(jnp.float32) * frac).astype(jnp.int32)
@@ -203,26 +164,6 @@ def kth_bracket(mag: jax.Array, k: jax.Array, nvalid: jax.Array,
 
   lo, clo, hi, chi, _, _ = lax.while_loop(
       cond, body, (zero, nvalid, top + 1, zero, zero, zero + 1))
-  return lo, clo, hi, chi
-
-
-def kth_threshold(mag: jax.Array, k: jax.Array, nvalid: jax.Array
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Per-row threshold of the ``k`` largest entries of ``mag`` (int32 >= 0).
-
-  The exact search of :func:`kth_bracket` (``cap = k``).
-
-  Args:
-    mag: int32 magnitudes ``(rows, h, 2)`` (``-1``: never selected).
-    k: entries to select per row, int32 ``(rows,)``, ``<= nvalid``.
-    nvalid: entries with ``mag >= 0`` per row, int32 ``(rows,)``.
-
-  Returns:
-    ``(at_least, tie, need)``, each ``(rows,)``: select every entry with
-    ``mag >= at_least`` plus the first ``need`` entries (in element order)
-    with ``mag == tie``.
-  """
-  lo, clo, hi, chi = kth_bracket(mag, k, nvalid)
   found = clo == k
   at_least = jnp.where(found, lo, hi)
   need = jnp.where(found | (k <= 0), 0, k - chi)
@@ -269,12 +210,10 @@ def scatter_index(index: jax.Array, mask: jax.Array, size: int) -> jax.Array:
 
 
 def scatter_add(ref, index: jax.Array, value: jax.Array, mask: jax.Array,
-                interpret: bool, relaxed: bool = False) -> None:
+                interpret: bool) -> None:
   """``ref[index] += value`` where ``mask`` (duplicates summed), on a 1-D ref.
 
-  On GPU this is one masked atomic add per lane; ``relaxed``: without the
-  acquire-release fence (see :func:`pallas_kernels._backend.atomic_add`),
-  for sums that are read only after a barrier. Interpret mode has no
+  On GPU this is one masked atomic add per lane. Interpret mode has no
   masked atomics and turns duplicate indices of an atomic into one write, so
   it reads the ref, scatter-adds and writes it back.
   """
@@ -284,7 +223,7 @@ def scatter_add(ref, index: jax.Array, value: jax.Array, mask: jax.Array,
     ref[...] = current.at[scatter_index(index, mask, size)].add(
         jnp.where(mask, value, 0).astype(current.dtype), mode="drop")
   else:
-      _backend.atomic_add(ref, index, value, mask=mask, relaxed=relaxed)
+      pltriton.atomic_add(ref, index, value, mask=mask)
 
 
 def store_scattered(ref, index: jax.Array, value: jax.Array,
@@ -314,9 +253,8 @@ def load_block(ref, volatile: bool = False) -> jax.Array:
 
 __all__ = [
     "small_int_to_float", "small_float_to_int", "pair_iota", "per_row",
-    "row_sum", "rows_of", "exclusive_rank", "exclusive_rank_columns",
-    "rank_of",
-    "magnitude_bits", "count_at_least", "kth_bracket", "kth_threshold",
+    "row_sum", "rows_of", "exclusive_rank",
+    "magnitude_bits", "count_at_least", "kth_threshold",
     "select_topk", "scatter_index", "scatter_add", "store_scattered",
     "load_scattered", "load_block",
 ]

@@ -101,36 +101,11 @@ def error_feedback_reference(grad: jax.Array, codes: jax.Array,
 #: 32-bit word when both dtypes are 16-bit (the default ``pack=None``).
 PACK_TOPK = True
 
-#: How the GPU kernel ranks the selected entries for the Top-K store when
-#: ``rank_scan`` is not given (see :data:`pallas_kernels._onchip.RANK_SCANS`).
-RANK_SCAN = "pairs"
-
-#: How the GPU kernel selects each block's Top-K:
-#:
-#: * ``"exact"``: counting passes until the ``k``-th magnitude is found
-#:   (:func:`pallas_kernels._onchip.select_topk`), then one store of the
-#:   selection;
-#: * ``"candidates"``: counting passes until at most
-#:   :func:`pallas_kernels.topk.candidate_cap` entries remain, which are
-#:   ranked against each other on a scratch row
-#:   (:func:`pallas_kernels.topk.select_and_write_topk`): about half the
-#:   passes. The same selection and output;
-#: * ``"candidates_atomic"``: the same, the candidates compacted through an
-#:   atomic counter per block instead of a prefix count over the block
-#:   (interpret mode: the prefix count).
-SELECTIONS = ("exact", "candidates", "candidates_atomic")
-
-#: The selection used when ``selection`` is not given.
-SELECTION = "candidates"
-
 
 def error_feedback_kernel(g_ref, c_ref, lo_ref, hi_ref, *refs,
                           num_blocks: int, block_size: int, k: int,
                           last_len: int, last_k: int, rows: int,
-                          values_dtype: Any, packed: bool,
-                          rank_scan: str = "pairs",
-                          selection: str = "exact",
-                          interpret: bool = False) -> None:
+                          values_dtype: Any, packed: bool) -> None:
   """One error-feedback step of ``rows`` blocks (Triton body).
 
   ``g_ref`` ``(rows, P/2, 2)``: the gradient as pairs; ``c_ref`` ``(rows,
@@ -139,21 +114,12 @@ def error_feedback_kernel(g_ref, c_ref, lo_ref, hi_ref, *refs,
   Outputs (``refs``): the Top-K, either one flat int32 array of packed
   ``(index, value)`` words (``packed``, see
   :func:`pallas_kernels.topk.write_topk_packed`) or flat index and value
-  arrays; then the new codes and min/max (aliased to the inputs); with
-  ``selection="candidates"`` two scratch rows per block last (and a counter
-  per block with ``"candidates_atomic"``).
+  arrays; then the new codes and min/max (aliased to the inputs).
   """
-  count_ref = None
-  if selection == "candidates_atomic":
-    *refs, cand_bits_ref, cand_pos_ref, count_ref = refs
-  elif selection == "candidates":
-    *refs, cand_bits_ref, cand_pos_ref = refs
   if packed:
     topk_ref, c_out, lo_out, hi_out = refs
-    out_refs = (topk_ref,)
   else:
     idx_ref, val_ref, c_out, lo_out, hi_out = refs
-    out_refs = (idx_ref, val_ref)
   half = g_ref.shape[1]
   b = _onchip.rows_of(pl.program_id(0), rows)
   last = b == num_blocks - 1
@@ -164,22 +130,12 @@ def error_feedback_kernel(g_ref, c_ref, lo_ref, hi_ref, *refs,
   err = quant_lib.dequantize_pairs(c_ref[...], col, lo_ref[...], hi_ref[...])
   a = jnp.where(valid, g_ref[...].astype(jnp.float32) + err, 0.0)
   mag = _onchip.magnitude_bits(a, valid)
-  if selection in ("candidates", "candidates_atomic"):
-    sel = topk_lib.select_and_write_topk(
-        out_refs, cand_bits_ref, cand_pos_ref, a, mag, pos, col, length, b,
-        k, k_b, cap=topk_lib.candidate_cap(k), values_dtype=values_dtype,
-        rank_scan=rank_scan, interpret=interpret, count_ref=count_ref)
-  elif selection == "exact":
-    sel = _onchip.select_topk(mag, col, k_b, length)
-    if packed:
-      topk_lib.write_topk_packed(topk_ref, a, pos, col, sel, b, k, k_b,
-                                 values_dtype, rank_scan)
-    else:
-      topk_lib.write_topk(idx_ref, val_ref, a, pos, col, sel, b, k, k_b,
-                          rank_scan)
+  sel = _onchip.select_topk(mag, col, k_b, length)
+  if packed:
+    topk_lib.write_topk_packed(topk_ref, a, pos, col, sel, b, k, k_b,
+                               values_dtype)
   else:
-    raise ValueError(f"selection must be one of {SELECTIONS}, got "
-                     f"{selection!r}.")
+    topk_lib.write_topk(idx_ref, val_ref, a, pos, col, sel, b, k, k_b)
   packed_codes, lo, hi = quant_lib.quantize_pairs(jnp.where(sel, 0.0, a),
                                                   col, valid)
   c_out[...] = packed_codes
@@ -189,7 +145,7 @@ def error_feedback_kernel(g_ref, c_ref, lo_ref, hi_ref, *refs,
 
 @functools.partial(jax.jit, static_argnames=(
     "block_size", "k", "last_block_k", "index_dtype", "values_dtype",
-    "num_warps", "rows", "pack", "rank_scan", "selection", "interpret"))
+    "num_warps", "rows", "pack", "interpret"))
 def _error_feedback_gpu(grad: jax.Array, codes: jax.Array,
                            block_min: jax.Array, block_max: jax.Array, *,
                            block_size: int, k: int,
@@ -198,8 +154,6 @@ def _error_feedback_gpu(grad: jax.Array, codes: jax.Array,
                            values_dtype: Any = jnp.float32,
                            num_warps: int | None = None, rows: int = 1,
                            pack: bool | None = None,
-                           rank_scan: str = "pairs",
-                           selection: str = "exact",
                            interpret: bool = False):
   """:func:`error_feedback_reference` as one Triton program per block.
 
@@ -218,9 +172,6 @@ def _error_feedback_gpu(grad: jax.Array, codes: jax.Array,
     pack: write each selected ``(index, value)`` as one 32-bit word (one
       scattered store instead of two), unpacked by XLA afterwards; default
       when both dtypes are 16-bit.
-    rank_scan: how the selected entries are ranked for the store (see
-      :data:`pallas_kernels._onchip.RANK_SCANS`).
-    selection: one of :data:`SELECTIONS`.
     interpret: run in interpret mode.
 
   Returns:
@@ -252,8 +203,7 @@ def _error_feedback_gpu(grad: jax.Array, codes: jax.Array,
   kernel = functools.partial(
       error_feedback_kernel, num_blocks=num_blocks, block_size=block_size,
       k=k, last_len=last_len, last_k=last_k, rows=rows,
-      values_dtype=jnp.dtype(values_dtype), packed=pack, rank_scan=rank_scan,
-      selection=selection, interpret=interpret)
+      values_dtype=jnp.dtype(values_dtype), packed=pack)
   row = pl.BlockSpec((rows, half), lambda i: (i, 0))
   scalar = pl.BlockSpec((rows,), lambda i: (i,))
   if pack:
@@ -263,25 +213,17 @@ def _error_feedback_gpu(grad: jax.Array, codes: jax.Array,
         jax.ShapeDtypeStruct((num_blocks * k,), jnp.dtype(index_dtype)),
         jax.ShapeDtypeStruct((num_blocks * k,), jnp.dtype(values_dtype))]
   t = len(topk_shapes)
-  scratch_shapes = []
-  if selection != "exact":
-    cap = topk_lib.candidate_cap(k)
-    scratch_shapes = [jax.ShapeDtypeStruct((num_blocks * cap,), jnp.int32)
-                      ] * 2
-  if selection == "candidates_atomic":
-    scratch_shapes.append(jax.ShapeDtypeStruct((num_blocks,), jnp.int32))
   outs = pl.pallas_call(
       kernel,
       grid=(num_blocks // rows,),
       in_specs=[pl.BlockSpec((rows, half, 2), lambda i: (i, 0, 0)), row,
                 scalar, scalar],
-      out_specs=[pl.no_block_spec] * t + [row, scalar, scalar]
-      + [pl.no_block_spec] * len(scratch_shapes),
+      out_specs=[pl.no_block_spec] * t + [row, scalar, scalar],
       out_shape=topk_shapes + [
           jax.ShapeDtypeStruct(codes_in.shape, jnp.uint8),
           jax.ShapeDtypeStruct((num_blocks,), jnp.float32),
           jax.ShapeDtypeStruct((num_blocks,), jnp.float32),
-      ] + scratch_shapes,
+      ],
       input_output_aliases={1: t, 2: t + 1, 3: t + 2},
       compiler_params=None if interpret else _backend.gpu_params(
           rows * padded, "error_feedback", num_warps),
@@ -293,7 +235,7 @@ def _error_feedback_gpu(grad: jax.Array, codes: jax.Array,
     idx, val = topk_lib.unpack_topk(outs[0], index_dtype, values_dtype)
   else:
     idx, val = outs[:2]
-  new_codes, lo, hi = outs[t:t + 3]
+  new_codes, lo, hi = outs[t:]
   if half != block_size // 2:
     new_codes = new_codes[:, :block_size // 2]
   return (idx.reshape(num_blocks, k), val.reshape(num_blocks, k), new_codes,
@@ -430,9 +372,7 @@ def error_feedback_pallas(grad: jax.Array, codes: jax.Array,
                           index_dtype: Any = jnp.int32,
                           values_dtype: Any = jnp.float32,
                           num_warps: int | None = None, rows: int = 1,
-                          pack: bool | None = None,
-                          rank_scan: str | None = None,
-                          selection: str | None = None, interpret=None):
+                          pack: bool | None = None, interpret=None):
   """:func:`error_feedback_reference` as one fused Pallas kernel.
 
   The Triton kernel when lowered for GPU, the Mosaic kernel when lowered for
@@ -444,11 +384,6 @@ def error_feedback_pallas(grad: jax.Array, codes: jax.Array,
     rows: GPU only, blocks per program (default 1).
     pack: GPU only, write each selected ``(index, value)`` as one 32-bit
       word (default: when both dtypes are 16-bit).
-    rank_scan: GPU only, how the selected entries are ranked for the store
-      (see :data:`pallas_kernels._onchip.RANK_SCANS`; default
-      :data:`RANK_SCAN`).
-    selection: GPU only, one of :data:`SELECTIONS` (default
-      :data:`SELECTION`).
     interpret: ``None`` (the compiled kernel of the lowering platform,
       interpreted on CPU), ``True`` (the Triton kernel in interpret mode) or
       ``pltpu.InterpretParams()`` (the Mosaic kernel in the TPU
@@ -462,7 +397,6 @@ def error_feedback_pallas(grad: jax.Array, codes: jax.Array,
                         block_size=block_size, k=k, last_block_k=last_block_k,
                         index_dtype=index_dtype, values_dtype=values_dtype,
                         num_warps=num_warps, rows=rows, pack=pack,
-                        rank_scan=rank_scan, selection=selection,
                         implementation="pallas", interpret=interpret)
 
 
@@ -472,8 +406,7 @@ def error_feedback(grad: jax.Array, codes: jax.Array, block_min: jax.Array,
                    index_dtype: Any = jnp.int32,
                    values_dtype: Any = jnp.float32,
                    num_warps: int | None = None, rows: int = 1,
-                   pack: bool | None = None, rank_scan: str | None = None,
-                   selection: str | None = None,
+                   pack: bool | None = None,
                    implementation: str = "auto", interpret=None):
   """One error-feedback step: the reference or the fused kernel.
 
@@ -481,8 +414,7 @@ def error_feedback(grad: jax.Array, codes: jax.Array, block_min: jax.Array,
     ``"xla"`` (the reference), ``"auto"`` (per lowering platform: the Triton
     kernel on GPU, the Mosaic kernel on TPU, the reference elsewhere) or
     ``"pallas"`` (the same, with an interpreted kernel elsewhere); and
-    ``num_warps``, ``rows``, ``pack``, ``rank_scan``, ``selection``,
-    ``interpret`` (see
+    ``num_warps``, ``rows``, ``pack``, ``interpret`` (see
     :func:`error_feedback_pallas`).
 
   Returns:
@@ -495,9 +427,7 @@ def error_feedback(grad: jax.Array, codes: jax.Array, block_min: jax.Array,
       grad, codes, block_min, block_max, implementation=implementation,
       reference=functools.partial(error_feedback_reference, **kwargs),
       triton=functools.partial(_error_feedback_gpu, num_warps=num_warps,
-                               rows=rows, pack=pack,
-                               rank_scan=rank_scan or RANK_SCAN,
-                               selection=selection or SELECTION, **kwargs),
+                               rows=rows, pack=pack, **kwargs),
       mosaic=functools.partial(_error_feedback_mosaic, **kwargs),
       interpret=interpret)
 

@@ -114,16 +114,15 @@ def to_pairs(x: jax.Array, padded: int) -> jax.Array:
   return x.reshape(num_blocks, padded // 2, 2)
 
 
-def write_topk(idx_ref, val_ref, a, pos, col, sel, b, k, k_b,
-               rank_scan: str = "pairs") -> None:
+def write_topk(idx_ref, val_ref, a, pos, col, sel, b, k, k_b) -> None:
   """Stores the selected ``(pos, a)`` of blocks ``b`` in slot order.
 
   ``idx_ref`` and ``val_ref`` are flat ``(num_blocks * k,)``; ``a``, ``pos``,
   ``col`` and ``sel`` are ``(rows, h, 2)``, ``b`` and ``k_b`` ``(rows,)``.
   Slots ``k_b .. k-1`` of a block (empty slots of a short last block) get
-  ``(0, 0)``. ``rank_scan``: see :data:`pallas_kernels._onchip.RANK_SCANS`.
+  ``(0, 0)``.
   """
-  rank = _onchip.rank_of(jnp.where(sel, 1, 0), col, rank_scan)
+  rank = _onchip.exclusive_rank(jnp.where(sel, 1, 0), col)
   slot = _onchip.per_row(b) * k + rank
   _onchip.store_scattered(idx_ref, slot, pos, sel)
   _onchip.store_scattered(val_ref, slot, a, sel)
@@ -144,7 +143,7 @@ def packable(index_dtype, values_dtype) -> bool:
 
 
 def write_topk_packed(out_ref, a, pos, col, sel, b, k, k_b,
-                      values_dtype, rank_scan: str = "pairs") -> None:
+                      values_dtype) -> None:
   """:func:`write_topk` into one int32 word per slot.
 
   The slot's index in the low 16 bits and the bit pattern of its value
@@ -154,7 +153,7 @@ def write_topk_packed(out_ref, a, pos, col, sel, b, k, k_b,
   value_bits = jax.lax.bitcast_convert_type(a.astype(values_dtype),
                                             jnp.uint16).astype(jnp.int32)
   word = (pos & 0xFFFF) | (value_bits << 16)
-  rank = _onchip.rank_of(jnp.where(sel, 1, 0), col, rank_scan)
+  rank = _onchip.exclusive_rank(jnp.where(sel, 1, 0), col)
   _onchip.store_scattered(out_ref, _onchip.per_row(b) * k + rank, word, sel)
   kp = _backend.next_pow2(k)
   rows = b.shape[0]
@@ -162,144 +161,6 @@ def write_topk_packed(out_ref, a, pos, col, sel, b, k, k_b,
   hole = (empty >= k_b[:, None]) & (empty < k)
   _onchip.store_scattered(out_ref, b[:, None] * k + empty,
                           jnp.zeros((rows, kp), jnp.int32), hole)
-
-
-def candidate_cap(k: int) -> int:
-  """Candidates a block keeps for :func:`select_and_write_topk`.
-
-  A power of two ``>= 1.5 k`` (64 for the default ``k = 41``): a loose
-  enough bracket to halve the counting passes, small enough that ranking the
-  candidates against each other (``cap^2`` compares) costs about one pass.
-  """
-  return max(2, _backend.next_pow2(k + (k + 1) // 2))
-
-
-def select_and_write_topk(out_refs, cand_bits_ref, cand_pos_ref, a, mag,
-                          pos, col, length, b, k, k_b, *, cap: int,
-                          values_dtype, rank_scan: str, interpret: bool,
-                          count_ref=None) -> jax.Array:
-  """Selects the Top-K of blocks ``b``, stores it in slot order, returns it.
-
-  Finds a bracket ``lo`` with ``k <= count(mag >= lo) <= cap``
-  (:func:`pallas_kernels._onchip.kth_bracket`, about half the counting
-  passes of the exact search), stores those candidates in element order
-  into a per-block scratch row of ``cap`` entries (bit pattern of ``a`` and
-  position), and reads them back after a barrier. Each candidate's rank by
-  (magnitude descending, position ascending) is counted against the others
-  (``cap^2`` compares), the first ``k`` are stored into the Top-K in
-  position order, and the selection is mapped back onto the block through
-  its smallest magnitude and the last position taken at it. The result is
-  the same as :func:`pallas_kernels._onchip.select_topk` followed by
-  :func:`write_topk_packed` (or :func:`write_topk`), which run instead when
-  some row's bracket cannot get under ``cap`` (ties over more than ``cap -
-  k`` entries at the ``k``-th magnitude).
-
-  Args:
-    out_refs: ``(words_ref,)`` (packed, see :func:`write_topk_packed`) or
-      ``(idx_ref, val_ref)``.
-    cand_bits_ref: flat int32 scratch ``(num_blocks * cap,)``.
-    cand_pos_ref: flat int32 scratch ``(num_blocks * cap,)``.
-    count_ref: ``None``, or a flat int32 scratch ``(num_blocks,)``: the
-      candidates then take their scratch slots from an atomic counter per
-      block (in any order) instead of a prefix count over the block (in
-      element order), and their Top-K slots from a count of the chosen
-      positions below theirs. Interpret mode has no atomic counter and
-      keeps the prefix count.
-    a: float32 values ``(rows, h, 2)``; ``mag`` their
-      :func:`pallas_kernels._onchip.magnitude_bits`; ``pos``, ``col`` the
-      :func:`pallas_kernels._onchip.pair_iota`.
-    length: valid entries per row ``(rows,)``.
-    b: block indices ``(rows,)``.
-    k: slots per block; ``k_b`` entries to select per row ``(rows,)``.
-    cap: :func:`candidate_cap` of ``k``.
-    values_dtype: the Top-K values' dtype.
-    rank_scan: see :data:`pallas_kernels._onchip.RANK_SCANS`.
-    interpret: interpret mode (no barrier).
-
-  Returns:
-    The selection, a boolean ``(rows, h, 2)``.
-  """
-  packed = len(out_refs) == 1
-  rows = b.shape[0]
-  k_b = jnp.minimum(k_b, length)
-  lo, clo, _, _ = _onchip.kth_bracket(mag, k_b, length, cap)
-  some = k_b > 0
-  fits = (clo <= cap) | ~some
-
-  def write(sel):
-    if packed:
-      write_topk_packed(out_refs[0], a, pos, col, sel, b, k, k_b,
-                        values_dtype, rank_scan)
-    else:
-      write_topk(*out_refs, a, pos, col, sel, b, k, k_b, rank_scan)
-
-  def exact():
-    sel = _onchip.select_topk(mag, col, k_b, length)
-    write(sel)
-    return sel
-
-  atomic = count_ref is not None and not interpret
-
-  def candidates():
-    flag = (mag >= _onchip.per_row(lo)) & _onchip.per_row(some)
-    if atomic:
-      _onchip.store_scattered(count_ref, b, jnp.zeros((rows,), jnp.int32),
-                              b >= 0)
-      _backend.barrier(interpret)
-      slot = _backend.atomic_add(
-          count_ref, jnp.broadcast_to(_onchip.per_row(b), flag.shape),
-          jnp.ones(flag.shape, jnp.int32), mask=flag)
-    else:
-      slot = _onchip.rank_of(jnp.where(flag, 1, 0), col, rank_scan)
-    at = _onchip.per_row(b) * cap + slot
-    _onchip.store_scattered(cand_bits_ref, at,
-                            jax.lax.bitcast_convert_type(a, jnp.int32), flag)
-    _onchip.store_scattered(cand_pos_ref, at, pos, flag)
-    _backend.barrier(interpret)
-    j = jax.lax.broadcasted_iota(jnp.int32, (rows, cap), 1)
-    held = j < jnp.where(some, clo, 0)[:, None]
-    row_at = b[:, None] * cap + j
-    bits = _onchip.load_scattered(cand_bits_ref, row_at, held, 0,
-                                  volatile=True)
-    cpos = _onchip.load_scattered(cand_pos_ref, row_at, held, 0,
-                                  volatile=True)
-    cmag = jnp.where(held, bits & 0x7FFFFFFF, -1)
-    mi, mj = cmag[:, :, None], cmag[:, None, :]
-    ahead = (mj > mi) | ((mj == mi) & (cpos[:, None, :] < cpos[:, :, None]))
-    order = jnp.sum(jnp.where(ahead, 1, 0), axis=2)
-    chosen = held & (order < k_b[:, None])
-    taken = jnp.where(chosen, 1, 0)
-    if atomic:  # Held in any order: count the chosen positions below.
-      below = chosen[:, None, :] & (cpos[:, None, :] < cpos[:, :, None])
-      out_at = b[:, None] * k + jnp.sum(jnp.where(below, 1, 0), axis=2)
-    else:  # Held in element order: slots follow by a prefix count.
-      out_at = b[:, None] * k + jnp.cumsum(taken, axis=1) - taken
-    value = jax.lax.bitcast_convert_type(bits, jnp.float32)
-    if packed:
-      value_bits = jax.lax.bitcast_convert_type(
-          value.astype(values_dtype), jnp.uint16).astype(jnp.int32)
-      _onchip.store_scattered(out_refs[0], out_at,
-                              (cpos & 0xFFFF) | (value_bits << 16), chosen)
-    else:
-      _onchip.store_scattered(out_refs[0], out_at, cpos, chosen)
-      _onchip.store_scattered(out_refs[1], out_at, value, chosen)
-    kp = _backend.next_pow2(k)
-    empty = jax.lax.broadcasted_iota(jnp.int32, (rows, kp), 1)
-    hole = (empty >= k_b[:, None]) & (empty < k)
-    for ref in out_refs:
-      _onchip.store_scattered(ref, b[:, None] * k + empty,
-                              jnp.zeros((rows, kp), ref.dtype), hole)
-    # Back onto the block: everything above the smallest chosen magnitude,
-    # and at it the positions up to the last one chosen.
-    least = jnp.min(jnp.where(chosen, cmag, 0x7FFFFFFF), axis=1)
-    last = jnp.max(jnp.where(chosen & (cmag == least[:, None]), cpos, -1),
-                   axis=1)
-    at_least = _onchip.per_row(least)
-    return ((mag > at_least) | ((mag == at_least)
-                                & (pos <= _onchip.per_row(last)))) & (
-                                    _onchip.per_row(some))
-
-  return jax.lax.cond(jnp.min(jnp.where(fits, 1, 0)) > 0, candidates, exact)
 
 
 def unpack_topk(words: jax.Array, index_dtype, values_dtype

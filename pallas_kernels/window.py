@@ -153,11 +153,6 @@ WINDOW_VARIANTS = ("elect", "atomic")
 #: The variant used when none is given (the faster one on an H200).
 DEFAULT_VARIANT = "elect"
 
-#: Whether the window kernel's atomics are relaxed (no memory fence, see
-#: :func:`pallas_kernels._backend.atomic_add`) when ``relaxed_atomics`` is
-#: not given. The sums they build are read only after a barrier.
-RELAXED_ATOMICS = True
-
 
 def _entries_of(b, idx_ref, val_ref, w_ref, *, m: int, k: int, ep: int,
                 stride: int):
@@ -181,8 +176,7 @@ def _entries_of(b, idx_ref, val_ref, w_ref, *, m: int, k: int, ep: int,
 def window_kernel(idx_ref, val_ref, w_ref, c_ref, *rest, m: int, k: int,
                   rows: int, padded: int, ep: int, groups: int,
                   g_count: int, variant: str, update_params: bool,
-                  wd_is_zero: bool, relaxed_atomics: bool,
-                  interpret: bool) -> None:
+                  wd_is_zero: bool, interpret: bool) -> None:
   """Persistent-grid body of the window kernel (Triton).
 
   Program ``g`` of ``g_count`` walks the groups ``g, g + g_count, ...`` of
@@ -231,10 +225,9 @@ def window_kernel(idx_ref, val_ref, w_ref, c_ref, *rest, m: int, k: int,
       b = group * rows + local
       _, valid, pos, x1, x2 = entries_of(b, idx_ref, val_ref, w_ref)
       at = base + local[:, None] * padded + pos
-      _onchip.scatter_add(acc_ref, at, x1, valid, interpret,
-                          relaxed_atomics)
+      _onchip.scatter_add(acc_ref, at, x1, valid, interpret)
       _onchip.scatter_add(acc_ref, at + rows * padded, x2, valid,
-                          interpret, relaxed_atomics)
+                          interpret)
       _backend.barrier(interpret)
       m_hat = _onchip.load_block(acc_ref.at[pl.ds(base, rows * padded)],
                                  volatile=True)
@@ -263,10 +256,8 @@ def window_kernel(idx_ref, val_ref, w_ref, c_ref, *rest, m: int, k: int,
       rep = _onchip.load_scattered(tag_ref, tbase + pos, valid, -1,
                                    volatile=True)
       loser = valid & (rep != e)
-      _onchip.scatter_add(sum1_ref, sbase + rep, x1, loser, interpret,
-                          relaxed_atomics)
-      _onchip.scatter_add(sum2_ref, sbase + rep, x2, loser, interpret,
-                          relaxed_atomics)
+      _onchip.scatter_add(sum1_ref, sbase + rep, x1, loser, interpret)
+      _onchip.scatter_add(sum2_ref, sbase + rep, x2, loser, interpret)
       _backend.barrier(interpret)
       s1 = _onchip.load_block(sum1_ref.at[mine], volatile=True).reshape(
           rows, ep)
@@ -296,8 +287,7 @@ def window_kernel(idx_ref, val_ref, w_ref, c_ref, *rest, m: int, k: int,
 def _window_kernel_call(indices, values, count, *, block_size, b1, b2, eps,
                         out_dtype, params=None, learning_rate=None,
                         weight_decay=0.0, variant=None, programs=None,
-                        num_warps=None, rows=1, relaxed_atomics=None,
-                        interpret=None):
+                        num_warps=None, rows=1, interpret=None):
   """Shared wrapper of the window kernel (``u`` or the new parameter).
 
   A persistent grid of programs walks groups of ``rows`` consecutive blocks
@@ -338,8 +328,6 @@ def _window_kernel_call(indices, values, count, *, block_size, b1, b2, eps,
       window_kernel, m=m, k=k, rows=rows, padded=padded, ep=ep,
       groups=groups, g_count=g_count, variant=variant,
       update_params=update_params, wd_is_zero=wd_is_zero,
-      relaxed_atomics=(RELAXED_ATOMICS if relaxed_atomics is None
-                       else bool(relaxed_atomics)),
       interpret=interpret)
   out_len = num_blocks * padded
   if variant == "atomic":
@@ -381,17 +369,16 @@ def _window_kernel_call(indices, values, count, *, block_size, b1, b2, eps,
 
 @functools.partial(jax.jit, static_argnames=(
     "block_size", "out_dtype", "variant", "programs", "num_warps", "rows",
-    "relaxed_atomics", "interpret"))
+    "interpret"))
 def _window_update_gpu(indices, values, count, *, block_size, b1=0.9,
                           b2=0.999, eps=1e-8, out_dtype=jnp.float32,
                           variant=None, programs=None, num_warps=None,
-                          rows=1, relaxed_atomics=None, interpret=None):
+                          rows=1, interpret=None):
   """:func:`window_update_reference` as a persistent Triton kernel."""
   return _window_kernel_call(indices, values, count, block_size=block_size,
                              b1=b1, b2=b2, eps=eps, out_dtype=out_dtype,
                              variant=variant, programs=programs,
                              num_warps=num_warps, rows=rows,
-                             relaxed_atomics=relaxed_atomics,
                              interpret=interpret)
 
 
@@ -510,7 +497,6 @@ def window_update_pallas(indices: jax.Array, values: jax.Array,
                          variant: str | None = None,
                          programs: int | None = None,
                          num_warps: int | None = None, rows: int = 1,
-                         relaxed_atomics: bool | None = None,
                          interpret=None) -> jax.Array:
   """:func:`window_update_reference` as a Pallas kernel.
 
@@ -530,8 +516,6 @@ def window_update_pallas(indices: jax.Array, values: jax.Array,
     num_warps: GPU only, warps per program (default: see
       :func:`pallas_kernels._backend.num_warps`).
     rows: GPU only, blocks per program iteration (default 1).
-    relaxed_atomics: GPU only, combine repeated positions with relaxed
-      atomics (no memory fence; default :data:`RELAXED_ATOMICS`).
     interpret: ``None`` (the compiled kernel of the lowering platform,
       interpreted on CPU), ``True`` (the Triton kernel in interpret mode) or
       ``pltpu.InterpretParams()`` (the Mosaic kernel in the TPU
@@ -543,7 +527,6 @@ def window_update_pallas(indices: jax.Array, values: jax.Array,
   return window_update(indices, values, count, block_size=block_size, b1=b1,
                        b2=b2, eps=eps, out_dtype=out_dtype, variant=variant,
                        programs=programs, num_warps=num_warps, rows=rows,
-                       relaxed_atomics=relaxed_atomics,
                        implementation="pallas", interpret=interpret)
 
 
@@ -552,7 +535,6 @@ def window_update(indices: jax.Array, values: jax.Array, count: jax.Array, *,
                   eps: float = 1e-8, out_dtype: Any = jnp.float32,
                   variant: str | None = None, programs: int | None = None,
                   num_warps: int | None = None, rows: int = 1,
-                  relaxed_atomics: bool | None = None,
                   implementation: str = "auto", interpret=None) -> jax.Array:
   """The update direction ``u`` from the window: reference or kernel.
 
@@ -565,11 +547,10 @@ def window_update(indices: jax.Array, values: jax.Array, count: jax.Array, *,
     ``u`` ``(num_blocks, block_size)`` in ``out_dtype``.
   """
   kw = dict(block_size=block_size, b1=b1, b2=b2, eps=eps)
-  # Module defaults are resolved here, outside the jitted kernel wrapper, so
-  # that they are part of its static arguments (and of its trace cache key).
+  # The module default is resolved here, outside the jitted kernel wrapper,
+  # so that it is part of the wrapper's static arguments (its trace cache
+  # key): a changed DEFAULT_VARIANT is seen by the next trace.
   variant = variant or DEFAULT_VARIANT
-  relaxed_atomics = (RELAXED_ATOMICS if relaxed_atomics is None
-                     else bool(relaxed_atomics))
 
   def reference(i, v, t):
     return window_update_reference(i, v, t, **kw).astype(out_dtype)
@@ -582,7 +563,6 @@ def window_update(indices: jax.Array, values: jax.Array, count: jax.Array, *,
       triton=functools.partial(_window_update_gpu, out_dtype=out_dtype,
                                variant=variant, programs=programs,
                                num_warps=num_warps, rows=rows,
-                               relaxed_atomics=relaxed_atomics,
                                **kw) if fits else None,
       mosaic=functools.partial(_window_update_mosaic, out_dtype=out_dtype,
                                **kw),
