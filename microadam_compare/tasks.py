@@ -6,8 +6,9 @@ and a parameter ``dict``, and the functions a training step needs:
 ``loss(outputs, targets) -> scalar`` (batch mean) and
 ``accuracy(outputs, targets)``. Every optimizer -- first-order ones through
 ``jax.grad`` of ``loss(apply(params, x), y)``, Gauss-Newton through
-``model_fn = lambda p: apply(p, x)`` and ``loss_fn = lambda z: loss(z, y)``
--- uses these same functions.
+``model_fn = lambda p, batch: apply(p, batch[0])`` and ``loss_fn = lambda
+z, batch: loss(z, batch[1])``, a fresh ``batch = (x, y)`` per inner step --
+uses these same functions.
 """
 
 from __future__ import annotations
