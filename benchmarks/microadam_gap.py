@@ -46,7 +46,9 @@ Adam-mini from theirs.
       --seeds 3 --out benchmarks/results/microadam_gap_gpu.json
 
 Results are merged into ``--out`` cell by cell (task x config), after each
-cell, so that a run can be split into several invocations or resumed.
+cell, so that a run can be split into several invocations or resumed;
+``--merge a.json b.json --out c.json`` joins runs made apart (e.g. several
+device calls).
 """
 
 from __future__ import annotations
@@ -331,6 +333,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       "preset, microadam_gap_<preset>.json beside it)")
   p.add_argument("--table-only", action="store_true",
                  help="print the table of --out and exit")
+  p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                 help="merge these result files (e.g. separate device "
+                      "runs) into --out cell by cell, print the table, exit")
   args = p.parse_args(argv)
 
   tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -341,7 +346,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   names = _names(args.configs)
   out = args.out or DEFAULT_OUT.replace("_cpu.json", f"_{args.preset}.json")
   report = _load(out)
-  if args.table_only:
+  if args.merge:
+    for path in args.merge:
+      other = _load(path)
+      for task, cells in other.get("cells", {}).items():
+        report.setdefault("cells", {}).setdefault(task, {}).update(cells)
+      report.setdefault("tasks", {}).update(other.get("tasks", {}))
+      report.setdefault("commands", []).extend(other.get("commands", []))
+      for key in ("preset", "environment"):
+        report.setdefault(key, other.get(key))
+    _save(report, out)
+  if args.table_only or args.merge:
     print(format_tables(report, tasks, names))
     return 0
 
