@@ -23,8 +23,10 @@ is at an end), the best rate rerun on the other seeds. Rows:
 * ``mixed_small_embed_mini16``: the same with Adam-mini's first moment in
   bfloat16 (fits 1.2 B/param on the cpu preset, whose embeddings and head
   are 10 % of the parameters).
-* ``microadam_d2_w5``, ``microadam_d3_w3``: shorter windows at the
-  default's bytes (fewer rows of more entries).
+* ``microadam_d2_w5``, ``microadam_d3_w3``, ``microadam_d5_w2``,
+  ``microadam_d10_w1``: shorter windows at the default's bytes (fewer rows
+  of more entries; m = 1 is sign descent on the Top-K entries of the
+  error-feedback accumulator).
 * ``mixed_small_embed_mini16_d2_w5``: ``mixed_small_embed_mini16`` with
   MicroAdam at 2 % and m 5.
 * ``microadam_d1_w10_wbc``: the published default with the bias correction
@@ -83,7 +85,7 @@ WINDOWS = (10, 20)
 
 #: Shorter windows at the same bytes as the default (density x window = 10
 #: rows of 1 %): more entries per row, fewer rows.
-SHORT_WINDOWS = ((0.02, 5), (0.03, 3))
+SHORT_WINDOWS = ((0.02, 5), (0.03, 3), (0.05, 2), (0.1, 1))
 
 #: Goal of issue 15: state at most this many bytes per parameter, final loss
 #: within 2 % of AdamW's when fine-tuning and within 5 % from scratch.
