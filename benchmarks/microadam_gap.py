@@ -27,8 +27,8 @@ is at an end), the best rate rerun on the other seeds. Rows:
   ``microadam_d10_w1``: shorter windows at the default's bytes (fewer rows
   of more entries; m = 1 is sign descent on the Top-K entries of the
   error-feedback accumulator).
-* ``mixed_small_embed_mini16_d2_w5``: ``mixed_small_embed_mini16`` with
-  MicroAdam at 2 % and m 5.
+* ``mixed_<kind>_d<D>_w<M>``: a mixed variant with MicroAdam at D % and
+  window M (the short windows above); group ``short_mixed``.
 * ``microadam_d1_w10_wbc``: the published default with the bias correction
   spanning the window (``1 - b^min(t, m)``) instead of ``1 - b^t``. MicroAdam's
   direction is ``c1 M / (sqrt(c2 V) + eps)`` with scalar corrections, so this
@@ -155,26 +155,22 @@ def _configs() -> dict[str, opt_lib.OptimizerSpec]:
         micro, name=name, label=f"MicroAdam {100 * density:g} % m{window}",
         build=_microadam(density, window),
         note=f"b2 0.999, m {window}, density {100 * density:g} %, wd 0")
-  for name, label, dense, embeddings, mu_dtype, density, window in (
-      ("mixed_small", "MicroAdam + Adam small", "adam", False, None, .01, 10),
-      ("mixed_small_embed", "MicroAdam + Adam small+emb", "adam", True, None,
-       .01, 10),
-      ("mixed_small_embed_mini", "MicroAdam + Adam-mini small+emb",
-       "adam_mini", True, None, .01, 10),
-      ("mixed_small_embed_mini16", "MicroAdam + Adam-mini(bf16 m) small+emb",
-       "adam_mini", True, jnp.bfloat16, .01, 10),
-      ("mixed_small_embed_mini16_d2_w5",
-       "MicroAdam 2 % m5 + Adam-mini(bf16 m) small+emb", "adam_mini", True,
-       jnp.bfloat16, .02, 5)):
-    specs[name] = dataclasses.replace(
-        micro, name=name, label=label,
-        build=_mixed(dense, embeddings, mu_dtype, density, window),
-        requires="mo.microadam_mixed",
-        note=(f"MicroAdam (b2 0.999, m {window}, {100 * density:g} %) on "
-              f"matrices; {dense} "
-              f"(b2 0.95{', bf16 m' if mu_dtype else ''}) on leaves < 2-D "
-              f"or < 4096 entries"
-              + (", embeddings and heads" if embeddings else "")))
+  for (density, window) in ((0.01, 10),) + SHORT_WINDOWS:
+    default = (density, window) == (0.01, 10)
+    suffix = "" if default else f"_d{round(100 * density)}_w{window}"
+    prefix = "MicroAdam" if default else (
+        f"MicroAdam {100 * density:g} % m{window}")
+    for kind, label, dense, embeddings, mu_dtype in MIXED_KINDS:
+      name = f"mixed_{kind}{suffix}"
+      specs[name] = dataclasses.replace(
+          micro, name=name, label=f"{prefix} + {label}",
+          build=_mixed(dense, embeddings, mu_dtype, density, window),
+          requires="mo.microadam_mixed",
+          note=(f"MicroAdam (b2 0.999, m {window}, {100 * density:g} %) on "
+                f"matrices; {dense} "
+                f"(b2 0.95{', bf16 m' if mu_dtype else ''}) on leaves < 2-D "
+                f"or < 4096 entries"
+                + (", embeddings and heads" if embeddings else "")))
   specs["microadam_d1_w10_wbc"] = dataclasses.replace(
       micro, name="microadam_d1_w10_wbc", label="MicroAdam 1 % m10, window BC",
       build=_microadam_wbc,
@@ -182,20 +178,31 @@ def _configs() -> dict[str, opt_lib.OptimizerSpec]:
   return specs
 
 
+#: The mixed variants: (name, label, dense optimizer, embeddings and heads
+#: dense too, dense first-moment dtype).
+MIXED_KINDS = (
+    ("small", "Adam small", "adam", False, None),
+    ("small_embed", "Adam small+emb", "adam", True, None),
+    ("small_embed_mini", "Adam-mini small+emb", "adam_mini", True, None),
+    ("small_embed_mini16", "Adam-mini(bf16 m) small+emb", "adam_mini", True,
+     jnp.bfloat16),
+)
+
 CONFIGS = _configs()
 GROUPS = {
     "published": ["adamw", "adam_mini"] + [
         f"microadam_d{round(100 * d)}_w{w}" for w in WINDOWS
         for d in DENSITIES],
     "short_windows": [f"microadam_d{round(100 * d)}_w{w}"
-                      for d, w in SHORT_WINDOWS]
-                     + ["mixed_small_embed_mini16_d2_w5"],
-    "variants": [n for n in CONFIGS if (n.startswith("mixed_")
-                                        and not n.endswith("_d2_w5"))
-                 or n.endswith("_wbc")],
+                      for d, w in SHORT_WINDOWS],
+    "variants": [f"mixed_{kind[0]}" for kind in MIXED_KINDS]
+                + ["microadam_d1_w10_wbc"],
+    "short_mixed": [f"mixed_{kind}_d{round(100 * d)}_w{w}"
+                    for d, w in SHORT_WINDOWS
+                    for kind in ("small", "small_embed_mini16")],
 }
 GROUPS["all"] = (GROUPS["published"] + GROUPS["variants"]
-                 + GROUPS["short_windows"])
+                 + GROUPS["short_windows"] + GROUPS["short_mixed"])
 ALL_TASKS = ("lm", "finetune", "finetune_cls", "digits")
 
 #: The fields of :func:`compare.run_optimizer`'s result kept in the JSON.
