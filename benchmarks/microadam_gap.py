@@ -312,6 +312,41 @@ def format_tables(report: dict, tasks: Sequence[str],
   return "\n".join(out)
 
 
+def format_summary(report: dict, tasks: Sequence[str],
+                   names: Sequence[str]) -> str:
+  """One markdown table: per config, the state on the first task and the
+  gap to AdamW on every task (``=``: a tie within 2 std; bold: the issue's
+  goal met, loss and budget)."""
+  tasks = [t for t in tasks if report["cells"].get(t)]
+  head = f"| config | state B/p ({tasks[0]}) | " + " | ".join(
+      f"{t} (goal {100 * GOAL[t]:g} %)" for t in tasks) + " |"
+  out = [head, "| --- | ---: | " + " | ".join("---:" for _ in tasks) + " |"]
+  for name in names:
+    cells = [report["cells"][t].get(name) for t in tasks]
+    if name == "adamw" or not any(c and c.get("status") == "ok"
+                                  for c in cells):
+      continue
+    first = next(c for c in cells if c and c.get("status") == "ok")
+    row = [first["label"], f"{first['state_bytes_per_param']:.3f}"]
+    for t, r in zip(tasks, cells):
+      ref = report["cells"][t].get("adamw")
+      if not r or r.get("status") != "ok" or not ref:
+        row.append("-")
+        continue
+      mean, std = _stat(r)
+      rmean, rstd = _stat(ref)
+      gap = mean / rmean - 1
+      text = f"{100 * gap:+.1f} %"
+      if abs(mean - rmean) <= 2 * max(std, rstd):
+        text += " ="
+      if (gap <= GOAL[t]
+          and r["state_bytes_per_param"] <= BUDGET_BYTES_PER_PARAM + 1e-9):
+        text = f"**{text}**"
+      row.append(text)
+    out.append("| " + " | ".join(row) + " |")
+  return "\n".join(out) + "\n"
+
+
 def _make_task(name: str, preset: str, seed: int, cache_dir: Optional[str],
                log) -> Any:
   kwargs: dict[str, Any] = dict(seed=seed)
@@ -366,6 +401,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report.setdefault(key, other.get(key))
     _save(report, out)
   if args.table_only or args.merge:
+    print(format_summary(report, tasks, names))
     print(format_tables(report, tasks, names))
     return 0
 
@@ -421,6 +457,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log(f"[{task_name}] {spec.label}: {result['status']}: "
             f"{result.get('message')}")
   print()
+  print(format_summary(report, tasks, names))
   print(format_tables(report, tasks, names))
   print(f"wrote {out}")
   return 0
