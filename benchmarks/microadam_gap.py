@@ -43,9 +43,8 @@ Adam-mini from theirs.
 
   python benchmarks/microadam_gap.py                      # everything, cpu
   python benchmarks/microadam_gap.py --tasks lm,finetune --configs published
-  python benchmarks/microadam_gap.py --preset gpu --tasks lm,finetune \\
-      --configs adamw,microadam_d1_w10,mixed_small,mixed_small_embed \\
-      --seeds 3 --out benchmarks/results/microadam_gap_gpu.json
+  python benchmarks/microadam_gap.py --preset gpu --tasks finetune \\
+      --configs adamw,microadam_d1_w10,microadam_d10_w1 --out gpu_ft.json
 
 Results are merged into ``--out`` cell by cell (task x config), after each
 cell, so that a run can be split into several invocations or resumed;
