@@ -1,4 +1,4 @@
-"""How far MicroAdam trails AdamW: density x window, and MicroAdam with dense leaves.
+"""How far MicroAdam trails AdamW: density x window, windows, dense leaves.
 
 The gap table of issue 15. Every configuration runs through the comparison's
 own machinery (:func:`microadam_compare.compare.run_optimizer`): the same

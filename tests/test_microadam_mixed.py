@@ -184,7 +184,8 @@ def test_update_dense_is_adam_and_rest_is_microadam_under_jit(dense_b2):
   kwargs = dict(window=3, density=0.05, topk_block_size=512)
   tx = mo.scale_by_microadam_mixed(b1, b2, eps, dense_b2=dense_b2, **kwargs)
   ref_micro = mo.scale_by_microadam(b1, b2, eps, **kwargs)
-  params = {**_tree(rng, dense_shapes, {})[0], **_tree(rng, {}, micro_shapes)[1]}
+  params = {**_tree(rng, dense_shapes, {})[0],
+            **_tree(rng, {}, micro_shapes)[1]}
   assert _paths(mo.microadam_labels(params)) == {
       **{k: D for k in dense_shapes}, **{k: M for k in micro_shapes}}
   state = tx.init(params)
