@@ -272,7 +272,7 @@ REGISTRY: dict[str, OptimizerSpec] = {s.name: s for s in (
                   note="b2 0.999, m 10, density 1 %, wd 0 (authors')",
                   task_lr_grids={"digits": (1e-2, 3e-2, 1e-1),
                                  _FINETUNE: (3e-4, 1e-3, 3e-3),
-                                 _CLASSIFY: (3e-5, 1e-4, 3e-4)}),
+                                 _CLASSIFY: (1e-3, 3e-3, 1e-2)}),
     OptimizerSpec("adam_mini", "Adam-mini", _adam_mini, (3e-4, 1e-3, 3e-3),
                   "mo.adam_mini", weight_decay=0.1,
                   note="b2 0.95, wd 0.1, one v per head (authors' GPT-2)",

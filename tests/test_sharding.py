@@ -138,6 +138,44 @@ def test_update_is_local_and_exact(axis_type, sharding, init,
                                       want[_key(s.index)][step])
 
 
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+def test_microadam_mixed_is_local_and_exact(axis_type):
+  """mo.microadam_mixed (MicroAdam on the matrix, dense Adam on the vectors)
+  updates every leaf where it lives: no collective, the unsharded numbers."""
+  mesh = _mesh(AxisType.Explicit if axis_type == "explicit" else
+               AxisType.Auto)
+  targets = {"w": NamedSharding(mesh, P(("x", "y"), None)),
+             "scale": NamedSharding(mesh, P(("x", "y"))),
+             "bias": NamedSharding(mesh, P())}
+  shapes = {"w": SHAPE, "scale": (SHAPE[1],), "bias": (SHAPE[1],)}
+  tx = mo.microadam_mixed(1e-3, window=3, density=0.02, topk_block_size=BLOCK,
+                          dense_b2=0.95, weight_decay=0.1)
+  rng = np.random.default_rng(zlib.crc32(f"mixed-{axis_type}".encode()))
+  grads = [{k: rng.standard_normal(v).astype(np.float32)
+            for k, v in shapes.items()} for _ in range(3)]
+  host = {k: jnp.asarray(rng.standard_normal(v), jnp.float32)
+          for k, v in shapes.items()}
+  params = {k: jax.device_put(v, targets[k]) for k, v in host.items()}
+  with jax.set_mesh(mesh):
+    state = jax.jit(tx.init, out_shardings=mo.state_shardings(tx, params))(
+        params)
+    update = jax.jit(tx.update)
+    text = update.lower(params, state, params).compile().as_text()
+    us = []
+    for g in grads:
+      g = {k: jax.device_put(v, targets[k]) for k, v in g.items()}
+      u, state = update(g, state, params)
+      us.append(u)
+  assert not _collectives(text), f"communicates: {_collectives(text)}"
+  host_state = tx.init(host)
+  for g, u in zip(grads, us):
+    want, host_state = jax.jit(tx.update)(
+        jax.tree.map(jnp.asarray, g), host_state, host)
+    for k in shapes:
+      assert u[k].sharding.is_equivalent_to(targets[k], u[k].ndim), k
+      np.testing.assert_array_equal(np.asarray(u[k]), np.asarray(want[k]))
+
+
 def test_state_shapes_do_not_depend_on_the_sharding():
   tx = _tx("xla")
   host = jax.eval_shape(tx.init, jnp.zeros(SHAPE))
