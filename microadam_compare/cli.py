@@ -134,9 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
           "inner steps read fresh batches, its line search batches of its "
           "own; outer x inner steps match the first-order steps in data, "
           "and the tables count iterations, tokens and seconds to the "
-          "target. The defaults (every "
-          "task, preset cpu, 2 seeds) took 500 s on two idle CPU cores "
-          "(benchmarks/RESULTS.md)."),
+          "target. How long the defaults (every task, preset cpu, 2 "
+          "seeds) take: benchmarks/RESULTS.md."),
       epilog="Optimizers: " + ", ".join(opt_lib.REGISTRY) + ".")
   p.add_argument("--task", choices=tuple(TASK_GROUPS), default="all",
                  help="which task(s) to run: lm (GPT from scratch), digits "
