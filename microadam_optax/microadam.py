@@ -130,19 +130,6 @@ def _validate(*, b1, b2, eps, window, density, topk_block_size,
         f"{implementation!r}.")
 
 
-def _resolve_implementation(implementation: str) -> str:
-  """The implementation the kernels' dispatch receives (unchanged).
-
-  ``"auto"`` is not resolved here from the host's back end: the kernel
-  modules choose per *lowering* platform
-  (:func:`pallas_kernels._backend.per_platform`), so that one traced update
-  lowers to Triton kernels for GPU, Mosaic kernels for TPU and the XLA path
-  for CPU. ``"pallas"`` does the same but interprets a kernel on CPU;
-  ``"xla"`` is the XLA path everywhere.
-  """
-  return implementation
-
-
 def _flat_padded(x: jax.Array, length: int) -> jax.Array:
   x = x.reshape(-1)
   return jnp.pad(x, (0, length - x.shape[0])) if length > x.shape[0] else x
@@ -528,8 +515,11 @@ def scale_by_microadam(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    # "auto" is passed on as it is: the kernel modules choose per lowering
+    # platform (pallas_kernels._backend.per_platform), so one traced update
+    # lowers to Triton kernels for GPU, Mosaic for TPU, XLA for CPU.
     hp = _Hyper(b1=b1, b2=b2, eps=eps, alpha=alpha, bits=error_bits,
-                implementation=_resolve_implementation(implementation))
+                implementation=implementation)
     count = numerics.safe_increment(state.count)
 
     def leaf(g, iw, vw, codes, lo, hi):

@@ -277,14 +277,6 @@ def test_microadam_alias_is_chain_with_weight_decay_and_schedule():
     np.testing.assert_allclose(u["b"], -lr * ub["b"], rtol=1e-5, atol=1e-7)
 
 
-def test_implementation_is_left_to_the_per_platform_dispatch():
-  # "auto" is resolved per lowering platform by pallas_kernels._backend
-  # (tests/test_pallas_tpu_kernels.py lowers the update for each platform).
-  from microadam_optax.microadam import _resolve_implementation
-  for impl in ("pallas", "xla", "auto"):
-    assert _resolve_implementation(impl) == impl
-
-
 def test_traced_structural_argument_has_clear_error():
   def f(window):
     return mo.scale_by_microadam(window=window)

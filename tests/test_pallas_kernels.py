@@ -19,7 +19,6 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 import microadam_optax as mo
-from microadam_optax.microadam import _resolve_implementation
 from pallas_kernels import _backend
 from pallas_kernels import error_feedback as ef_lib
 from pallas_kernels import quantize as quant_lib
@@ -248,7 +247,6 @@ def test_window_param_update_doctest_values():
 def test_implementation_is_checked_and_chosen_per_platform():
   # "auto" is not resolved from the host's back end: see
   # tests/test_pallas_tpu_kernels.py for the choice per lowering platform.
-  assert _resolve_implementation("auto") == "auto"
   assert _backend.check_implementation("pallas") == "pallas"
   with pytest.raises(ValueError, match="implementation"):
     _backend.check_implementation("cuda")
