@@ -220,7 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
           "Join the results.json of several `compare` runs of the same "
           "task(s) -- e.g. optimizers run in separate jobs -- into one "
           "table, results.json and set of plots, as if one run had made "
-          "them. 'Steps to target' is recomputed over the joined results."))
+          "them. Runs of one optimizer on other seeds at the same rate are "
+          "joined into one result (tune with --seeds 1, then run the other "
+          "seeds with --seed 1 --seeds N --no-tune --lr-grid NAME=LR). "
+          "'Steps to target' is recomputed over the joined results."))
   r.add_argument("inputs", nargs="+", metavar="RUN",
                  help="a results.json, or a folder holding one")
   r.add_argument("--out", required=True,

@@ -59,6 +59,8 @@ import optax
 
 import microadam_optax as mo
 from microadam_compare import optimizers as opt_lib
+from microadam_compare.report import mean_curve as _mean_curve
+from microadam_compare.report import mean_std as _mean_std
 from microadam_compare.tasks import Task
 
 #: Share of the steps spent warming the learning rate up, and the floor of
@@ -473,27 +475,6 @@ def _progress_bar(total: int, desc: str, enabled: bool):
               dynamic_ncols=True)
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-  """Mean and sample standard deviation (0 for one value); ``nan`` when a
-  value is not finite (a diverged seed)."""
-  if not values or not all(math.isfinite(v) for v in values):
-    return math.nan, math.nan
-  mean = statistics.fmean(values)
-  return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _mean_curve(curves: Sequence[Sequence[float]]) -> tuple[list, list]:
-  """Point-wise mean and standard deviation of curves (``nan`` where a
-  curve is missing or not finite)."""
-  n = max(len(c) for c in curves)
-  means, stds = [], []
-  for i in range(n):
-    mean, std = _mean_std([c[i] if i < len(c) else math.nan for c in curves])
-    means.append(mean)
-    stds.append(std)
-  return means, stds
-
-
 def tune(runner: _Runner, task: Task, grid: Sequence[float], steps: int,
          max_extensions: int, bar: Any = None,
          log: Optional[Callable[[str], None]] = None
@@ -655,6 +636,8 @@ def run_optimizer(task: Task, spec: opt_lib.OptimizerSpec, config: RunConfig,
       val_acc=val_acc, val_acc_std=val_acc_std, time_s=time_s,
       train_loss=first["train_loss"],
       val_loss_per_seed=[r["val_loss"] for r in runs],
+      val_acc_per_seed=[r["val_acc"] for r in runs],
+      time_s_per_seed=[r["time_s"] for r in runs],
       final_val_loss_per_seed=finals, final_val_loss_mean=loss_mean,
       final_val_loss_std=loss_std, final_val_loss=loss_mean,
       final_val_acc_per_seed=accs, final_val_acc_mean=acc_mean,

@@ -10,6 +10,27 @@ import statistics
 from typing import Any, Optional, Sequence
 
 
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (0 for one value); ``nan`` when a
+  value is not finite (a diverged seed)."""
+  if not values or not all(math.isfinite(v) for v in values):
+    return math.nan, math.nan
+  mean = statistics.fmean(values)
+  return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def mean_curve(curves: Sequence[Sequence[float]]) -> tuple[list, list]:
+  """Point-wise mean and standard deviation of curves (``nan`` where a
+  curve is missing or not finite)."""
+  n = max(len(c) for c in curves)
+  means, stds = [], []
+  for i in range(n):
+    mean, std = mean_std([c[i] if i < len(c) else math.nan for c in curves])
+    means.append(mean)
+    stds.append(std)
+  return means, stds
+
+
 def _fmt(x: Any, spec: str = ".4f", none: str = "-") -> str:
   if x is None:
     return none
@@ -295,13 +316,89 @@ def read_report(path: str) -> dict:
   return report
 
 
+#: Per-seed lists of a result, in the order of its ``seeds``.
+_PER_SEED = ("final_val_loss_per_seed", "final_val_acc_per_seed",
+             "val_loss_per_seed", "val_acc_per_seed", "time_s_per_seed")
+#: What a seed join takes from the run that tuned the rate.
+_TUNING = ("lr_grid", "initial_lr_grid", "grid_extensions",
+           "max_grid_extensions", "sweep_steps", "sweep",
+           "best_lr_at_grid_edge")
+
+
+def join_seeds(a: dict, b: dict) -> dict:
+  """One optimizer's result from two runs of it on other seeds, same rate.
+
+  A long optimizer can be split over several jobs (for the device's limit on
+  one command): tune it on the first seed (``--seeds 1``), then run the other
+  seeds at the rate found (``--seed 1 --seeds 2 --no-tune --lr-grid
+  NAME=LR``). The joined result is the one a single run over all the seeds
+  would have written: per-seed lists in seed order, means and sample
+  standard deviations recomputed from them, the tuning (grid, sweep, edge)
+  of the run that tuned, the curves of the first seed's run.
+
+  Args:
+    a: a result entry (``run_optimizer``'s).
+    b: another one of the same optimizer.
+
+  Returns:
+    The joined result (``a`` and ``b`` are not changed).
+
+  Raises:
+    ValueError: when the runs share a seed, differ in rate, length or
+      evaluation steps, both tuned, or lack the per-seed lists (results
+      written before they were recorded).
+  """
+  name = a.get("name")
+  seeds_a, seeds_b = list(a.get("seeds") or ()), list(b.get("seeds") or ())
+  if not seeds_a or not seeds_b or set(seeds_a) & set(seeds_b):
+    raise ValueError(
+        f"{name!r}: seed runs can be joined only when their seeds differ; "
+        f"got {seeds_a} and {seeds_b}.")
+  for field in ("status", "best_lr", "steps_run", "steps"):
+    if a.get(field) != b.get(field):
+      raise ValueError(
+          f"{name!r}: seed runs must agree on {field}; got {a.get(field)!r} "
+          f"and {b.get(field)!r} (run the other seeds with --no-tune "
+          f"--lr-grid {name}=<the tuned rate>).")
+  missing = [f for f in _PER_SEED for r in (a, b) if f not in r]
+  if missing or a.get("status") != "ok":
+    raise ValueError(
+        f"{name!r}: cannot join seeds of results without "
+        f"{sorted(set(missing)) or 'status ok'}; rerun with this version.")
+  tuned = [r for r in (a, b) if r.get("sweep")]
+  if len(tuned) > 1:
+    raise ValueError(f"{name!r}: both runs tuned the rate; tune once.")
+  order = sorted((s, r, i) for r in (a, b)
+                 for i, s in enumerate(r["seeds"]))
+  first = min((a, b), key=lambda r: min(r["seeds"]))
+  out = dict(first)
+  out["seeds"] = [s for s, _, _ in order]
+  for field in _PER_SEED:
+    out[field] = [r[field][i] for _, r, i in order]
+  for key in ("final_val_loss", "final_val_acc"):
+    mean, std = mean_std(out[key + "_per_seed"])
+    out[key + "_mean"], out[key + "_std"], out[key] = mean, std, mean
+  out["val_loss"], out["val_loss_std"] = mean_curve(out["val_loss_per_seed"])
+  out["val_acc"], out["val_acc_std"] = mean_curve(out["val_acc_per_seed"])
+  out["time_s"], _ = mean_curve(out["time_s_per_seed"])
+  finite = [v for v in out["val_loss"] if math.isfinite(v)]
+  out["best_val_loss"] = min(finite) if finite else math.nan
+  for field in _TUNING:
+    if tuned and field in tuned[0]:
+      out[field] = tuned[0][field]
+  out["wall_s"] = sum(r.get("wall_s") or 0.0 for r in (a, b))
+  return out
+
+
 def merge_reports(reports: Sequence[dict], names: Sequence[str]) -> dict:
   """Joins comparison reports of the same tasks run in separate processes.
 
   Optimizers of one task may run in different jobs (one GPU call each, say);
-  this puts their results side by side, as if one run had made them. Tasks
-  are matched by name and must agree on the model (description and number of
-  parameters), so that the curves are comparable.
+  this puts their results side by side, as if one run had made them; runs of
+  one optimizer on other seeds at the same rate are joined into one result
+  (:func:`join_seeds`). Tasks are matched by name and must agree on the
+  model (description and number of parameters), so that the curves are
+  comparable.
 
   Args:
     reports: the reports, as :func:`read_report` returns them.
@@ -314,7 +411,7 @@ def merge_reports(reports: Sequence[dict], names: Sequence[str]) -> dict:
 
   Raises:
     ValueError: when a task's model differs between reports, or an optimizer
-      appears twice in one task.
+      appears twice in one task other than as runs of other seeds.
   """
   if not reports:
     raise ValueError("merge_reports needs at least one report.")
@@ -336,9 +433,16 @@ def merge_reports(reports: Sequence[dict], names: Sequence[str]) -> dict:
               f"{task.get(field)!r} in {name}.")
       for r in task["results"]:
         if (key, r["name"]) in origin:
-          raise ValueError(
-              f"Optimizer {r['name']!r} of task {key!r} is in both "
-              f"{origin[(key, r['name'])]} and {name}.")
+          at = [i for i, x in enumerate(merged["results"])
+                if x["name"] == r["name"]][0]
+          try:
+            merged["results"][at] = join_seeds(merged["results"][at], r)
+          except ValueError as e:
+            raise ValueError(
+                f"Optimizer {r['name']!r} of task {key!r} is in both "
+                f"{origin[(key, r['name'])]} and {name}, and its runs are "
+                f"not seeds of one run: {e}") from e
+          continue
         origin[(key, r["name"])] = name
         merged["results"].append(r)
   first = reports[0]

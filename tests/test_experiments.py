@@ -530,6 +530,48 @@ def test_cli_report_joins_separate_runs(tmp_path, capsys):
   assert (out / "lm_loss_vs_step.png").stat().st_size > 0
 
 
+def test_report_joins_seed_runs_into_the_single_run(tmp_path, capsys):
+  """Tuning on seed 0 in one job and seed 1 in another, joined by report,
+  gives the result of one run over both seeds."""
+  def run(name, *extra):
+    assert _quick(tmp_path / name, tmp_path / "cache", "--task", "lm",
+                  "--optimizers", "adamw", "--no-plots", *extra) == 0
+    with open(tmp_path / name / "results.json", encoding="utf-8") as f:
+      return json.load(f)["tasks"][0]["results"][0]
+
+  whole = run("whole", "--seeds", "2")
+  tuned = run("tuned", "--seeds", "1")
+  rest = run("rest", "--seed", "1", "--seeds", "1", "--no-tune", "--lr-grid",
+             f"adamw={tuned['best_lr']}")
+  assert rest["sweep"] == [] and tuned["sweep"]
+  code = cli.main(["report", str(tmp_path / "rest"), str(tmp_path / "tuned"),
+                   "--out", str(tmp_path / "joined"), "--no-plots"])
+  assert code == 0, capsys.readouterr()
+  with open(tmp_path / "joined" / "results.json", encoding="utf-8") as f:
+    (joined,) = json.load(f)["tasks"][0]["results"]
+  assert joined["seeds"] == whole["seeds"] == [0, 1]
+  for key in ("final_val_loss_per_seed", "final_val_loss_mean",
+              "final_val_loss_std", "final_val_acc_std", "val_loss",
+              "val_loss_std", "val_acc", "val_acc_std", "lr_grid", "sweep",
+              "best_lr", "best_lr_at_grid_edge", "train_loss", "steps"):
+    np.testing.assert_allclose(
+        np.asarray(joined[key] if key != "sweep" else
+                   [x["val_loss"] for x in joined[key]], float),
+        np.asarray(whole[key] if key != "sweep" else
+                   [x["val_loss"] for x in whole[key]], float),
+        rtol=1e-12, err_msg=key)
+  assert joined["final_val_loss_per_seed"][0] != (
+      joined["final_val_loss_per_seed"][1])
+  # Overlapping seeds or another rate are not seeds of one run.
+  other = dict(rest, best_lr=rest["best_lr"] * 3)
+  with pytest.raises(ValueError, match="best_lr"):
+    report.join_seeds(tuned, other)
+  with pytest.raises(ValueError, match="seeds differ"):
+    report.join_seeds(tuned, dict(rest, seeds=[0]))
+  with pytest.raises(ValueError, match="both runs tuned"):
+    report.join_seeds(tuned, dict(rest, sweep=tuned["sweep"]))
+
+
 def test_report_merge_refuses_mismatched_runs(tmp_path, capsys):
   rng = np.random.default_rng()
   with pytest.raises(ValueError, match="num_params"):
