@@ -41,13 +41,9 @@ def group_rate_adamw(mult: float) -> opt_lib.Builder:
           lambda p, x: "hidden" if opt_lib.is_hidden_matrix(p, x) else "other",
           params)
     other = (lambda count: mult * lr(count)) if callable(lr) else mult * lr
-
-    def adamw(rate):
-      return optax.adamw(rate, b1=0.9, b2=0.95, eps=1e-8,
-                         weight_decay=ctx.decay(0.1),
-                         mask=opt_lib.decay_mask)
-    return optax.multi_transform({"hidden": adamw(lr), "other": adamw(other)},
-                                 labels)
+    adamw = opt_lib.REGISTRY["adamw"].build  # the comparison's own AdamW
+    return optax.multi_transform(
+        {"hidden": adamw(lr, ctx), "other": adamw(other, ctx)}, labels)
   return build
 
 

@@ -58,6 +58,12 @@ def _shape(leaf: Any) -> tuple[int, ...]:
   return tuple(int(d) for d in jnp.shape(leaf))
 
 
+def _num_entries(tree: Any) -> int:
+  """Number of scalar entries of the array leaves of ``tree``."""
+  return sum(int(np.prod(_shape(x), dtype=np.int64))
+             for x in jax.tree.leaves(tree))
+
+
 def _check_labels_args(min_size: Any, dense_names: Any) -> Optional[Any]:
   if (isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer))
       or min_size < 0):
@@ -151,8 +157,7 @@ def state_bytes_per_param(tx: optax.GradientTransformation,
     >>> round(mo.state_bytes_per_param(optax.adam(1e-3), params), 3)
     8.0
   """
-  n = sum(int(np.prod(_shape(x), dtype=np.int64))
-          for x in jax.tree.leaves(params))
+  n = _num_entries(params)
   total = state_nbytes(jax.eval_shape(tx.init, params))
   return total / n if n else float("nan")
 
@@ -272,16 +277,15 @@ def scale_by_microadam_mixed(
   def init_fn(params):
     state = inner.init(params)
     if max_state_bytes_per_param is not None:
-      n = sum(int(np.prod(_shape(x), dtype=np.int64))
-              for x in jax.tree.leaves(params))
+      n = _num_entries(params)
       used = state_nbytes(state) / max(n, 1)
       if used > max_state_bytes_per_param:
         tree = labels(params)
         dense_n = sum(
-            int(np.prod(_shape(x), dtype=np.int64))
+            _num_entries(sub)
             for lab, sub in zip(jax.tree.leaves(tree),
                                 jax.tree.structure(tree).flatten_up_to(params))
-            if lab == DENSE_LABEL for x in jax.tree.leaves(sub))
+            if lab == DENSE_LABEL)
         raise ValueError(
             f"max_state_bytes_per_param={max_state_bytes_per_param!r} is "
             f"exceeded: the state takes {used:.3f} bytes per parameter "
