@@ -472,13 +472,10 @@ def test_nnx_optimizer_training_lowers_loss():
   assert int(optimizer.step[...]) == 40
 
 
-def test_linen_train_state_training_lowers_loss():
-  tokens, targets = _tokens(2)
-  model = LinenLM()
-  params = jax.jit(model.init)(jax.random.key(2), tokens)["params"]
-  state = train_state.TrainState.create(
-      apply_fn=model.apply, params=params,
-      tx=mo.adam_mini(1e-2, weight_decay=1e-4))
+def _train_linen(model, params, tokens, targets, tx, steps=40):
+  """Trains a linen model through a ``TrainState``; the losses per step."""
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params,
+                                        tx=tx)
 
   @jax.jit
   def train_step(state):
@@ -488,9 +485,18 @@ def test_linen_train_state_training_lowers_loss():
     return state.apply_gradients(grads=grads), loss
 
   losses = []
-  for _ in range(40):
+  for _ in range(steps):
     state, loss = train_step(state)
     losses.append(float(loss))
+  return losses
+
+
+def test_linen_train_state_training_lowers_loss():
+  tokens, targets = _tokens(2)
+  model = LinenLM()
+  params = jax.jit(model.init)(jax.random.key(2), tokens)["params"]
+  losses = _train_linen(model, params, tokens, targets,
+                        mo.adam_mini(1e-2, weight_decay=1e-4))
   assert np.all(np.isfinite(losses))
   assert losses[-1] < 0.5 * losses[0], losses
 
@@ -897,21 +903,8 @@ def test_linen_gpt2_partition_and_training():
       1, ((GD, GD // GHD), (GD, GD // GHD), (GD, GD)))
   assert h["c_proj"]["kernel"] == mo.AdamMiniSpec("neuron", (0,), (1, GD))
   assert h["c_fc"]["kernel"] == mo.AdamMiniSpec("neuron", (0,), (1, 4 * GD))
-  state = train_state.TrainState.create(
-      apply_fn=model.apply, params=params,
-      tx=mo.adam_mini(1e-2, partition=rules))
-
-  @jax.jit
-  def train_step(state):
-    def loss_fn(p):
-      return _loss(state.apply_fn({"params": p}, tokens), targets)
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    return state.apply_gradients(grads=grads), loss
-
-  losses = []
-  for _ in range(40):
-    state, loss = train_step(state)
-    losses.append(float(loss))
+  losses = _train_linen(model, params, tokens, targets,
+                        mo.adam_mini(1e-2, partition=rules))
   assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0], losses
   # A classifier head on the same body: one v per class.
   clf = LinenGpt2(classes=3)
