@@ -24,6 +24,13 @@ tx, params))``, the path a sharded training script takes.
   # a CPU check with 8 host devices
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
       python benchmarks/sharded_step.py --preset tiny --steps 2
+  # one process per optimizer: they compile at once, then time in turn
+  # (each process takes its share of device memory)
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45
+  python benchmarks/sharded_step.py --preset 1b --turns /tmp/turns:0/2 \
+      --optimizers optax.adamw --json adamw.json &
+  python benchmarks/sharded_step.py --preset 1b --turns /tmp/turns:1/2 \
+      --optimizers mo.adam_mini --json adam_mini.json; wait
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import re
 import statistics
 import time
@@ -132,7 +140,50 @@ def _median_ms(fn, steps: int) -> float:
   return 1e3 * statistics.median(times)
 
 
-def run(name, tx, graphdef, params, shardings, mesh, config, batch, steps):
+class Turns:
+  """Processes started together compile at once and take the devices in turn.
+
+  Compilation runs on the host, so N processes (one optimizer each) can
+  compile in parallel; each then waits until all have compiled and the
+  process before it has finished timing, so that no other process uses the
+  devices while one is timed. A process that stops early (an error) still
+  marks its turns, so the others do not wait for it.
+  """
+
+  def __init__(self, spec: str):
+    try:
+      directory, turn = spec.rsplit(":", 1)
+      rank, world = (int(x) for x in turn.split("/"))
+    except ValueError:
+      raise ValueError(f"--turns must be DIR:I/N, got {spec!r}") from None
+    if not 0 <= rank < world:
+      raise ValueError(f"--turns {spec!r}: I must be in [0, N)")
+    self.directory, self.rank, self.world = directory, rank, world
+    os.makedirs(directory, exist_ok=True)
+
+  def _mark(self, what: str, rank: int | None = None) -> str:
+    return os.path.join(self.directory,
+                        f"{what}.{self.rank if rank is None else rank}")
+
+  def _wait_for(self, marks: list[str]) -> None:
+    while not all(os.path.exists(m) for m in marks):
+      time.sleep(0.2)
+
+  def wait(self) -> None:
+    """Marks this process compiled; returns when it may use the devices."""
+    open(self._mark("compiled"), "w").close()
+    self._wait_for([self._mark("compiled", r) for r in range(self.world)])
+    if self.rank:
+      self._wait_for([self._mark("timed", self.rank - 1)])
+
+  def done(self) -> None:
+    """Marks this process's timing (or its failure) finished."""
+    open(self._mark("compiled"), "w").close()
+    open(self._mark("timed"), "w").close()
+
+
+def run(name, tx, graphdef, params, shardings, mesh, config, batch, steps,
+        turns: Turns | None = None):
   """Times the optimizer step and the training step; returns a result row."""
   explicit = AxisType.Explicit in mesh.axis_types
   t0 = time.perf_counter()
@@ -196,6 +247,8 @@ def run(name, tx, graphdef, params, shardings, mesh, config, batch, steps):
   print(f"[{name}] init {init_s:.1f} s, compile {opt_compile_s:.1f} + "
         f"{train_compile_s:.1f} s, optimizer-step collectives "
         f"{opt_collectives or 'none'}", flush=True)
+  if turns is not None:
+    turns.wait()
   box = {"params": params, "state": state}
 
   def one_opt():
@@ -246,6 +299,10 @@ def main(argv=None) -> dict:
   parser.add_argument("--optimizers", default=None,
                       help="comma-separated subset of: " + ", ".join(OPTIMIZERS))
   parser.add_argument("--json", default=None)
+  parser.add_argument("--turns", default=None, metavar="DIR:I/N",
+                      help="run as process I of N started together: all "
+                      "compile at once, then time one after another in "
+                      "order of I (marks in DIR)")
   args = parser.parse_args(argv)
   names = (list(OPTIMIZERS) if args.optimizers is None
            else [n.strip() for n in args.optimizers.split(",") if n.strip()])
@@ -261,14 +318,25 @@ def main(argv=None) -> dict:
   config = PRESETS[args.preset]
   batch = args.batch or 4 * len(devices)
   dtype = jnp.dtype(args.dtype)
+  try:
+    turns = Turns(args.turns) if args.turns else None
+  except ValueError as e:
+    parser.error(str(e))
+  if turns is not None and len(names) != 1:
+    parser.error("--turns runs one optimizer per process; got --optimizers "
+                 f"{args.optimizers!r}")
   rows = []
-  for name in names:
-    graphdef, params, shardings = build(config, mesh, dtype, args.sharding)
-    n = models.num_params(params)
-    rows.append(run(name, OPTIMIZERS[name](), graphdef, params, shardings,
-                    mesh, config, batch, args.steps))
-    del params
-    gc.collect()
+  try:
+    for name in names:
+      graphdef, params, shardings = build(config, mesh, dtype, args.sharding)
+      n = models.num_params(params)
+      rows.append(run(name, OPTIMIZERS[name](), graphdef, params, shardings,
+                      mesh, config, batch, args.steps, turns))
+      del params
+      gc.collect()
+  finally:
+    if turns is not None:
+      turns.done()
   print(f"\n{args.sharding} steps, {n / 1e9:.3f} B params ({args.dtype}) "
         f"over {len(devices)} x {devices[0].device_kind} ({args.axis_type} "
         f"axes), batch {batch} x {config.seq_len}, jax {jax.__version__}")
@@ -290,7 +358,7 @@ def main(argv=None) -> dict:
   result = {"preset": args.preset, "num_params": n, "devices": len(devices),
             "device_kind": devices[0].device_kind, "sharding": args.sharding,
             "axis_type": args.axis_type, "jax": jax.__version__,
-            "batch": batch, "rows": rows}
+            "batch": batch, "turns": args.turns, "rows": rows}
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)
