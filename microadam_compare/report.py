@@ -278,6 +278,26 @@ def write_json(report: dict, path: str) -> str:
   return path
 
 
+def _count_data(r: dict, metadata: dict) -> None:
+  """Fills in the data a first-order result read (``tokens_seen`` ...) when
+  it was written before results counted it: one batch of the task a step.
+
+  Gauss-Newton results are left as they are (their inner steps per outer
+  iteration were not recorded then)."""
+  if r.get("status") != "ok" or "tokens_seen" in r or r.get("second_order"):
+    return
+  if metadata.get("tokens_per_step"):
+    per_step, unit = int(metadata["tokens_per_step"]), "tokens"
+  elif metadata.get("batch_size"):
+    per_step, unit = int(metadata["batch_size"]), "examples"
+  else:
+    return
+  r.update(data_unit=unit, tokens_per_batch=per_step,
+           tokens_per_step=per_step,
+           tokens_seen=[s * per_step for s in r["steps"]],
+           tokens_run=r["steps_run"] * per_step)
+
+
 def read_report(path: str) -> dict:
   """Reads a ``results.json`` written by ``microadam-optax compare``.
 
@@ -301,6 +321,7 @@ def read_report(path: str) -> dict:
         f"list).")
   for task in report["tasks"]:
     for r in task.get("results", ()):
+      _count_data(r, task.get("metadata") or {})
       for key in ("val_loss", "val_acc", "val_loss_std", "val_acc_std",
                   "final_val_loss_per_seed", "final_val_acc_per_seed"):
         if key in r:
