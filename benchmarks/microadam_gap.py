@@ -27,6 +27,9 @@ is at an end), the best rate rerun on the other seeds. Rows:
   ``microadam_d10_w1``: shorter windows at the default's bytes (fewer rows
   of more entries; m = 1 is sign descent on the Top-K entries of the
   error-feedback accumulator).
+* ``adam_mini_whole_value``: Adam-mini with one v per whole value matrix,
+  its authors' advice for runs under 10-20 k steps (group
+  ``adam_mini_short_run``, with ``adam_mini``).
 * ``microadam_d16_w1``, ``microadam_d20_w1`` (group ``encoding_bound``): the
   density cheaper encodings (12-bit indices, fp8 values) would buy at the
   default's bytes, with today's encoding: an upper bound on their gain.
@@ -145,6 +148,14 @@ def _microadam_wbc(lr, ctx):
       optax.scale_by_learning_rate(lr))
 
 
+def _adam_mini_whole_value(lr, ctx):
+  """The comparison's Adam-mini with the authors' advice for runs shorter
+  than 10-20 k steps: one v for each whole value matrix."""
+  partition = mo.AdamMiniRules(head_dim=ctx.head_dim, whole_value=True)
+  return mo.adam_mini(lr, b1=0.9, b2=0.95, weight_decay=ctx.decay(0.1),
+                      partition=partition)
+
+
 #: MicroAdam's first grid on the classifier, centred on the rate that won
 #: its tuning in the comparison (3e-3, reached from the registry's grid only
 #: after two extensions, still at an end).
@@ -181,6 +192,10 @@ def _configs() -> dict[str, opt_lib.OptimizerSpec]:
                 f"(b2 0.95{', bf16 m' if mu_dtype else ''}) on leaves < 2-D "
                 f"or < 4096 entries"
                 + (", embeddings and heads" if embeddings else "")))
+  specs["adam_mini_whole_value"] = dataclasses.replace(
+      reg["adam_mini"], name="adam_mini_whole_value",
+      label="Adam-mini, one v per value matrix", build=_adam_mini_whole_value,
+      note="b2 0.95, wd 0.1, one v per head (q, k), per value matrix (v)")
   specs["microadam_d1_w10_wbc"] = dataclasses.replace(
       micro, name="microadam_d1_w10_wbc", label="MicroAdam 1 % m10, window BC",
       build=_microadam_wbc,
@@ -205,6 +220,7 @@ GROUPS = {
         for d in DENSITIES],
     "short_windows": [f"microadam_d{round(100 * d)}_w{w}"
                       for d, w in SHORT_WINDOWS],
+    "adam_mini_short_run": ["adam_mini", "adam_mini_whole_value"],
     "encoding_bound": [f"microadam_d{round(100 * d)}_w{w}"
                        for d, w in ENCODING_BOUND],
     "variants": [f"mixed_{kind[0]}" for kind in MIXED_KINDS]
