@@ -63,6 +63,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -148,14 +149,6 @@ def _microadam_wbc(lr, ctx):
       optax.scale_by_learning_rate(lr))
 
 
-def _adam_mini_whole_value(lr, ctx):
-  """The comparison's Adam-mini with the authors' advice for runs shorter
-  than 10-20 k steps: one v for each whole value matrix."""
-  partition = mo.AdamMiniRules(head_dim=ctx.head_dim, whole_value=True)
-  return mo.adam_mini(lr, b1=0.9, b2=0.95, weight_decay=ctx.decay(0.1),
-                      partition=partition)
-
-
 #: MicroAdam's first grid on the classifier, centred on the rate that won
 #: its tuning in the comparison (3e-3, reached from the registry's grid only
 #: after two extensions, still at an end).
@@ -194,7 +187,7 @@ def _configs() -> dict[str, opt_lib.OptimizerSpec]:
                 + (", embeddings and heads" if embeddings else "")))
   specs["adam_mini_whole_value"] = dataclasses.replace(
       reg["adam_mini"], name="adam_mini_whole_value",
-      label="Adam-mini, one v per value matrix", build=_adam_mini_whole_value,
+      label="Adam-mini, one v per value matrix", build=functools.partial(reg["adam_mini"].build, whole_value=True),
       note="b2 0.95, wd 0.1, one v per head (q, k), per value matrix (v)")
   specs["microadam_d1_w10_wbc"] = dataclasses.replace(
       micro, name="microadam_d1_w10_wbc", label="MicroAdam 1 % m10, window BC",

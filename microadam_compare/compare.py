@@ -59,6 +59,7 @@ import optax
 
 import microadam_optax as mo
 from microadam_compare import optimizers as opt_lib
+from microadam_compare.report import batch_data as _batch_data
 from microadam_compare.report import mean_curve as _mean_curve
 from microadam_compare.report import mean_std as _mean_std
 from microadam_compare.tasks import Task
@@ -322,14 +323,9 @@ def _finite_or_inf(x: float) -> float:
 
 
 def batch_data(task: Task) -> tuple[int, str]:
-  """How much data one training batch of ``task`` holds, and in what:
-  ``(batch tokens, "tokens")`` for the language-modelling tasks, ``(batch
-  size, "examples")`` for the classification tasks (one label per image or
-  window)."""
-  meta = task.metadata
-  if meta.get("tokens_per_step"):
-    return int(meta["tokens_per_step"]), "tokens"
-  return int(meta["batch_size"]), "examples"
+  """How much data one training batch of ``task`` holds, and in what
+  (:func:`microadam_compare.report.batch_data` of its metadata)."""
+  return _batch_data(task.metadata)
 
 
 @dataclasses.dataclass

@@ -174,12 +174,14 @@ def _microadam(lr, ctx):
                       density=0.01)
 
 
-def _adam_mini(lr, ctx):
+def _adam_mini(lr, ctx, whole_value: bool = False):
   # The authors' GPT-2 recipe: AdamW's (b2 0.95, weight decay 0.1), with one v
   # per attention head of the 2-D query/key kernels (without head_dim they
-  # would get one v per column).
-  partition = (None if ctx.head_dim is None
-               else mo.AdamMiniRules(head_dim=ctx.head_dim))
+  # would get one v per column); whole_value: one v per value matrix, the
+  # authors' advice for runs under 10-20 k steps.
+  partition = (None if ctx.head_dim is None and not whole_value
+               else mo.AdamMiniRules(head_dim=ctx.head_dim,
+                                     whole_value=whole_value))
   return mo.adam_mini(lr, b1=0.9, b2=0.95, weight_decay=ctx.decay(0.1),
                       partition=partition)
 

@@ -278,6 +278,16 @@ def write_json(report: dict, path: str) -> str:
   return path
 
 
+def batch_data(metadata: dict) -> tuple[int, str]:
+  """How much data one training batch of a task holds, and in what, from
+  its metadata: ``(batch tokens, "tokens")`` for the language-modelling
+  tasks, ``(batch size, "examples")`` for the classification tasks (one
+  label per image or window)."""
+  if metadata.get("tokens_per_step"):
+    return int(metadata["tokens_per_step"]), "tokens"
+  return int(metadata["batch_size"]), "examples"
+
+
 def _count_data(r: dict, metadata: dict) -> None:
   """Fills in the data a first-order result read (``tokens_seen`` ...) when
   it was written before results counted it: one batch of the task a step.
@@ -286,12 +296,9 @@ def _count_data(r: dict, metadata: dict) -> None:
   iteration were not recorded then)."""
   if r.get("status") != "ok" or "tokens_seen" in r or r.get("second_order"):
     return
-  if metadata.get("tokens_per_step"):
-    per_step, unit = int(metadata["tokens_per_step"]), "tokens"
-  elif metadata.get("batch_size"):
-    per_step, unit = int(metadata["batch_size"]), "examples"
-  else:
+  if not (metadata.get("tokens_per_step") or metadata.get("batch_size")):
     return
+  per_step, unit = batch_data(metadata)
   r.update(data_unit=unit, tokens_per_batch=per_step,
            tokens_per_step=per_step,
            tokens_seen=[s * per_step for s in r["steps"]],
