@@ -72,6 +72,29 @@ def _mean_std(r: dict, key: str, spec: str) -> str:
   return f"{_fmt(mean, spec)} ± {_fmt(std, spec)}"
 
 
+def did_not_learn(r: dict) -> bool:
+  """Whether a result's mean final validation loss is not below its mean
+  loss at step 0: the run learnt nothing (every rate of its tuning failed),
+  so its row is a failed tuning, not a measurement of the optimizer.
+
+  >>> did_not_learn({"steps": [0, 50], "val_loss": [1.39, 2.07],
+  ...                "final_val_loss_mean": 1.41})
+  True
+  >>> did_not_learn({"steps": [0, 50], "val_loss": [1.39, 1.1],
+  ...                "final_val_loss_mean": 0.61})
+  False
+  """
+  steps, curve = r.get("steps") or (), r.get("val_loss") or ()
+  final = r.get("final_val_loss_mean", r.get("final_val_loss"))
+  if not steps or steps[0] != 0 or not curve or final is None:
+    return False
+  start = curve[0]
+  if start is None or not math.isfinite(start):
+    return False
+  return not (isinstance(final, (int, float)) and math.isfinite(final)
+              and final < start)
+
+
 def _versus(r: dict, reference: str) -> str:
   if r["name"] == reference:
     return "—"
@@ -127,6 +150,12 @@ def legend(task_results: Sequence[dict]) -> str:
       + ("; peak MiB: the device's peak since the process started."
          if show_peak else "; the device's peak is not reported on CPU."),
   ]
+  if any(did_not_learn(r) for r in ok):
+    lines.append(
+        "  ✗: the mean final loss is not below the loss at step 0: at the "
+        "rate its tuning chose, the optimizer learnt nothing (a failed "
+        "tuning, not a measurement of the optimizer; try lower rates with "
+        "--lr-grid NAME=LR,...).")
   if any(r.get("second_order") for r in ok):
     lines.append(
         "  * Gauss-Newton: steps are outer iterations, each linearizing the "
@@ -203,7 +232,8 @@ def format_table(task_result: dict) -> str:
         str(len(r.get("lr_grid") or ())),
         str(r["steps_run"]) + (" outer" if r.get("second_order") else ""),
         _count(r.get("tokens_run")),
-        _mean_std(r, "final_val_loss", ".4f"),
+        _mean_std(r, "final_val_loss", ".4f")
+        + (" ✗" if did_not_learn(r) else ""),
         _versus(r, reference),
         _mean_std(r, "final_val_acc", ".3f"),
         _fmt(r.get("steps_to_target"), "d"),

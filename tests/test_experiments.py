@@ -544,6 +544,31 @@ def test_cli_report_joins_separate_runs(tmp_path, capsys):
   assert (out / "lm_loss_vs_step.png").stat().st_size > 0
 
 
+def test_table_marks_a_result_that_learnt_nothing():
+  """A row whose mean final loss is not below its loss at step 0 (a tuning
+  whose chosen rate failed, as Adam-mini's first fine-tuning classifier
+  grid did on the gpu preset) is marked, and the legend says why; a row
+  that learnt is not."""
+  rng = np.random.default_rng()
+  rep = _fake_report(rng, ["adamw", "adam_mini"])
+  adamw, mini = rep["tasks"][0]["results"]
+  start = float(rng.uniform(1.3, 1.5))
+  # Up after the start, back down to just above it: learnt nothing.
+  mini["val_loss"] = [start, 2 * start] + [start * 1.01] * (
+      len(mini["steps"]) - 2)
+  mini["final_val_loss"] = mini["val_loss"][-1]
+  assert report.did_not_learn(mini) and not report.did_not_learn(adamw)
+  just_below = dict(mini, final_val_loss=start * 0.999)
+  assert not report.did_not_learn(just_below)
+  table = report.format_table(rep["tasks"][0])
+  rows = {line.split()[0]: line for line in table.splitlines()
+          if line.startswith(("AdamW", "Adam-mini"))}
+  assert "✗" in rows["Adam-mini"] and "✗" not in rows["AdamW"]
+  assert "✗: the mean final loss is not below" in report.legend(rep["tasks"])
+  rep["tasks"][0]["results"] = [adamw]
+  assert "✗" not in report.legend(rep["tasks"])
+
+
 def test_report_counts_data_of_results_written_before_it_was_counted(
     tmp_path):
   """A first-order result without ``tokens_seen`` (written before results
