@@ -55,7 +55,8 @@ Adam-mini from theirs.
 Results are merged into ``--out`` cell by cell (task x config), after each
 cell, so that a run can be split into several invocations or resumed;
 ``--merge a.json b.json --out c.json`` joins runs made apart (e.g. several
-device calls).
+device calls); a ``microadam-optax compare`` results.json among them gives
+its AdamW, Adam-mini and MicroAdam rows (:func:`from_comparison`).
 """
 
 from __future__ import annotations
@@ -262,11 +263,60 @@ def _jsonable(x: Any) -> Any:
   return x
 
 
+#: The comparison's optimizers that are rows of this table (by its name).
+FROM_COMPARISON = {"adamw": "adamw", "adam_mini": "adam_mini",
+                   "microadam": "microadam_d1_w10"}
+
+
 def _load(path: str) -> dict:
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
-      return json.load(f)
+      report = json.load(f)
+    if isinstance(report.get("tasks"), list):
+      return from_comparison(report)
+    return report
   return {"cells": {}}
+
+
+def from_comparison(results: dict) -> dict:
+  """A ``microadam-optax compare`` results.json as this table's cells.
+
+  The comparison's AdamW, Adam-mini and MicroAdam are this table's
+  ``adamw``, ``adam_mini`` and ``microadam_d1_w10``: the same
+  :func:`compare.run_optimizer` on the same tasks, seeds and tuning, so a
+  device run of the comparison need not be repeated here to give the
+  table its reference (``--merge results.json``).
+
+  Args:
+    results: the comparison's report (``"tasks"``: a list of task results).
+
+  Returns:
+    This harness's report: ``cells`` (task -> config -> kept fields),
+    ``tasks``, ``commands``, ``preset`` and ``environment``.
+  """
+  report: dict[str, Any] = {"cells": {}, "tasks": {}}
+  for task in results["tasks"]:
+    name = task["task"]
+    for r in task["results"]:
+      config = FROM_COMPARISON.get(r["name"])
+      if config is None or r.get("status") != "ok":
+        continue
+      kept = {k: r[k] for k in KEEP if k in r}
+      kept.update(name=config, label=CONFIGS[config].label)
+      report["cells"].setdefault(name, {})[config] = kept
+    if name in report["cells"]:
+      first = task["results"][0]
+      report["tasks"][name] = {
+          "num_params": task["num_params"],
+          "description": task["description"],
+          "steps": first.get("steps_run"),
+          "eval_every": first.get("eval_every"),
+          "seeds": task.get("seeds") or first.get("seeds")}
+  report["commands"] = [{"argv": results.get("command"),
+                         "from_comparison": True}]
+  for key in ("preset", "environment"):
+    report[key] = results.get(key)
+  return report
 
 
 def _save(report: dict, path: str) -> None:
