@@ -23,6 +23,11 @@ so that seeds can run at the rate another job tuned.
   # later commands while the machine is warm: collect again
   python3 benchmarks/device_queue.py collect --out $OUT --wait 570
 
+Several workers may share one GPU (the same ``--gpu``; set
+``XLA_PYTHON_CLIENT_MEM_FRACTION`` so that their memory pools fit): more jobs
+finish per device minute when single jobs leave the GPU idle (compilation,
+small batches), but their timings then include the other jobs' work.
+
 State (claimed, done and failed marks, logs, outputs) lives under ``--state``
 (default ``/tmp/device_queue``); ``collect`` copies outputs, logs and the
 queue's log to ``--out`` as one ``queue.tgz`` (the device returns few files)
