@@ -27,8 +27,6 @@ from jax.sharding import PartitionSpec as P
 
 import microadam_optax as mo
 
-COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute",
-               "reduce-scatter")
 #: Substrings of the custom calls Pallas kernels compile to (Triton on GPU,
 #: Mosaic on GPU and TPU); XLA's own Triton fusions do not match them.
 KERNEL_CALLS = ("xla.gpu.triton", "mosaic_gpu", "tpu_custom_call")
@@ -70,7 +68,7 @@ def check(axis_type: str, init: str, shape, dtype, steps: int) -> dict:
   per_device = max(s.data.nbytes for leaf in jax.tree.leaves(state)
                    for s in leaf.addressable_shards)
   return {"axis_type": axis_type, "init": init, "devices": len(devices),
-          "collectives": [c for c in COLLECTIVES if c in text],
+          "collectives": sorted(mo.collectives(text)),
           "kernel_calls": [c for c in KERNEL_CALLS if c in text],
           "bit_identical_to_unsharded": equal,
           "max_abs_diff_vs_xla": max_vs_xla,

@@ -40,7 +40,6 @@ import gc
 import json
 import math
 import os
-import re
 import statistics
 import time
 
@@ -74,10 +73,6 @@ OPTIMIZERS = {
     "optax.adamw": lambda: optax.adamw(1e-4, weight_decay=0.1),
 }
 
-COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute",
-               "reduce-scatter")
-
-
 def param_spec(shape: tuple[int, ...], parts: int, sharding: str) -> P:
   """Split the first (fsdp) or last (tp) axis when it divides evenly."""
   axis = 0 if sharding == "fsdp" else len(shape) - 1
@@ -106,21 +101,6 @@ def build(config: models.GPTConfig, mesh, dtype, sharding: str):
 
   params = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
   return graphdef, params, shardings
-
-
-def collectives(hlo_text: str) -> dict[str, int]:
-  """Per kind of collective in compiled HLO: the largest array it produces
-  (elements)."""
-  found: dict[str, int] = {}
-  for line in hlo_text.splitlines():
-    for kind in COLLECTIVES:
-      if f" {kind}(" not in line and f" {kind}-start(" not in line:
-        continue
-      result = line.split("=", 1)[1].split(kind, 1)[0]
-      sizes = [math.prod(int(d) for d in dims.split(",") if d)
-               for dims in re.findall(r"\[([0-9,]*)\]", result)] or [1]
-      found[kind] = max(found.get(kind, 0), max(sizes))
-  return found
 
 
 def peak_bytes_per_device() -> list[int] | None:
@@ -243,7 +223,7 @@ def run(name, tx, graphdef, params, shardings, mesh, config, batch, steps,
     train = jax.jit(train_step, donate_argnums=(0, 1)).lower(
         params, state, tokens()).compile()
     train_compile_s = time.perf_counter() - t0
-  opt_collectives = collectives(opt.as_text())
+  opt_collectives = mo.collectives(opt)
   print(f"[{name}] init {init_s:.1f} s, compile {opt_compile_s:.1f} + "
         f"{train_compile_s:.1f} s, optimizer-step collectives "
         f"{opt_collectives or 'none'}", flush=True)

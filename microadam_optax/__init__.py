@@ -6,6 +6,7 @@
   norms, biases, small leaves and (optionally) embeddings.
 * :func:`state_nbytes` -- bytes held by any optimizer state.
 * :func:`state_shardings` -- the shardings of any optimizer state on a mesh.
+* :func:`collectives` -- the collectives a compiled (sharded) step holds.
 """
 
 from microadam_optax import model_shapes
@@ -25,6 +26,7 @@ from microadam_optax.gauss_newton import gauss_newton
 from microadam_optax.gauss_newton import global_cosine_schedule
 from microadam_optax.gauss_newton import layer_partition
 from microadam_optax.gauss_newton import output_hvp
+from microadam_optax._sharding import collectives
 from microadam_optax._sharding import state_shardings
 from microadam_optax.memory import state_nbytes
 from microadam_optax.microadam import DEFAULT_BLOCK_SIZE
@@ -58,6 +60,7 @@ __all__ = [
     "model_shapes",
     "state_nbytes",
     "state_shardings",
+    "collectives",
     "DEFAULT_LINESEARCH",
     "GaussNewtonState",
     "SQRT2_LINESEARCH",

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+import re
+from typing import Any, Optional, Union
 
 import jax
 from jax.sharding import NamedSharding
@@ -269,3 +270,50 @@ def state_shardings(tx: Any, params: Any) -> Any:
     return NamedSharding(mesh, P() if spec is None else spec)
 
   return jax.tree.map(to_mesh, out)
+
+
+#: The kinds of collective :func:`collectives` looks for in compiled HLO.
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute",
+               "reduce-scatter")
+_DIMS = re.compile(r"\[([0-9,]*)\]")
+
+
+def collectives(compiled: Union[str, Any]) -> dict[str, int]:
+  """The collectives a compiled computation holds, with the largest array
+  each kind produces.
+
+  How to check that a sharded training or optimizer step communicates what
+  it should: an FSDP step whose optimizer gathers a parameter shows an
+  ``all-gather`` as large as that parameter. Reads the HLO text of the
+  compiled program (synchronous ops and the ``-start`` halves of
+  asynchronous ones); the size of a tuple-shaped result is its largest
+  member's.
+
+  Args:
+    compiled: a ``jax.stages.Compiled`` (``jax.jit(f).lower(...).compile()``)
+      or its ``as_text()``.
+
+  Returns:
+    ``{kind: elements}`` for each kind of :data:`COLLECTIVES` present, where
+    ``elements`` counts the entries of the largest array an op of that kind
+    produces; empty when the program does not communicate.
+
+  Example:
+    >>> import microadam_optax as mo
+    >>> mo.collectives("%ag = f32[8,4096]{1,0} all-gather(f32[1,4096]{1,0} "
+    ...                "%p), dimensions={0}")
+    {'all-gather': 32768}
+  """
+  text = compiled if isinstance(compiled, str) else compiled.as_text()
+  found: dict[str, int] = {}
+  for line in text.splitlines():
+    if "=" not in line:
+      continue
+    for kind in COLLECTIVES:
+      if f" {kind}(" not in line and f" {kind}-start(" not in line:
+        continue
+      result = line.split("=", 1)[1].split(kind, 1)[0]
+      sizes = [math.prod(int(d) for d in dims.split(",") if d)
+               for dims in _DIMS.findall(result)] or [1]
+      found[kind] = max(found.get(kind, 0), max(sizes))
+  return found
