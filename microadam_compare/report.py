@@ -74,8 +74,10 @@ def _mean_std(r: dict, key: str, spec: str) -> str:
 
 def did_not_learn(r: dict) -> bool:
   """Whether a result's mean final validation loss is not below its mean
-  loss at step 0: the run learnt nothing (every rate of its tuning failed),
-  so its row is a failed tuning, not a measurement of the optimizer.
+  loss at step 0: at the rate its tuning chose, the run learnt nothing (a
+  diverged run too: a non-finite final loss, ``nan`` in a fresh result,
+  ``null`` once written to JSON), so its row is a failed tuning, not a
+  measurement of the optimizer.
 
   >>> did_not_learn({"steps": [0, 50], "val_loss": [1.39, 2.07],
   ...                "final_val_loss_mean": 1.41})
@@ -85,12 +87,12 @@ def did_not_learn(r: dict) -> bool:
   False
   """
   steps, curve = r.get("steps") or (), r.get("val_loss") or ()
-  final = r.get("final_val_loss_mean", r.get("final_val_loss"))
-  if not steps or steps[0] != 0 or not curve or final is None:
+  if not steps or steps[0] != 0 or not curve:
     return False
   start = curve[0]
   if start is None or not math.isfinite(start):
     return False
+  final = r.get("final_val_loss_mean", r.get("final_val_loss"))
   return not (isinstance(final, (int, float)) and math.isfinite(final)
               and final < start)
 

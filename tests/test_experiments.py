@@ -560,6 +560,9 @@ def test_table_marks_a_result_that_learnt_nothing():
   assert report.did_not_learn(mini) and not report.did_not_learn(adamw)
   just_below = dict(mini, final_val_loss=start * 0.999)
   assert not report.did_not_learn(just_below)
+  # Diverged: nan in a fresh result, null (None) once read back from JSON.
+  for final in (math.nan, None):
+    assert report.did_not_learn(dict(adamw, final_val_loss=final))
   table = report.format_table(rep["tasks"][0])
   rows = {line.split()[0]: line for line in table.splitlines()
           if line.startswith(("AdamW", "Adam-mini"))}
