@@ -279,14 +279,15 @@ def run_list() -> int:
 def _write_outputs(tables: Sequence[str], results: dict, out_dir: str,
                    plot_files: Sequence[str], took: str = "") -> list[str]:
   """Prints the tables and writes ``table.txt`` and ``results.json`` to
-  ``out_dir``; returns every file of the run (``plot_files`` last)."""
+  ``out_dir``; returns every file of the run, each once (``plot_files``
+  last: tasks that share a figure, the pre-training curve, list it twice)."""
   text = "\n\n".join(tables)
   print("\n" + text)
   table_path = os.path.join(out_dir, "table.txt")
   with open(table_path, "w", encoding="utf-8") as f:
     f.write(text + "\n")
   json_path = report.write_json(results, os.path.join(out_dir, "results.json"))
-  files = [json_path, table_path, *plot_files]
+  files = list(dict.fromkeys([json_path, table_path, *plot_files]))
   print(f"\nwrote {len(files)} files to {out_dir}/{took}: "
         + ", ".join(os.path.basename(f) for f in files))
   return files

@@ -676,3 +676,12 @@ def test_notebook_runs(name):
   errors = [o for c in nb.cells for o in c.get("outputs", ())
             if o.get("output_type") == "error"]
   assert not errors
+
+
+def test_cli_lists_each_written_file_once(tmp_path, capsys):
+  # Both fine-tuning tasks plot the same pre-training curve.
+  plot = str(tmp_path / "pretrain_curve.png")
+  files = cli._write_outputs(["a table"], {"tasks": []}, str(tmp_path),
+                             [plot, str(tmp_path / "x.png"), plot])
+  assert len(files) == len(set(files)) == 4
+  assert "wrote 4 files" in capsys.readouterr().out
