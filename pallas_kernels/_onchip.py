@@ -19,7 +19,10 @@ element-wise arithmetic, reductions, ``jnp.cumsum``, ``lax.while_loop``,
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 import jax.numpy as jnp
 from jax import lax
@@ -199,6 +202,44 @@ def rows_of(program: jax.Array, rows: int) -> jax.Array:
   return program * rows + lax.broadcasted_iota(jnp.int32, (rows,), 0)
 
 
+def per_block(b: jax.Array, num_blocks: int, full: int, last: int
+              ) -> jax.Array:
+  """``full`` for blocks before the last, ``last`` for the last (ragged) one.
+
+  ``b``: block indices ``(rows,)`` (:func:`rows_of`).
+  """
+  return jnp.where(b == num_blocks - 1, last, full)
+
+
+class ProgramBlocks(NamedTuple):
+  """What :func:`program_blocks` returns."""
+  b: jax.Array       # block indices (rows,)
+  length: jax.Array  # real entries of each block (rows,)
+  pos: jax.Array     # position of each entry in its block (rows, half, 2)
+  col: jax.Array     # column of each entry's pair (rows, half, 2)
+  valid: jax.Array   # pos < length, (rows, half, 2)
+
+
+def program_blocks(rows: int, half: int, num_blocks: int, block: int,
+                   last_len: int) -> ProgramBlocks:
+  """The blocks the current program holds, as pairs, and their real entries.
+
+  Every kernel body of this package maps program ``i`` (of a 1-D grid of
+  ``num_blocks // rows``) to blocks ``i * rows`` to ``i * rows + rows - 1``,
+  each held as ``(half, 2)`` pairs; the tensor's last block holds
+  ``last_len`` real entries, the others ``block`` (the rest is padding).
+
+  Returns:
+    ``(b, length, pos, col, valid)``: the block indices and each block's
+    real length ``(rows,)``, the position and column iotas ``(rows, half,
+    2)`` (:func:`pair_iota`) and whether each position is a real entry.
+  """
+  b = rows_of(pl.program_id(0), rows)
+  length = per_block(b, num_blocks, block, last_len)
+  pos, col = pair_iota(rows, half)
+  return ProgramBlocks(b, length, pos, col, pos < per_row(length))
+
+
 def scatter_index(index: jax.Array, mask: jax.Array, size: int) -> jax.Array:
   """``index`` where ``mask``, else ``size`` (out of bounds: never written).
 
@@ -253,7 +294,8 @@ def load_block(ref, volatile: bool = False) -> jax.Array:
 
 __all__ = [
     "small_int_to_float", "small_float_to_int", "pair_iota", "per_row",
-    "row_sum", "rows_of", "exclusive_rank",
+    "row_sum", "rows_of", "per_block", "ProgramBlocks",
+    "program_blocks", "exclusive_rank",
     "magnitude_bits", "count_at_least", "kth_threshold",
     "select_topk", "scatter_index", "scatter_add", "store_scattered",
     "load_scattered", "load_block",

@@ -120,13 +120,9 @@ def error_feedback_kernel(g_ref, c_ref, lo_ref, hi_ref, *refs,
     topk_ref, c_out, lo_out, hi_out = refs
   else:
     idx_ref, val_ref, c_out, lo_out, hi_out = refs
-  half = g_ref.shape[1]
-  b = _onchip.rows_of(pl.program_id(0), rows)
-  last = b == num_blocks - 1
-  length = jnp.where(last, last_len, block_size)
-  k_b = jnp.where(last, last_k, k)
-  pos, col = _onchip.pair_iota(rows, half)
-  valid = pos < _onchip.per_row(length)
+  b, length, pos, col, valid = _onchip.program_blocks(
+      rows, g_ref.shape[1], num_blocks, block_size, last_len)
+  k_b = _onchip.per_block(b, num_blocks, k, last_k)
   err = quant_lib.dequantize_pairs(c_ref[...], col, lo_ref[...], hi_ref[...])
   a = jnp.where(valid, g_ref[...].astype(jnp.float32) + err, 0.0)
   mag = _onchip.magnitude_bits(a, valid)

@@ -210,11 +210,9 @@ def quantize_kernel(x_ref, c_ref, lo_ref, hi_ref, *, num_blocks: int,
                     q: int, last_len: int) -> None:
   """4-bit codes and min/max of ``rows`` blocks ``(rows, P/2, 2)`` (Triton)."""
   rows, half, _ = x_ref.shape
-  b = _onchip.rows_of(pl.program_id(0), rows)
-  length = jnp.where(b == num_blocks - 1, last_len, q)
-  pos, col = _onchip.pair_iota(rows, half)
-  packed, lo, hi = quantize_pairs(x_ref[...].astype(jnp.float32), col,
-                                  pos < _onchip.per_row(length))
+  blocks = _onchip.program_blocks(rows, half, num_blocks, q, last_len)
+  packed, lo, hi = quantize_pairs(x_ref[...].astype(jnp.float32),
+                                  blocks.col, blocks.valid)
   c_ref[...] = packed
   lo_ref[...] = lo
   hi_ref[...] = hi

@@ -193,13 +193,9 @@ def topk_kernel(x_ref, idx_ref, val_ref, *, num_blocks: int, block: int,
   Writes slot-ordered block-relative indices and values into the flat
   ``idx_ref``/``val_ref`` ``(num_blocks * k,)``.
   """
-  half = x_ref.shape[1]
-  b = _onchip.rows_of(pl.program_id(0), rows)
-  last = b == num_blocks - 1
-  length = jnp.where(last, last_len, block)
-  k_b = jnp.where(last, last_k, k)
-  pos, col = _onchip.pair_iota(rows, half)
-  valid = pos < _onchip.per_row(length)
+  b, length, pos, col, valid = _onchip.program_blocks(
+      rows, x_ref.shape[1], num_blocks, block, last_len)
+  k_b = _onchip.per_block(b, num_blocks, k, last_k)
   a = x_ref[...].astype(jnp.float32)
   mag = _onchip.magnitude_bits(a, valid)
   sel = _onchip.select_topk(mag, col, k_b, length)
