@@ -60,8 +60,7 @@ import optax
 import microadam_optax as mo
 from microadam_compare import optimizers as opt_lib
 from microadam_compare.report import batch_data as _batch_data
-from microadam_compare.report import mean_curve as _mean_curve
-from microadam_compare.report import mean_std as _mean_std
+from microadam_compare.report import seed_summary as _seed_summary
 from microadam_compare.tasks import Task
 
 #: Share of the steps spent warming the learning rate up, and the floor of
@@ -588,16 +587,8 @@ def run_optimizer(task: Task, spec: opt_lib.OptimizerSpec, config: RunConfig,
   if bar is not None:
     bar.close()
   first = runs[0]
-  finals = [r["val_loss"][-1] for r in runs]
-  accs = [r["val_acc"][-1] for r in runs]
-  loss_mean, loss_std = _mean_std(finals)
-  acc_mean, acc_std = _mean_std(accs)
-  val_loss, val_loss_std = _mean_curve([r["val_loss"] for r in runs])
-  val_acc, val_acc_std = _mean_curve([r["val_acc"] for r in runs])
-  time_s, _ = _mean_curve([r["time_s"] for r in runs])
   chunk_s = [c for r in runs for c in r["chunk_s"]]
   step_times = [c / every for c in chunk_s]
-  finite = [v for v in val_loss if math.isfinite(v)]
   state_bytes = first["state_bytes"]
   transient = None
   if spec.inner is not None:
@@ -628,17 +619,10 @@ def run_optimizer(task: Task, spec: opt_lib.OptimizerSpec, config: RunConfig,
              for lr in rates] if tuning else [],
       best_lr=best_lr, best_lr_at_grid_edge=bool(at_edge),
       steps_run=len(first["train_loss"]), eval_every=every,
-      steps=first["steps"], val_loss=val_loss, val_loss_std=val_loss_std,
-      val_acc=val_acc, val_acc_std=val_acc_std, time_s=time_s,
-      train_loss=first["train_loss"],
-      val_loss_per_seed=[r["val_loss"] for r in runs],
-      val_acc_per_seed=[r["val_acc"] for r in runs],
-      time_s_per_seed=[r["time_s"] for r in runs],
-      final_val_loss_per_seed=finals, final_val_loss_mean=loss_mean,
-      final_val_loss_std=loss_std, final_val_loss=loss_mean,
-      final_val_acc_per_seed=accs, final_val_acc_mean=acc_mean,
-      final_val_acc_std=acc_std, final_val_acc=acc_mean,
-      best_val_loss=min(finite) if finite else math.nan,
+      steps=first["steps"], train_loss=first["train_loss"],
+      **_seed_summary([r["val_loss"] for r in runs],
+                      [r["val_acc"] for r in runs],
+                      [r["time_s"] for r in runs]),
       state_bytes=state_bytes,
       state_bytes_per_param=state_bytes / task.num_params,
       transient_state_bytes=transient,

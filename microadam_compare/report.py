@@ -31,6 +31,42 @@ def mean_curve(curves: Sequence[Sequence[float]]) -> tuple[list, list]:
   return means, stds
 
 
+def seed_summary(val_loss_per_seed: Sequence[Sequence[float]],
+                 val_acc_per_seed: Sequence[Sequence[float]],
+                 time_s_per_seed: Sequence[Sequence[float]]) -> dict:
+  """The fields of a result that summarise its seeds, from their curves.
+
+  One place for what a run over several seeds reports (``compare``'s
+  ``run_optimizer``) and what joining runs of other seeds recomputes
+  (:func:`join_seeds`): the per-seed curves and final values, their means
+  and sample standard deviations, the mean curves and the best point of the
+  mean validation curve.
+
+  Args:
+    val_loss_per_seed: each seed's validation-loss curve, in seed order.
+    val_acc_per_seed: each seed's validation-accuracy curve.
+    time_s_per_seed: each seed's training seconds at the evaluations.
+
+  Returns:
+    A ``dict`` of the result's fields (``final_val_loss_mean`` ...).
+  """
+  out = dict(val_loss_per_seed=[list(c) for c in val_loss_per_seed],
+             val_acc_per_seed=[list(c) for c in val_acc_per_seed],
+             time_s_per_seed=[list(c) for c in time_s_per_seed])
+  for key, curves in (("final_val_loss", val_loss_per_seed),
+                      ("final_val_acc", val_acc_per_seed)):
+    finals = [c[-1] for c in curves]
+    mean, std = mean_std(finals)
+    out.update({key + "_per_seed": finals, key + "_mean": mean,
+                key + "_std": std, key: mean})
+  out["val_loss"], out["val_loss_std"] = mean_curve(val_loss_per_seed)
+  out["val_acc"], out["val_acc_std"] = mean_curve(val_acc_per_seed)
+  out["time_s"], _ = mean_curve(time_s_per_seed)
+  finite = [v for v in out["val_loss"] if math.isfinite(v)]
+  out["best_val_loss"] = min(finite) if finite else math.nan
+  return out
+
+
 def _fmt(x: Any, spec: str = ".4f", none: str = "-") -> str:
   if x is None:
     return none
@@ -433,16 +469,10 @@ def join_seeds(a: dict, b: dict) -> dict:
   first = min((a, b), key=lambda r: min(r["seeds"]))
   out = dict(first)
   out["seeds"] = [s for s, _, _ in order]
-  for field in _PER_SEED:
-    out[field] = [r[field][i] for _, r, i in order]
-  for key in ("final_val_loss", "final_val_acc"):
-    mean, std = mean_std(out[key + "_per_seed"])
-    out[key + "_mean"], out[key + "_std"], out[key] = mean, std, mean
-  out["val_loss"], out["val_loss_std"] = mean_curve(out["val_loss_per_seed"])
-  out["val_acc"], out["val_acc_std"] = mean_curve(out["val_acc_per_seed"])
-  out["time_s"], _ = mean_curve(out["time_s_per_seed"])
-  finite = [v for v in out["val_loss"] if math.isfinite(v)]
-  out["best_val_loss"] = min(finite) if finite else math.nan
+  out.update(seed_summary(
+      *([r[field][i] for _, r, i in order]
+        for field in ("val_loss_per_seed", "val_acc_per_seed",
+                      "time_s_per_seed"))))
   for field in _TUNING:
     if tuned and field in tuned[0]:
       out[field] = tuned[0][field]
