@@ -1,4 +1,4 @@
-"""One optimizer step on real model shapes: MicroAdam (XLA and Pallas) vs AdamW.
+"""One optimizer step on real model shapes: MicroAdam (kernels and XLA) vs AdamW.
 
 Runs in one process, side by side, on bf16 parameters and random bf16
 gradients of a Llama-2 model's shapes (``--layers`` keeps fewer decoder
@@ -6,11 +6,14 @@ layers; ``--model tiny`` is a few small tensors, for CPUs):
 
 * ``optax.adamw`` with ``mu_dtype=bf16`` (bf16 parameters give bf16 ``nu`` as
   well: the "bf16 states" reference row);
-* ``microadam_optax.microadam`` with ``implementation="pallas"`` and
-  ``"xla"``;
-* the kernel-level fused step (error-feedback kernel, then
-  :func:`pallas_kernels.window.window_param_update_pallas` writing the
-  parameters in place, no ``apply_updates``), with and without weight decay.
+* ``microadam_optax.microadam`` with ``implementation="auto"`` (the kernels:
+  on GPU one Triton kernel per leaf, through jax-triton) and ``"xla"``.
+
+Also measured in the same process: the device copy bandwidth (bytes read
+plus written per second) and, from it, each row's bandwidth floor: the
+bytes a step must move at least (gradient in, state in and out, parameters
+in and out: AdamW 14 B/param, MicroAdam ~7.5 B/param if its update were
+fused into the parameter write) over the copy bandwidth.
 
 Each row times ``jit(update + apply_updates)`` with donated parameters and
 state: the median of ``--steps`` steps after ``--warmup``, each synchronised
@@ -23,7 +26,8 @@ step's temporary buffers from ``compiled.memory_analysis()`` (what the step
 needs beyond its arguments). ``--kernels`` adds per-kernel
 timings on the largest MLP tensor (see ``benchmarks/kernels.py``).
 
-  python benchmarks/microadam_step.py --model llama2-7b --json step.json
+  python benchmarks/microadam_step.py --model llama2-7b --rows auto,adamw \
+      --json step.json
   python benchmarks/microadam_step.py --model tiny            # CPU smoke run
 """
 
@@ -44,9 +48,6 @@ import jax.numpy as jnp
 import optax
 
 import microadam_optax as mo
-from microadam_optax._layout import leaf_layout
-from pallas_kernels import error_feedback as ef_lib
-from pallas_kernels import window as window_lib
 
 LR = 1e-4
 
@@ -80,88 +81,30 @@ def optax_step(tx) -> Callable:
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def fused_step(*, weight_decay: float, window: int = 10,
-               density: float = 0.01, block: int = mo.DEFAULT_BLOCK_SIZE
-               ) -> Callable:
-  """MicroAdam without apply_updates: EF kernel + in-place parameter kernel.
-
-  The state is :class:`microadam_optax.MicroAdamState` from
-  ``scale_by_microadam(...).init``; the step is AdamW-style decoupled weight
-  decay and learning rate, as :func:`microadam_optax.microadam`.
-  """
-
-  # Leaves whose Top-K and quantization blocks differ take the optimizer's
-  # own (public) per-leaf update, then the parameter step in XLA.
-  scale = mo.scale_by_microadam(window=window, density=density,
-                                topk_block_size=block, implementation="pallas")
-
-  def leaf(p, g, iw, vw, codes, lo, hi, count):
-    lay = leaf_layout(p.size, topk_block_size=block, quant_block_size=block,
-                      density=density, error_bits=4)
-    if not lay.aligned:
-      u, s = scale.update(g, mo.MicroAdamState(count - 1, iw, vw, codes, lo,
-                                               hi))
-      pf = p.astype(jnp.float32)
-      p = (pf - LR * (u.astype(jnp.float32) + weight_decay * pf)).astype(
-          p.dtype)
-      return (p, s.window_indices, s.window_values, s.error_codes,
-              s.error_min, s.error_max)
-    idx, vals, codes, lo, hi = ef_lib.error_feedback_pallas(
-        g, codes, lo, hi, block_size=lay.topk_block, k=lay.k,
-        last_block_k=lay.last_k, index_dtype=iw.dtype, values_dtype=vw.dtype)
-    row = jnp.mod(count - 1, window)
-    iw = jax.lax.dynamic_update_index_in_dim(iw, idx, row, 0)
-    vw = jax.lax.dynamic_update_index_in_dim(vw, vals, row, 0)
-    p = window_lib.window_param_update_pallas(
-        p, iw, vw, count, block_size=lay.topk_block, learning_rate=LR,
-        weight_decay=weight_decay)
-    return p, iw, vw, codes, lo, hi
-
-  def step(params, state, grads):
-    count = state.count + 1
-    treedef = jax.tree.structure(params)
-    cols = [treedef.flatten_up_to(t) for t in (
-        params, grads, state.window_indices, state.window_values,
-        state.error_codes, state.error_min, state.error_max)]
-    outs = [leaf(*args, count) for args in zip(*cols)]
-    parts = [treedef.unflatten([o[i] for o in outs]) for i in range(6)]
-    return parts[0], mo.MicroAdamState(count, *parts[1:])
-
-  return jax.jit(step, donate_argnums=(0, 1))
+def copy_bandwidth(nbytes: int, iters: int = 20) -> float:
+  """Device copy bandwidth: bytes read plus written per second (median)."""
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  f = jax.jit(lambda a: a + 1.0)
+  jax.block_until_ready(f(x))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(x))
+    times.append(time.perf_counter() - t0)
+  return 2 * x.nbytes / statistics.median(times)
 
 
-#: Step rows of MicroAdam's kernels with other defaults: ``"module.NAME":
-#: value`` for module-level defaults that the dispatch reads when it is
-#: traced (:data:`pallas_kernels.window.DEFAULT_VARIANT`; a default read
-#: inside a jitted kernel wrapper would be cached with its first trace).
-PALLAS_ROWS = {
-    "pallas": {},
-    "pallas-window-atomic": {"window.DEFAULT_VARIANT": "atomic"},
-}
-
-_MODULES = {"window": window_lib}
-
-
-class with_kernel_defaults:  # pylint: disable=invalid-name
-  """A jitted step whose ``lower`` sees other kernel defaults.
-
-  ``overrides``: ``{"module.NAME": value}`` (see :data:`PALLAS_ROWS`), set
-  while the step is lowered, then restored.
-  """
-
-  def __init__(self, step, overrides: dict[str, Any]):
-    self._step = step
-    self._overrides = {tuple(k.split(".")): v for k, v in overrides.items()}
-
-  def lower(self, *args):
-    saved = {(m, a): getattr(_MODULES[m], a) for m, a in self._overrides}
-    try:
-      for (m, a), v in self._overrides.items():
-        setattr(_MODULES[m], a, v)
-      return self._step.lower(*args)
-    finally:
-      for (m, a), v in saved.items():
-        setattr(_MODULES[m], a, v)
+def floor_bytes(row: str, shapes: Any, state_bytes: int) -> int:
+  """The fewest bytes one step of ``row`` moves through device memory."""
+  params = mo.state_nbytes(shapes)  # bf16 parameters; gradients the same
+  if row.startswith("optax"):
+    # gradient in; moments in and out; parameters in and out.
+    return params + 2 * state_bytes + 2 * params
+  # gradient in; codes and window in and out (all rows of the window are
+  # read, one is written: counted in and out, 0.4 B/param too many);
+  # parameters in and out. A step whose update u goes through
+  # apply_updates moves 4 B/param more (u written and read).
+  return params + 2 * state_bytes + 2 * params
 
 
 def run_row(name: str, init: Callable, step: Callable, shapes: Any,
@@ -233,11 +176,8 @@ def main(argv=None) -> dict:
                       help="random gradients cycled through, one per step")
   parser.add_argument("--xla-steps", type=int, default=3,
                       help="steps for the (slow) XLA MicroAdam row")
-  parser.add_argument("--rows", default="fused,pallas,xla,adamw",
-                      help="comma list of fused, xla, adamw, pallas and "
-                      "the pallas-* rows of PALLAS_ROWS")
-  parser.add_argument("--kernels", action="store_true",
-                      help="also time each kernel on one 4096 x 11008 tensor")
+  parser.add_argument("--rows", default="auto,xla,adamw",
+                      help="comma list of auto (the kernels), xla, adamw")
   parser.add_argument("--json", default=None)
   args = parser.parse_args(argv)
 
@@ -260,30 +200,13 @@ def main(argv=None) -> dict:
       "memory_before": memory_stats(), "rows": []}
   wanted = args.rows.split(",")
   ma_kw = dict(learning_rate=LR, weight_decay=0.0)
-
-  def ma_init(params):
-    return mo.scale_by_microadam(implementation="pallas").init(params)
-
   rows = []
-  if "fused" in wanted:
-    for wd in (0.0, 0.01):
-      rows.append((f"kernel-level fused step (no apply_updates), wd={wd}",
-                   ma_init, fused_step(weight_decay=wd), args.steps))
-  # "pallas" runs the kernels' defaults; the "pallas-*" rows change kernel
-  # defaults while their step is traced (A/B in one process).
-  for row_name, overrides in PALLAS_ROWS.items():
-    if row_name in wanted:
-      tx = mo.microadam(implementation="pallas", **ma_kw)
-      label = 'mo.microadam implementation="pallas"' + (
-          " [" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + "]"
-          if overrides else "")
-      rows.append((label, tx.init,
-                   with_kernel_defaults(optax_step(tx), overrides),
-                   args.steps))
-  if "xla" in wanted:
-    tx = mo.microadam(implementation="xla", **ma_kw)
-    rows.append(('mo.microadam implementation="xla"', tx.init,
-                 optax_step(tx), args.xla_steps))
+  for impl in ("auto", "xla"):
+    if impl in wanted:
+      tx = mo.microadam(implementation=impl, **ma_kw)
+      rows.append((f'mo.microadam implementation="{impl}"', tx.init,
+                   optax_step(tx), args.steps if impl == "auto"
+                   else args.xla_steps))
   if "adamw" in wanted:
     tx = optax.adamw(LR, mu_dtype=jnp.bfloat16)
     rows.append(("optax.adamw (mu_dtype=bf16; bf16 states)", tx.init,
@@ -305,18 +228,22 @@ def main(argv=None) -> dict:
     gc.collect()
     dump()
 
-  if args.kernels:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import kernels  # pylint: disable=g-import-not-at-top
-    bw = kernels.copy_bandwidth(4 << 30)
-    result["copy_bandwidth_GB_per_s"] = bw / 1e9
-    print(f"copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
-    result["kernels"] = kernels.time_kernels(4096, 11008, copy_bw=bw)
+  bw = copy_bandwidth(4 << 30 if jax.default_backend() == "gpu" else 1 << 26)
+  result["copy_bandwidth_GB_per_s"] = bw / 1e9
+  print(f"copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
+  for r in result["rows"]:
+    if "error" not in r:
+      r["floor_bytes"] = floor_bytes(r["optimizer"], shapes, r["state_bytes"])
+      r["floor_ms"] = r["floor_bytes"] / bw * 1e3
+      r["vs_floor"] = r["median_ms"] / r["floor_ms"]
 
   # Live during a step: the parameters, every gradient set, the state.
   base = result["param_bytes"] + args.grad_sets * result["grad_bytes"]
-  print(f"\n{'optimizer':<52} {'step ms':>9} {'B/param':>8} "
-        f"{'peak GB':>8} {'peak-live GB':>12} {'XLA temp GB':>11}")
+  adamw = [r for r in result["rows"] if r["optimizer"].startswith("optax")
+           and "error" not in r]
+  print(f"\n{'optimizer':<52} {'step ms':>9} {'vs AdamW':>8} {'floor ms':>8} "
+        f"{'vs floor':>8} {'B/param':>8} {'peak GB':>8} {'peak-live GB':>12} "
+        f"{'XLA temp GB':>11}")
   for r in result["rows"]:
     if "error" in r:
       print(f"{r['optimizer']:<52} error: {r['error'][:70]}")
@@ -324,7 +251,9 @@ def main(argv=None) -> dict:
     peak = r.get("mem_peak_bytes_in_use", 0)
     extra = peak - base - r["state_bytes"]
     temp = r.get("xla_temp_size_in_bytes", float("nan"))
-    print(f"{r['optimizer']:<52} {r['median_ms']:9.2f} "
+    ratio = r["median_ms"] / adamw[0]["median_ms"] if adamw else float("nan")
+    print(f"{r['optimizer']:<52} {r['median_ms']:9.2f} {ratio:8.2f} "
+          f"{r['floor_ms']:8.2f} {r['vs_floor']:8.2f} "
           f"{r['state_bytes_per_param']:8.3f} {peak / 1e9:8.2f} "
           f"{extra / 1e9:12.2f} {temp / 1e9:11.2f}")
   dump()

@@ -23,9 +23,8 @@ from microadam_optax import _sharding
 from microadam_optax import _trees
 from microadam_optax._checks import check_float_leaves
 from microadam_optax._layout import LeafLayout, leaf_layout
+from pallas_kernels import dispatch
 from pallas_kernels import quantize as quant_lib
-from pallas_kernels import topk as topk_lib
-from pallas_kernels import window as window_lib
 
 #: Default elements per Top-K block and per quantization block. 4096 entries
 #: (16 KiB of float32) fit one GPU program's registers/shared memory, give
@@ -40,7 +39,7 @@ MICROADAM_STATIC_ARGS = (
     "values_dtype", "implementation",
 )
 
-_IMPLEMENTATIONS = ("auto", "xla", "pallas")
+_IMPLEMENTATIONS = dispatch.IMPLEMENTATIONS
 
 
 class MicroAdamState(NamedTuple):
@@ -130,11 +129,6 @@ def _validate(*, b1, b2, eps, window, density, topk_block_size,
         f"{implementation!r}.")
 
 
-def _flat_padded(x: jax.Array, length: int) -> jax.Array:
-  x = x.reshape(-1)
-  return jnp.pad(x, (0, length - x.shape[0])) if length > x.shape[0] else x
-
-
 class _Hyper(NamedTuple):
   b1: Any
   b2: Any
@@ -144,79 +138,26 @@ class _Hyper(NamedTuple):
   implementation: str
 
 
-def _dequantize(codes, lo, hi, lay: LeafLayout, hp: _Hyper) -> jax.Array:
-  """The dense float32 error ``(d,)`` held by the packed codes."""
-  e = quant_lib.dequantize(codes, lo, hi, hp.bits, lay.quant_block,
-                           implementation=hp.implementation)
-  return e.reshape(-1)[:lay.size]
-
-
-def _quantize(x: jax.Array, lay: LeafLayout, hp: _Hyper):
-  """Packs the dense error ``(d,)`` into codes and per-block min/max."""
-  x2 = _flat_padded(x, lay.quant_padded).reshape(lay.num_quant_blocks,
-                                                  lay.quant_block)
-  return quant_lib.quantize(x2, hp.bits, lay.last_quant_length,
-                            implementation=hp.implementation)
-
-
 def _leaf_update(g, idx_w, val_w, codes, lo, hi, count, lay: LeafLayout,
                  hp: _Hyper):
   """One MicroAdam step (Algorithm 1) for one flattened parameter.
 
-  ``hp.implementation`` other than ``"xla"``: the dispatch functions of
-  :mod:`pallas_kernels`, which choose per lowering platform (Triton kernels
-  on GPU, Mosaic kernels on TPU; on CPU the XLA path under ``"auto"``, an
-  interpreted kernel under ``"pallas"``). With coinciding Top-K and
-  quantization blocks and 4-bit errors, steps 1-4 below are one fused
-  kernel (:func:`pallas_kernels.error_feedback.error_feedback`); otherwise
-  the separate kernels run.
+  Steps 1-5 (error feedback, Top-K, re-quantization, the window's new row and
+  the update direction) are :func:`pallas_kernels.dispatch.leaf_step`, which
+  decides which implementation runs; the densification of ``alpha > 0``
+  follows in XLA.
   """
-  from pallas_kernels import error_feedback as ef_lib  # pylint: disable=g-import-not-at-top
-  window = idx_w.shape[0]
-  kernels = hp.implementation != "xla"
-  if kernels and lay.aligned and hp.bits == 4:
-    # Steps 1-4 in one pass: dequantize + add, Top-K, zero, re-quantize.
-    idx, vals, codes, lo, hi = ef_lib.error_feedback(
-        g, codes, lo, hi, block_size=lay.topk_block, k=lay.k,
-        last_block_k=lay.last_k, index_dtype=idx_w.dtype,
-        values_dtype=val_w.dtype, implementation=hp.implementation)
-  else:
-    # a_t = g_t + Q^{-1}(e_t)
-    a = g.reshape(-1).astype(jnp.float32) + _dequantize(codes, lo, hi, lay,
-                                                        hp)
-    # I_t, V_t = TopK(|a_t|) per block; a_t[I_t] = 0.
-    a2 = _flat_padded(a, lay.topk_padded).reshape(lay.num_topk_blocks,
-                                                   lay.topk_block)
-    idx, vals = topk_lib.block_topk(
-        a2, lay.k, last_block_length=lay.last_topk_length,
-        last_block_k=lay.last_k, implementation=hp.implementation)
-    slots = topk_lib.slot_mask(lay.num_topk_blocks, lay.k, lay.last_k)
-    a = topk_lib.zero_selected(a2, idx, slots).reshape(-1)[:lay.size]
-    # e_{t+1} = Q(a_t) with per-block min/max.
-    codes, lo, hi = _quantize(a, lay, hp)
-  # window[(t - 1) mod m] = (I_t, V_t)
-  row = jnp.mod(count - 1, window)
-  idx_w = jax.lax.dynamic_update_index_in_dim(
-      idx_w, idx.astype(idx_w.dtype), row, 0)
-  val_w = jax.lax.dynamic_update_index_in_dim(
-      val_w, vals.astype(val_w.dtype), row, 0)
-  # u_t = m_hat / (sqrt(v_hat) + eps)
   dense = not (isinstance(hp.alpha, (int, float)) and hp.alpha == 0)
-  if kernels:
-    u = window_lib.window_update(
-        idx_w, val_w, count, block_size=lay.topk_block, b1=hp.b1, b2=hp.b2,
-        eps=hp.eps, out_dtype=jnp.float32 if dense else g.dtype,
-        implementation=hp.implementation)
-  else:
-    u = window_lib.window_update_reference(
-        idx_w, val_w, count, block_size=lay.topk_block, b1=hp.b1, b2=hp.b2,
-        eps=hp.eps)
-  u = u.reshape(-1)[:lay.size]
+  u, idx_w, val_w, codes, lo, hi = dispatch.leaf_step(
+      g, idx_w, val_w, codes, lo, hi, count, layout=lay, b1=hp.b1, b2=hp.b2,
+      eps=hp.eps, bits=hp.bits, out_dtype=jnp.float32 if dense else g.dtype,
+      implementation=hp.implementation)
   if dense:
     # Densify: u += alpha * Q^{-1}(e_{t+1}); keep (1 - alpha) of the error.
-    err = _dequantize(codes, lo, hi, lay, hp)
+    err = dispatch.dequantize_leaf(codes, lo, hi, lay, hp.bits)
     u = u + hp.alpha * err
-    codes, lo, hi = _quantize((1 - hp.alpha) * err, lay, hp)
+    codes, lo, hi = dispatch.quantize_leaf((1 - hp.alpha) * err, lay,
+                                           hp.bits)
   return u.reshape(g.shape).astype(g.dtype), idx_w, val_w, codes, lo, hi
 
 
@@ -458,8 +399,13 @@ def scale_by_microadam(
       paper), ``jnp.float16`` or ``jnp.float32``.
     alpha: in ``[0, 1)``; ``> 0`` densifies the update with that fraction of
       the error feedback (the authors' pre-training option).
-    implementation: ``"xla"`` (pure XLA, every back end), ``"pallas"``
-      (Pallas kernels) or ``"auto"`` (kernels on GPU/TPU, XLA elsewhere).
+    implementation: ``"auto"`` (the kernels where the lowering platform has
+      them: one Triton kernel per leaf on GPU, which needs ``jax-triton``,
+      the Mosaic kernels on TPU; XLA elsewhere), ``"xla"`` (pure XLA, every
+      back end) or ``"pallas"`` (as ``"auto"``, and on CPU the Mosaic
+      kernels in Pallas' interpreter). :mod:`pallas_kernels.dispatch`
+      decides; layouts whose Top-K and quantization blocks differ, and
+      8-bit codes, take the XLA path everywhere.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` whose state is a

@@ -1,50 +1,42 @@
-"""Kernels for MicroAdam's hot paths, usable without the optimizer.
+"""Kernels for MicroAdam's hot path, usable without the optimizer.
 
-* :mod:`pallas_kernels.topk` -- block-wise Top-K by magnitude.
-* :mod:`pallas_kernels.quantize` -- block-wise asymmetric 4/8-bit quantization
-  with packing.
-* :mod:`pallas_kernels.error_feedback` -- the fused error-feedback pass
-  (dequantize + add, Top-K, zero, re-quantize in one pass).
-* :mod:`pallas_kernels.window` -- Adam's moments rebuilt from a window of
-  sparse gradients, and the fused parameter update.
+MicroAdam's per-leaf step (error feedback, block Top-K, 4-bit
+re-quantization, the window's new row and the update direction rebuilt from
+the window) has a pure-``jnp`` reference, correct on every back end, and
+kernels per platform; :mod:`pallas_kernels.dispatch` decides in one place
+which runs (:func:`pallas_kernels.dispatch.leaf_step`):
 
-Each module holds a pure-``jnp`` reference (the XLA path, correct on every
-back end), its Pallas kernels (``*_pallas``) and a dispatch function taking
-``implementation="auto" | "xla" | "pallas"``. Which one runs is decided in
-one place, :func:`pallas_kernels._backend.per_platform`, per *lowering*
-platform (``jax.lax.platform_dependent``): a function traced once lowers to
-the Triton kernels for ``"cuda"``, the Mosaic kernels for ``"tpu"`` and the
-reference for ``"cpu"`` (``"pallas"``: an interpreted kernel there;
-``"xla"``: the reference everywhere).
+=====================  ==================================================
+module                 what it holds
+=====================  ==================================================
+``dispatch``           the choice per lowering platform, layout and code
+                       width; :class:`~pallas_kernels.dispatch.KernelConfig`
+                       (tuning knobs); the step's XLA reference
+``topk``, ``quantize``,  the references of each stage (the XLA path)
+``error_feedback``,
+``window``
+``gpu.step``           the GPU kernel: the whole step in one Triton kernel
+                       (official Triton through ``jax-triton``), any leaf
+                       size
+``tpu.error_feedback``,  the Mosaic TPU kernels (error feedback; window)
+``tpu.window``
+=====================  ==================================================
 
-Kernels per platform:
-
-============================  ===================  ===================
-family                        GPU (Pallas Triton)  TPU (Pallas Mosaic)
-============================  ===================  ===================
-Top-K                         yes                  yes
-error feedback (fused)        yes                  yes
-window -> update ``u``        yes                  yes
-window -> parameter update    yes                  no (reference)
-4-bit quantize / dequantize   yes                  yes
-8-bit quantize / dequantize   no (reference)       no (reference)
-============================  ===================  ===================
-
-What ran: the Triton kernels compiled and timed on an H200, and in
-interpret mode on CPU. The Mosaic TPU kernels were only lowered (from a CPU
-host, ``lowering_platforms=("tpu",)``: ``tpu_custom_call`` in the StableHLO)
-and run in the TPU interpreter (``interpret=pltpu.InterpretParams()``)
-against their references; no TPU was reachable, so they were never compiled
-by the TPU compiler nor run, and their speed is unknown.
-``PALLAS_KERNELS_INTERPRETER=mosaic`` makes ``"pallas"`` on CPU interpret
-the Mosaic bodies instead of the Triton ones. Back-end specifics (compiler
-parameters, warps, programs, TPU tiling) live in
-:mod:`pallas_kernels._backend`.
+What ran where: the GPU kernel compiled and timed on an H200 (JAX 0.11.2,
+Triton 3.6, jax-triton 0.3.1) and, for its logic, in Triton's interpreter;
+the Mosaic TPU kernels were only lowered for TPU from a CPU host and run in
+the TPU interpreter and Pallas' generic interpreter against their
+references: no TPU was reachable, so they were never compiled by the TPU
+compiler nor run, and their speed is unknown. Pallas' Triton back end
+(deprecated since JAX 0.11.0) is not used; Pallas' Mosaic GPU back end does
+not lower the sort, prefix sum, gather and scatter the GPU step needs
+(``experiments/mosaic_gpu_probe.py``).
 """
 
+from pallas_kernels import dispatch
 from pallas_kernels import error_feedback
 from pallas_kernels import quantize
 from pallas_kernels import topk
 from pallas_kernels import window
 
-__all__ = ["error_feedback", "quantize", "topk", "window"]
+__all__ = ["dispatch", "error_feedback", "quantize", "topk", "window"]

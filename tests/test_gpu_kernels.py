@@ -1,54 +1,70 @@
-"""The kernels compiled on a GPU against their references (GPU only).
+"""MicroAdam's GPU kernel compiled on a GPU, against the XLA reference (GPU only).
 
-The checks of ``benchmarks/kernels.py --check`` as tests: every Triton
-kernel, compiled (not interpreted), against its ``jnp`` reference on fresh
-random inputs of awkward sizes, and ``scale_by_microadam`` with
-``implementation="pallas"`` against ``"xla"`` over several steps. Marked
-``gpu`` and skipped where JAX's default back end is not a GPU (CI); run them
-on a GPU machine with ``pytest -m gpu tests/test_gpu_kernels.py``.
+The checks of ``benchmarks/step_kernel.py`` as tests: the fused Triton
+kernel (:mod:`pallas_kernels.gpu.step`), compiled, against
+:func:`pallas_kernels.dispatch.leaf_step_reference` on fresh random state of
+awkward sizes, all-zero state and gradients (ties everywhere), a leaf of
+more than 2**31 entries, and ``mo.microadam`` with the kernels against the
+XLA path over several steps. Marked ``gpu`` and skipped where JAX's default
+back end is not a GPU or jax-triton is missing (CI); run them on a GPU with
+``pytest -m gpu tests/test_gpu_kernels.py``.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+
+import microadam_optax as mo
+from benchmarks import step_kernel
+from pallas_kernels.gpu import step as gpu_step
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(jax.default_backend() != "gpu",
-                       reason="needs a GPU (compiled Triton kernels)"),
+    pytest.mark.skipif(jax.default_backend() != "gpu"
+                       or not gpu_step.available(),
+                       reason="needs a GPU and jax-triton"),
 ]
 
-_KERNELS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / (
-    "kernels.py")
+
+@pytest.mark.parametrize("case", step_kernel.CASES,
+                         ids=[f"d{c[1]}_B{c[2]}" for c in step_kernel.CASES])
+def test_kernel_matches_reference(case):
+  res = step_kernel.check_case(*case)
+  assert res["ok"], res
 
 
-def _checks():
-  spec = importlib.util.spec_from_file_location("benchmark_kernels", _KERNELS)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+@pytest.mark.parametrize("zero_grad", [True, False])
+def test_kernel_on_ties(zero_grad):
+  res = step_kernel.check_case(6, 3 * 4096, 4096, 0.01, 4, 2, zero=True,
+                               grad_zero=zero_grad)
+  assert res["ok"], res
 
 
-# (flattened size, block, density): several full blocks; a block that is not
-# a power of two with a short last block; a tiny odd block; a ragged tail.
-CASES = [(4096 * 3, 4096, 0.01), (1001, 256, 0.05), (7, 4, 0.3),
-         (2 * 4096 + 1000, 4096, 0.01)]
+def test_kernel_on_a_leaf_over_two_to_the_31():
+  res = step_kernel.check_huge(8)
+  assert res["ok"], res
 
 
-@pytest.mark.parametrize("d,block,density", CASES)
-def test_kernels_match_references_on_gpu(d, block, density):
-  rows = []
-  _checks()._check_case(rows, np.random.default_rng(d), d, block, density)
-  bad = [r for r in rows if not r["ok"]]
-  assert rows and not bad, bad
-
-
-def test_optimizer_pallas_equals_xla_on_gpu():
-  rows = _checks().check_optimizer(seed=0, steps=5)
-  bad = [r for r in rows if not r["ok"]]
-  assert rows and not bad, bad
+def test_optimizer_kernels_track_xla():
+  rng = np.random.default_rng(0)
+  shapes = {"w": (4096, 300), "b": (4096,), "odd": (7, 13)}
+  params = {n: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
+            for n, s in shapes.items()}
+  txs = {i: mo.microadam(1e-3, implementation=i) for i in ("auto", "xla")}
+  states = {i: tx.init(params) for i, tx in txs.items()}
+  steps = {i: jax.jit(tx.update) for i, tx in txs.items()}
+  for _ in range(5):
+    grads = {n: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
+             for n, s in shapes.items()}
+    out = {}
+    for i in txs:
+      out[i], states[i] = steps[i](grads, states[i], params)
+    for n in shapes:
+      a = np.asarray(out["auto"][n], np.float32)
+      b = np.asarray(out["xla"][n], np.float32)
+      assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b), n
+    params = optax.apply_updates(params, out["xla"])

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import _onchip
+from jax.experimental.pallas import tpu as pltpu
 
 #: Rows (blocks) per program: one vreg of sublanes.
 ROWS = 8
@@ -46,7 +46,9 @@ def round_up(n: int, m: int) -> int:
 
 def magnitude_bits(a: jax.Array, valid: jax.Array) -> jax.Array:
   """Bit pattern of ``|a|`` as int32 (monotone in ``|a|``); -1 where invalid."""
-  return _onchip.magnitude_bits(a, valid)
+  bits = lax.bitcast_convert_type(a, jnp.int32) & 0x7FFFFFFF
+  # The largest NaN payload is clamped so that ``max + 1`` cannot overflow.
+  return jnp.where(valid, jnp.minimum(bits, 0x7FFFFFFE), -1)
 
 
 def _count(planes: Sequence[jax.Array], pred) -> jax.Array:
@@ -197,3 +199,8 @@ def per_block(block: jax.Array, num_blocks: int, full, last) -> jax.Array:
 __all__ = ["ROWS", "LANES", "round_up", "magnitude_bits", "kth_largest_bits",
            "exclusive_rank", "select_topk", "compact", "lane_broadcast_value",
            "block_rows", "per_block"]
+
+
+def tpu_params():
+  """Mosaic TPU compiler parameters: every grid axis is independent."""
+  return pltpu.CompilerParams(dimension_semantics=("parallel",))

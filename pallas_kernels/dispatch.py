@@ -1,0 +1,261 @@
+"""Which implementation of MicroAdam's per-leaf step runs, decided in one place.
+
+The optimizer calls :func:`leaf_step` once per leaf and step. It chooses,
+per *lowering* platform (:func:`jax.lax.platform_dependent`, so one traced
+function lowers for GPU, TPU and CPU) and from the leaf's block layout, its
+dtypes and the code width:
+
+======================  ==================================================
+where                   what runs
+======================  ==================================================
+GPU (``cuda``)          the fused Triton kernel
+                        (:func:`pallas_kernels.gpu_step.microadam_step_gpu`,
+                        through jax-triton), any leaf size
+TPU                     the Mosaic TPU kernels: error feedback, then the
+                        window (:mod:`pallas_kernels.tpu.error_feedback`,
+                        :mod:`pallas_kernels.tpu.window`)
+CPU, ``"auto"``         the XLA reference, :func:`leaf_step_reference`
+CPU, ``"pallas"``       the Mosaic TPU kernels in Pallas' interpreter
+anywhere, ``"xla"``     the XLA reference
+======================  ==================================================
+
+The kernels need coinciding Top-K and quantization blocks
+(``layout.aligned``) and 4-bit codes; other layouts (a user's different
+block sizes, 8-bit codes) take the reference on every platform. On GPU the
+kernel needs ``jax_triton`` (``pip install 'microadam-optax[gpu]'``);
+without it the reference runs and a warning says so.
+
+Tuning knobs live in :class:`KernelConfig`, a frozen dataclass passed
+explicitly (nothing is read from the environment while tracing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import quantize as quant_lib
+from pallas_kernels import topk as topk_lib
+from pallas_kernels import window as window_lib
+from pallas_kernels.gpu import step as gpu_step
+from pallas_kernels.tpu import error_feedback as tpu_error_feedback
+from pallas_kernels.tpu import window as tpu_window
+
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Tuning knobs of MicroAdam's kernels.
+
+  Attributes:
+    gpu_num_warps: warps per program of the GPU kernel (``None``: one per
+      1024 entries of a block, see
+      :func:`pallas_kernels.gpu_step.default_num_warps`).
+    tpu_interpret: how ``implementation="pallas"`` runs the Mosaic kernels
+      where there is no TPU: ``None`` (Pallas' generic interpreter, which
+      also runs inside ``custom_partitioning`` and ``shard_map``) or a
+      :class:`pltpu.InterpretParams` (the TPU interpreter, which checks
+      more of what a TPU would, but whose callbacks
+      ``custom_partitioning`` does not accept).
+  """
+  gpu_num_warps: int | None = None
+  tpu_interpret: Any = None
+
+  def __post_init__(self):
+    w = self.gpu_num_warps
+    if w is not None and (isinstance(w, bool) or not isinstance(w, int)
+                          or w < 1 or w & (w - 1) or w > 32):
+      raise ValueError(
+          f"gpu_num_warps must be None or a power of two in [1, 32], got "
+          f"{w!r}.")
+    if self.tpu_interpret is not None and not isinstance(
+        self.tpu_interpret, pltpu.InterpretParams):
+      raise ValueError(
+          f"tpu_interpret must be None or a pltpu.InterpretParams, got "
+          f"{self.tpu_interpret!r}.")
+
+
+DEFAULT_CONFIG = KernelConfig()
+
+
+def check_implementation(implementation: str) -> str:
+  """Returns ``implementation`` after checking that it is a valid one."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation must be one of {IMPLEMENTATIONS}, got "
+        f"{implementation!r}.")
+  return implementation
+
+
+def has_kernels(layout: Any, bits: int) -> bool:
+  """Whether a leaf of ``layout`` with ``bits``-bit codes has kernels."""
+  return bool(layout.aligned) and bits == 4
+
+
+def _flat_padded(x: jax.Array, length: int) -> jax.Array:
+  x = x.reshape(-1)
+  return jnp.pad(x, (0, length - x.shape[0])) if length > x.shape[0] else x
+
+
+def dequantize_leaf(codes, lo, hi, layout, bits: int) -> jax.Array:
+  """The dense float32 error ``(d,)`` held by a leaf's packed codes."""
+  e = quant_lib.dequantize_reference(codes, lo, hi, bits, layout.quant_block)
+  return e.reshape(-1)[:layout.size]
+
+
+def quantize_leaf(x: jax.Array, layout, bits: int):
+  """Packs a leaf's dense error ``(d,)`` into codes and per-block min/max."""
+  x2 = _flat_padded(x, layout.quant_padded).reshape(layout.num_quant_blocks,
+                                                    layout.quant_block)
+  return quant_lib.quantize_reference(x2, bits, layout.last_quant_length)
+
+
+def leaf_step_reference(grad, window_indices, window_values, codes, block_min,
+                        block_max, count, *, layout, b1, b2, eps, bits: int,
+                        out_dtype):
+  """MicroAdam's per-leaf step (Algorithm 1, steps 1-5) in plain XLA.
+
+  .. math::
+
+    a = g + Q^{-1}(e), \\quad (I, V) = \\mathrm{TopK}_B(|a|), \\quad
+    e' = Q(a - a[I]), \\quad W_{(t-1) \\bmod m} = (I, V), \\quad
+    u = \\hat m / (\\sqrt{\\hat v} + \\epsilon).
+
+  Args:
+    grad: the gradient, any shape.
+    window_indices, window_values: the window ``(m, num_blocks, k)``.
+    codes, block_min, block_max: the packed error and its per-block range.
+    count: the step ``t >= 1``.
+    layout: the leaf's block layout (a :class:`LeafLayout`).
+    b1, b2, eps: Adam's hyper-parameters.
+    bits: 4 or 8.
+    out_dtype: dtype of ``u``.
+
+  Returns:
+    ``(u (d,), window_indices, window_values, codes, block_min,
+    block_max)``.
+  """
+  lay = layout
+  a = grad.reshape(-1).astype(jnp.float32) + dequantize_leaf(
+      codes, block_min, block_max, lay, bits)
+  a2 = _flat_padded(a, lay.topk_padded).reshape(lay.num_topk_blocks,
+                                                 lay.topk_block)
+  idx, vals = topk_lib.block_topk_reference(
+      a2, lay.k, last_block_length=lay.last_topk_length,
+      last_block_k=lay.last_k)
+  slots = topk_lib.slot_mask(lay.num_topk_blocks, lay.k, lay.last_k)
+  a = topk_lib.zero_selected(a2, idx, slots).reshape(-1)[:lay.size]
+  codes, block_min, block_max = quantize_leaf(a, lay, bits)
+  window_indices, window_values = _write_row(window_indices, window_values,
+                                             idx, vals, count)
+  u = window_lib.window_update_reference(
+      window_indices, window_values, count, block_size=lay.topk_block, b1=b1,
+      b2=b2, eps=eps)
+  u = u.reshape(-1)[:lay.size].astype(out_dtype)
+  return u, window_indices, window_values, codes, block_min, block_max
+
+
+def _write_row(window_indices, window_values, idx, vals, count):
+  """The window with row ``(count - 1) mod m`` replaced by ``(idx, vals)``."""
+  row = jnp.mod(jnp.asarray(count, jnp.int32) - 1, window_indices.shape[0])
+  window_indices = jax.lax.dynamic_update_index_in_dim(
+      window_indices, idx.astype(window_indices.dtype), row, 0)
+  window_values = jax.lax.dynamic_update_index_in_dim(
+      window_values, vals.astype(window_values.dtype), row, 0)
+  return window_indices, window_values
+
+
+def _leaf_step_mosaic(grad, window_indices, window_values, codes, block_min,
+                      block_max, count, *, layout, b1, b2, eps, out_dtype,
+                      interpret):
+  """The step with the Mosaic TPU kernels (error feedback, then window)."""
+  lay = layout
+  idx, vals, codes, block_min, block_max = tpu_error_feedback.error_feedback_mosaic(
+      grad, codes, block_min, block_max, block_size=lay.topk_block, k=lay.k,
+      last_block_k=lay.last_k, index_dtype=window_indices.dtype,
+      values_dtype=window_values.dtype, interpret=interpret)
+  window_indices, window_values = _write_row(window_indices, window_values,
+                                             idx, vals, count)
+  u = tpu_window.window_update_mosaic(
+      window_indices, window_values, jnp.asarray(count, jnp.int32),
+      block_size=lay.topk_block, b1=b1, b2=b2, eps=eps, out_dtype=out_dtype,
+      interpret=interpret)
+  u = u.reshape(-1)[:lay.size]
+  return u, window_indices, window_values, codes, block_min, block_max
+
+
+def _leaf_step_gpu(grad, window_indices, window_values, codes, block_min,
+                   block_max, count, *, layout, b1, b2, eps, out_dtype,
+                   num_warps):
+  """The step with the fused Triton kernel."""
+  lay = layout
+  u, window_indices, window_values, codes, block_min, block_max = (
+      gpu_step.microadam_step_gpu(
+          grad, codes, block_min, block_max, window_indices, window_values,
+          count, block_size=lay.topk_block, k=lay.k, last_block_k=lay.last_k,
+          b1=b1, b2=b2, eps=eps, out_dtype=out_dtype, num_warps=num_warps))
+  return u, window_indices, window_values, codes, block_min, block_max
+
+
+_warned_no_triton = []
+
+
+def _warn_no_triton() -> None:
+  if not _warned_no_triton and jax.default_backend() == "gpu":
+    _warned_no_triton.append(True)
+    warnings.warn(
+        "MicroAdam on GPU runs its XLA path (several times slower, with "
+        "leaf-sized temporaries): jax_triton is not installed. Install it "
+        "with `pip install 'microadam-optax[gpu]'`.", stacklevel=3)
+
+
+def leaf_step(grad, window_indices, window_values, codes, block_min,
+              block_max, count, *, layout, b1, b2, eps, bits: int, out_dtype,
+              implementation: str = "auto",
+              config: KernelConfig = DEFAULT_CONFIG):
+  """One MicroAdam step of one leaf, with the implementation chosen here.
+
+  Args: as :func:`leaf_step_reference`, plus
+    implementation: ``"auto"`` (kernels where the lowering platform has
+      them, see the module docstring), ``"xla"`` (the reference everywhere)
+      or ``"pallas"`` (as ``"auto"``, and on CPU the Mosaic TPU kernels in
+      the TPU interpreter).
+    config: the kernels' tuning knobs.
+
+  Returns:
+    As :func:`leaf_step_reference`.
+  """
+  check_implementation(implementation)
+  args = (grad, window_indices, window_values, codes, block_min, block_max,
+          jnp.asarray(count, jnp.int32))
+  hyper = dict(layout=layout, b1=b1, b2=b2, eps=eps, out_dtype=out_dtype)
+  reference = functools.partial(leaf_step_reference, bits=bits, **hyper)
+  if implementation == "xla" or not has_kernels(layout, bits):
+    return reference(*args)
+  mosaic = functools.partial(_leaf_step_mosaic, **hyper)
+  if gpu_step.available():
+    gpu: Callable = functools.partial(_leaf_step_gpu,
+                                      num_warps=config.gpu_num_warps, **hyper)
+  else:
+    _warn_no_triton()
+    gpu = reference
+
+  def other(*a):
+    if implementation == "auto":
+      return reference(*a)
+    return mosaic(*a, interpret=config.tpu_interpret or True)
+
+  return jax.lax.platform_dependent(
+      *args, cuda=gpu, tpu=functools.partial(mosaic, interpret=None),
+      default=other)
+
+
+__all__ = ["IMPLEMENTATIONS", "KernelConfig", "has_kernels", "leaf_step",
+           "leaf_step_reference"]

@@ -1,0 +1,1 @@
+"""MicroAdam's Mosaic TPU kernels: error feedback, and the window's update."""
