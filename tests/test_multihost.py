@@ -1,0 +1,211 @@
+"""MicroAdam and Adam-mini on several JAX processes, with Orbax checkpoints.
+
+The smallest real multi-controller set-up: 2 processes x 4 CPU devices on
+this machine (``jax.distributed.initialize`` on 127.0.0.1, CPU collectives
+over gloo), one global (2, 4) mesh. tests/multihost_worker.py is one process;
+this module starts three jobs, each bounded in time and killed whatever
+happens:
+
+1. the 2-process job trains (every case of the worker: MicroAdam XLA and
+   Pallas, Adam-mini; Explicit and Auto axes; FSDP and tensor-parallel
+   leaves), checkpoints step 2 (both processes save), then starts saving
+   step 3 and process 1 is killed (SIGKILL) mid-save;
+2. a new 2-process job restores the latest checkpoint onto the same mesh and
+   resumes;
+3. one process with 8 devices trains the same cases (the single-process
+   reference), then restores the same checkpoint onto its mesh and resumes.
+
+Every comparison is of whole arrays put together from the shards each
+process wrote, bit for bit (as unsigned integers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+HERE = pathlib.Path(__file__).parent
+WORKER = HERE / "multihost_worker.py"
+#: A hard limit on each job (they take seconds; XLA's CPU collectives abort
+#: after 40 s stuck in a rendezvous).
+TIMEOUT_S = 240
+SAVE_AT, STEPS = 2, 3  # as in the worker
+
+
+def _free_port() -> int:
+  with contextlib.closing(socket.socket()) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+      [str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+def _job(tmp: pathlib.Path, name: str, args: list, processes: int,
+         until_killed: int | None = None) -> list:
+  """Runs ``processes`` workers with ``args``; their exit codes and logs.
+
+  With ``until_killed=i``, process ``i`` is expected to kill itself: once it
+  has, the others (waiting for it for ever) are ended.
+  """
+  port = _free_port()
+  procs, logs = [], []
+  start = time.monotonic()
+  try:
+    for i in range(processes):
+      log = open(tmp / f"{name}.p{i}.log", "w+")  # pylint: disable=consider-using-with
+      logs.append(log)
+      extra = ([] if processes == 1 else
+               ["--num-processes", str(processes), "--process-id", str(i),
+                "--port", str(port)])
+      procs.append(subprocess.Popen(
+          [sys.executable, str(WORKER), *map(str, args), *extra],
+          env=_env(8 // processes), stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + TIMEOUT_S
+    while any(p.poll() is None for p in procs):
+      if until_killed is not None and procs[until_killed].poll() is not None:
+        break
+      if time.monotonic() > deadline:
+        break
+      time.sleep(0.05)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+  print(f"{name}: {time.monotonic() - start:.1f} s")
+  outs = []
+  for p, log in zip(procs, logs):
+    log.seek(0)
+    outs.append((p.returncode, log.read()))
+    log.close()
+  return outs
+
+
+def _check_ok(outs) -> None:
+  for i, (code, log) in enumerate(outs):
+    assert code == 0 and "OK" in log, f"process {i} exit {code}:\n{log[-4000:]}"
+
+
+def _arrays(out: pathlib.Path, mode: str) -> tuple[dict, dict]:
+  """Whole arrays, put together from every process's shards; the metadata
+  of process 0."""
+  shards = {}
+  for meta_file in sorted(out.glob(f"{mode}.p*.json")):
+    meta = json.loads(meta_file.read_text())
+    with np.load(meta_file.with_suffix(".npz")) as data:
+      for key, where in meta["index"].items():
+        shards.setdefault(where["name"], []).append(
+            (where["shape"], where["index"], data[key]))
+  arrays = {}
+  for name, parts in shards.items():
+    shape, _, first = parts[0]
+    whole = np.zeros(shape, first.dtype)
+    covered = np.zeros(shape, np.int32)
+    for _, index, data in parts:
+      box = tuple(slice(a, b) for a, b in index)
+      whole[box] = data
+      covered[box] += 1
+    assert (covered == 1).all(), f"{name}: shards cover {np.unique(covered)}"
+    arrays[name] = whole
+  return arrays, json.loads((out / f"{mode}.p0.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("multihost")
+  ckpt = tmp / "ckpt"
+  seed = int(np.random.default_rng().integers(2**31))
+  two, one, resumed = tmp / "two", tmp / "one", tmp / "resumed"
+  for d in (two, one, resumed):
+    d.mkdir()
+  killed = _job(tmp, "two", ["train", two, seed, "--ckpt", ckpt, "--save",
+                             "--kill-mid-save"], 2, until_killed=1)
+  assert killed[1][0] == -signal.SIGKILL, killed[1][1][-4000:]
+  after_kill = sorted(p.name for p in ckpt.iterdir())
+  again = _job(tmp, "resumed", ["resume", resumed, seed, "--ckpt", ckpt], 2)
+  _check_ok(again)
+  single = _job(tmp, "one", ["train,resume", one, seed, "--ckpt", ckpt], 1)
+  _check_ok(single)
+  return dict(seed=seed, killed=killed, after_kill=after_kill,
+              two=_arrays(two, "train"), one=_arrays(one, "train"),
+              resumed=_arrays(resumed, "resume"),
+              one_resumed=_arrays(one, "resume"))
+
+
+def _assert_same(got: dict, want: dict, seed: int) -> None:
+  assert got and set(got) <= set(want), sorted(set(got) - set(want))
+  differ = [k for k in got if not np.array_equal(got[k], want[k])]
+  assert not differ, f"seed {seed}: differ in {differ}"
+
+
+def test_two_processes_equal_one_process_to_the_bit(runs):
+  """Every step's parameters and the last state of every case (MicroAdam
+  XLA and Pallas, Adam-mini; Explicit and Auto axes), 2 x 4 devices against
+  one process with 8."""
+  (got, _), (want, _) = runs["two"], runs["one"]
+  assert set(got) == set(want)
+  cases = {k.split("/")[0] + "/" + k.split("/")[1] for k in got}
+  assert cases == {f"{a}/{o}" for a in ("explicit", "auto")
+                   for o in ("microadam", "microadam_pallas", "adam_mini")}
+  _assert_same(got, want, runs["seed"])
+  # The steps did something: parameters moved, MicroAdam's window filled.
+  for case in cases:
+    p1 = got[f"{case}/step1/params['fsdp']"].view(np.float32)
+    p3 = got[f"{case}/step3/params['fsdp']"].view(np.float32)
+    assert np.abs(p3 - p1).max() > 1e-4, case
+
+
+def test_compiled_steps_gather_no_parameter(runs):
+  """MicroAdam's step communicates nothing; Adam-mini's only all-reduces its
+  v, a few floats per block (at most one row of 1024 here)."""
+  collectives = runs["two"][1]["collectives"]
+  for case, found in collectives.items():
+    if "adam_mini" in case:
+      assert set(found) <= {"all-reduce"}, (case, found)
+      assert found.get("all-reduce", 0) <= 1024, (case, found)
+    else:
+      assert not found, (case, found)
+
+
+def test_killed_mid_save_leaves_the_previous_checkpoint(runs):
+  """Process 1 died by SIGKILL while step 3 was being saved: step 3 exists
+  only as Orbax's temporary directory, and the restore takes step 2."""
+  (code0, log0), (code1, log1) = runs["killed"]
+  assert code1 == -signal.SIGKILL, log1[-4000:]
+  assert "SAVING" in log0, log0[-4000:]
+  assert code0 == -signal.SIGKILL, log0[-4000:]  # ended by the test
+  assert str(SAVE_AT) in runs["after_kill"], runs["after_kill"]
+  assert str(STEPS) not in runs["after_kill"], runs["after_kill"]
+  assert any(name.startswith(f"{STEPS}.") and "tmp" in name
+             for name in runs["after_kill"]), runs["after_kill"]
+  for mode in ("resumed", "one_resumed"):
+    meta = runs[mode][1]
+    assert meta["restored_step"] == SAVE_AT and meta["steps"] == [SAVE_AT], (
+        mode, meta["steps"])
+
+
+def test_restore_on_the_same_mesh_resumes_bit_identically(runs):
+  """A new 2-process job restores step 2; its step 3 is the uninterrupted
+  run's."""
+  _assert_same(runs["resumed"][0], runs["two"][0], runs["seed"])
+  assert any("step3" in k for k in runs["resumed"][0])
+
+
+def test_restore_onto_one_process_resumes_bit_identically(runs):
+  """The checkpoint of 2 processes restored by one process with 8 devices."""
+  _assert_same(runs["one_resumed"][0], runs["two"][0], runs["seed"])
