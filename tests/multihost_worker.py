@@ -1,10 +1,11 @@
 """One JAX process of a multi-process run, started by tests/test_multihost.py.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=4 \
-      python tests/multihost_worker.py MODES OUT SEED --ckpt DIR [--save] \
-          [--kill-mid-save] --num-processes 2 --process-id I --port PORT
+      python tests/multihost_worker.py train,resume OUT SEED --ckpt DIR \
+          --save --kill-mid-save --num-processes 2 --process-id I --port PORT
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-      python tests/multihost_worker.py MODES OUT SEED --ckpt DIR
+      python tests/multihost_worker.py train,resume OUT SEED --ckpt DIR \
+          [--wait-for FILE]
 
 With ``--num-processes 2`` the process joins a 2-process job through
 ``jax.distributed.initialize`` (CPU collectives over gloo); without it one
@@ -21,7 +22,8 @@ MODES (comma-separated):
 * ``train``: ``STEPS`` steps from the init (with ``--save``, step
   ``SAVE_AT`` checkpointed to ``--ckpt`` with Orbax, by every process).
 * ``resume``: the latest checkpoint in ``--ckpt`` restored onto this run's
-  mesh, then the steps after it.
+  mesh (by a new CheckpointManager, once ``--wait-for`` exists), then the
+  steps after it.
 
 Each process writes ``OUT/MODE.pI.npz`` (its own shards of every step's
 parameters and of the last state, one replica each: nothing is gathered) and
@@ -40,6 +42,7 @@ import json
 import os
 import pathlib
 import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +60,12 @@ SAVE_AT = 2
 MESH_SHAPE = (2, 4)
 AXES = ("x", "y")
 BLOCK = 1024
+_START = time.monotonic()
+
+
+def _log(what: str) -> None:
+  """A progress line in the log (where a stuck job stopped, and when)."""
+  print(f"[{time.monotonic() - _START:6.1f} s] {what}", flush=True)
 
 
 def _parse(argv=None):
@@ -71,6 +80,8 @@ def _parse(argv=None):
   parser.add_argument("--kill-mid-save", action="store_true",
                       help="then start saving the last step and kill "
                            "process 1")
+  parser.add_argument("--wait-for", default=None,
+                      help="resume only once this file exists")
   parser.add_argument("--num-processes", type=int, default=1)
   parser.add_argument("--process-id", type=int, default=0)
   parser.add_argument("--port", type=int, default=0)
@@ -249,9 +260,11 @@ def _train(seed: int, cases: dict, first: int, into: dict, index: dict,
       case["params"], case["state"] = jax.block_until_ready(case["step"](
           case["params"], case["state"], _data(seed, case, t)))
       _shards(f"{name}/step{t}/params", case["params"], into, index)
+    _log(f"step {t}")
     if manager is not None and t == SAVE_AT:
       manager.save(t, args=ocp.args.StandardSave(_checkpoint(cases)))
       manager.wait_until_finished()
+      _log(f"saved step {t}")
   for name, case in cases.items():
     _shards(f"{name}/state", case["state"], into, index)
 
@@ -284,17 +297,31 @@ def main(argv=None) -> None:
   args = _parse(argv)
   _start(args)
   out = pathlib.Path(args.out)
+  _log(f"process {jax.process_index()} of {jax.process_count()}")
   cases = _cases(args.seed)
-  for case in cases.values():
+  for name, case in cases.items():
     _prepare(case)
-  manager = _manager(os.path.abspath(args.ckpt))
+    _log(f"compiled {name}")
+  ckpt = os.path.abspath(args.ckpt)
+  manager = _manager(ckpt) if args.save or args.kill_mid_save else None
 
   if "train" in args.modes:
     arrays, index = {}, {}
-    _train(args.seed, cases, 1, arrays, index,
-           manager if args.save else None)
+    _train(args.seed, cases, 1, arrays, index, manager)
     _write(out, "train", arrays, dict(index=index, collectives={
         name: mo.collectives(c["step"]) for name, c in cases.items()}))
+
+  if "resume" in args.modes:
+    if args.wait_for:
+      _wait_for(pathlib.Path(args.wait_for))
+    reader = _manager(ckpt)  # a new one: it knows only what is on disk
+    arrays, index = {}, {}
+    restored = _restore(reader, cases)
+    _log(f"restored step {restored}")
+    _train(args.seed, cases, restored + 1, arrays, index)
+    _write(out, "resume", arrays, dict(index=index, restored_step=restored,
+                                       steps=list(reader.all_steps())))
+    reader.close()
 
   if args.kill_mid_save:
     manager.save(STEPS, args=ocp.args.StandardSave(_checkpoint(cases)))
@@ -302,18 +329,21 @@ def main(argv=None) -> None:
     # being written, the step is not committed yet. Stop at once.
     if jax.process_index() == 1:
       os.kill(os.getpid(), signal.SIGKILL)
-    print("SAVING", flush=True)
+    _log("saving")
     manager.wait_until_finished()  # waits for process 1: never returns
     raise AssertionError("the save finished without process 1")
 
-  if "resume" in args.modes:
-    arrays, index = {}, {}
-    restored = _restore(manager, cases)
-    _train(args.seed, cases, restored + 1, arrays, index)
-    _write(out, "resume", arrays, dict(index=index, restored_step=restored,
-                                       steps=list(manager.all_steps())))
-  manager.close()
-  print("OK", flush=True)
+  if manager is not None:
+    manager.close()
+  _log("OK")
+
+
+def _wait_for(path: pathlib.Path, timeout_s: float = 300) -> None:
+  deadline = time.monotonic() + timeout_s
+  while not path.exists():
+    if time.monotonic() > deadline:
+      raise TimeoutError(f"{path} did not appear in {timeout_s} s")
+    time.sleep(0.05)
 
 
 if __name__ == "__main__":

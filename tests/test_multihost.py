@@ -3,17 +3,17 @@
 The smallest real multi-controller set-up: 2 processes x 4 CPU devices on
 this machine (``jax.distributed.initialize`` on 127.0.0.1, CPU collectives
 over gloo), one global (2, 4) mesh. tests/multihost_worker.py is one process;
-this module starts three jobs, each bounded in time and killed whatever
+this module runs two jobs at once, bounded in time and killed whatever
 happens:
 
-1. the 2-process job trains (every case of the worker: MicroAdam XLA and
-   Pallas, Adam-mini; Explicit and Auto axes; FSDP and tensor-parallel
-   leaves), checkpoints step 2 (both processes save), then starts saving
-   step 3 and process 1 is killed (SIGKILL) mid-save;
-2. a new 2-process job restores the latest checkpoint onto the same mesh and
-   resumes;
-3. one process with 8 devices trains the same cases (the single-process
-   reference), then restores the same checkpoint onto its mesh and resumes.
+* the 2-process job trains every case of the worker (MicroAdam XLA and
+  Pallas, Adam-mini; Explicit and Auto axes; FSDP and tensor-parallel
+  leaves) for 3 steps, both processes saving the checkpoint of step 2;
+  restores step 2 from disk onto its mesh and runs step 3 again; then starts
+  saving step 3, and process 1 is killed (SIGKILL) mid-save;
+* one process with 8 devices trains the same cases (the single-process
+  reference); once the first job is over, it restores the latest checkpoint
+  onto its own mesh and runs step 3.
 
 Every comparison is of whole arrays put together from the shards each
 process wrote, bit for bit (as unsigned integers).
@@ -55,50 +55,65 @@ def _env(devices: int) -> dict:
   return env
 
 
-def _job(tmp: pathlib.Path, name: str, args: list, processes: int,
-         until_killed: int | None = None) -> list:
-  """Runs ``processes`` workers with ``args``; their exit codes and logs.
+def _jobs(tmp: pathlib.Path, jobs: dict, when_over: dict) -> dict:
+  """Runs the jobs at once; each one's exit codes and logs, by process.
 
-  With ``until_killed=i``, process ``i`` is expected to kill itself: once it
-  has, the others (waiting for it for ever) are ended.
+  ``jobs``: name -> (worker arguments, number of processes, and ``i`` when
+  process ``i`` is expected to kill itself: once it has, the others, waiting
+  for it for ever, are ended). ``when_over``: name -> what to call once that
+  job is over. Every process is ended by ``TIMEOUT_S``.
   """
-  port = _free_port()
-  procs, logs = [], []
+  procs, logs = {}, {}
   start = time.monotonic()
   try:
-    for i in range(processes):
-      log = open(tmp / f"{name}.p{i}.log", "w+")  # pylint: disable=consider-using-with
-      logs.append(log)
-      extra = ([] if processes == 1 else
-               ["--num-processes", str(processes), "--process-id", str(i),
-                "--port", str(port)])
-      procs.append(subprocess.Popen(
-          [sys.executable, str(WORKER), *map(str, args), *extra],
-          env=_env(8 // processes), stdout=log, stderr=subprocess.STDOUT))
+    for name, (args, processes, _) in jobs.items():
+      port = _free_port()
+      procs[name], logs[name] = [], []
+      for i in range(processes):
+        log = open(tmp / f"{name}.p{i}.log", "w+")  # pylint: disable=consider-using-with
+        logs[name].append(log)
+        extra = ([] if processes == 1 else
+                 ["--num-processes", str(processes), "--process-id", str(i),
+                  "--port", str(port)])
+        procs[name].append(subprocess.Popen(
+            [sys.executable, str(WORKER), *map(str, args), *extra],
+            env=_env(8 // processes),
+            stdout=log, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + TIMEOUT_S
-    while any(p.poll() is None for p in procs):
-      if until_killed is not None and procs[until_killed].poll() is not None:
-        break
-      if time.monotonic() > deadline:
-        break
+
+    def running(name):
+      killed = jobs[name][2]
+      if killed is not None and procs[name][killed].poll() is not None:
+        for p in procs[name]:
+          if p.poll() is None:
+            p.kill()
+            p.wait()
+      return any(p.poll() is None for p in procs[name])
+
+    pending = dict(when_over)
+    while any(map(running, procs)) and time.monotonic() < deadline:
+      for name in [n for n in pending if not running(n)]:
+        pending.pop(name)()
       time.sleep(0.05)
   finally:
-    for p in procs:
+    for p in sum(procs.values(), []):
       if p.poll() is None:
         p.kill()
       p.wait()
-  print(f"{name}: {time.monotonic() - start:.1f} s")
-  outs = []
-  for p, log in zip(procs, logs):
-    log.seek(0)
-    outs.append((p.returncode, log.read()))
-    log.close()
+  print(f"jobs {sorted(jobs)}: {time.monotonic() - start:.1f} s")
+  outs = {}
+  for name, job_logs in logs.items():
+    outs[name] = []
+    for p, log in zip(procs[name], job_logs):
+      log.seek(0)
+      outs[name].append((p.returncode, log.read()))
+      log.close()
   return outs
 
 
 def _check_ok(outs) -> None:
   for i, (code, log) in enumerate(outs):
-    assert code == 0 and "OK" in log, f"process {i} exit {code}:\n{log[-4000:]}"
+    assert code == 0 and "] OK" in log, f"process {i} exit {code}:\n{log[-4000:]}"
 
 
 def _arrays(out: pathlib.Path, mode: str) -> tuple[dict, dict]:
@@ -130,20 +145,27 @@ def runs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("multihost")
   ckpt = tmp / "ckpt"
   seed = int(np.random.default_rng().integers(2**31))
-  two, one, resumed = tmp / "two", tmp / "one", tmp / "resumed"
-  for d in (two, one, resumed):
-    d.mkdir()
-  killed = _job(tmp, "two", ["train", two, seed, "--ckpt", ckpt, "--save",
-                             "--kill-mid-save"], 2, until_killed=1)
+  two, one = tmp / "two", tmp / "one"
+  two.mkdir()
+  one.mkdir()
+  go = tmp / "first-job-over"
+  after_kill = []
+
+  def first_job_over():
+    after_kill.extend(sorted(p.name for p in ckpt.glob("*")))
+    go.touch()
+
+  outs = _jobs(tmp, {
+      "two": (["train,resume", two, seed, "--ckpt", ckpt, "--save",
+               "--kill-mid-save"], 2, 1),
+      "one": (["train,resume", one, seed, "--ckpt", ckpt, "--wait-for", go],
+              1, None)}, {"two": first_job_over})
+  killed = outs["two"]
   assert killed[1][0] == -signal.SIGKILL, killed[1][1][-4000:]
-  after_kill = sorted(p.name for p in ckpt.iterdir())
-  again = _job(tmp, "resumed", ["resume", resumed, seed, "--ckpt", ckpt], 2)
-  _check_ok(again)
-  single = _job(tmp, "one", ["train,resume", one, seed, "--ckpt", ckpt], 1)
-  _check_ok(single)
+  _check_ok(outs["one"])
   return dict(seed=seed, killed=killed, after_kill=after_kill,
               two=_arrays(two, "train"), one=_arrays(one, "train"),
-              resumed=_arrays(resumed, "resume"),
+              resumed=_arrays(two, "resume"),
               one_resumed=_arrays(one, "resume"))
 
 
@@ -187,21 +209,21 @@ def test_killed_mid_save_leaves_the_previous_checkpoint(runs):
   only as Orbax's temporary directory, and the restore takes step 2."""
   (code0, log0), (code1, log1) = runs["killed"]
   assert code1 == -signal.SIGKILL, log1[-4000:]
-  assert "SAVING" in log0, log0[-4000:]
+  assert "] saving" in log0, log0[-4000:]
   assert code0 == -signal.SIGKILL, log0[-4000:]  # ended by the test
   assert str(SAVE_AT) in runs["after_kill"], runs["after_kill"]
   assert str(STEPS) not in runs["after_kill"], runs["after_kill"]
   assert any(name.startswith(f"{STEPS}.") and "tmp" in name
              for name in runs["after_kill"]), runs["after_kill"]
-  for mode in ("resumed", "one_resumed"):
-    meta = runs[mode][1]
-    assert meta["restored_step"] == SAVE_AT and meta["steps"] == [SAVE_AT], (
-        mode, meta["steps"])
+  meta = runs["one_resumed"][1]  # restored after the kill
+  assert meta["restored_step"] == SAVE_AT and meta["steps"] == [SAVE_AT], (
+      meta["steps"])
 
 
 def test_restore_on_the_same_mesh_resumes_bit_identically(runs):
-  """A new 2-process job restores step 2; its step 3 is the uninterrupted
-  run's."""
+  """Both processes restore step 2 from disk; step 3 after it is the
+  uninterrupted run's."""
+  assert runs["resumed"][1]["restored_step"] == SAVE_AT
   _assert_same(runs["resumed"][0], runs["two"][0], runs["seed"])
   assert any("step3" in k for k in runs["resumed"][0])
 
