@@ -328,6 +328,8 @@ def main(argv=None) -> None:
     reader.close()
 
   if args.kill_mid_save:
+    if jax.process_index() == 1:
+      _log("saving, then killing this process")
     manager.save(STEPS, args=ocp.args.StandardSave(_checkpoint(cases)))
     # The save is under way in Orbax's background thread: its files are
     # being written, the step is not committed yet. Stop at once.
