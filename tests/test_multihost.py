@@ -8,9 +8,10 @@ happens:
 
 * the 2-process job trains every case of the worker (MicroAdam XLA,
   Adam-mini; Explicit and Auto axes; FSDP and tensor-parallel leaves;
-  MicroAdam's Pallas kernels on one leaf, Auto axes) for 3 steps, both processes saving the checkpoint of step 2;
-  restores step 2 from disk onto its mesh and runs step 3 again; then starts
-  saving step 3, and process 1 is killed (SIGKILL) mid-save;
+  MicroAdam's Pallas kernels on one leaf, Auto axes) for 3 steps, both
+  processes saving the checkpoint of step 2; restores step 2 from disk onto
+  its mesh and runs step 3 again; then starts saving step 3, and process 1
+  is killed (SIGKILL) mid-save;
 * one process with 8 devices trains the same cases (the single-process
   reference); once the first job is over, it restores the latest checkpoint
   onto its own mesh and runs step 3.
@@ -71,7 +72,7 @@ def _jobs(tmp: pathlib.Path, jobs: dict, when_over: dict) -> dict:
       port = _free_port()
       procs[name], logs[name] = [], []
       for i in range(processes):
-        log = open(tmp / f"{name}.p{i}.log", "w+")  # pylint: disable=consider-using-with
+        log = open(tmp / f"{name}.p{i}.log", "w+")  # pylint: disable=R1732
         logs[name].append(log)
         extra = ([] if processes == 1 else
                  ["--num-processes", str(processes), "--process-id", str(i),
@@ -115,7 +116,8 @@ def _jobs(tmp: pathlib.Path, jobs: dict, when_over: dict) -> dict:
 
 def _check_ok(outs) -> None:
   for i, (code, log) in enumerate(outs):
-    assert code == 0 and "] OK" in log, f"process {i} exit {code}:\n{log[-4000:]}"
+    assert code == 0 and "] OK" in log, (
+        f"process {i} exit {code}:\n{log[-4000:]}")
 
 
 def _arrays(out: pathlib.Path, mode: str) -> tuple[dict, dict]:
