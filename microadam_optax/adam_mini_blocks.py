@@ -10,6 +10,7 @@ and nothing else.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import warnings
@@ -297,8 +298,13 @@ def _qkv_axis(shape: tuple[int, ...], layout: str) -> Optional[int]:
 
 
 def _kind_spec(kind: str, shape: tuple[int, ...], rules: "AdamMiniRules",
-               where: str) -> Optional[AdamMiniSpec]:
-  """The spec a named rule gives a leaf, or None where it does not apply."""
+               where: str, width: Optional[int] = None
+               ) -> Optional[AdamMiniSpec]:
+  """The spec a named rule gives a leaf, or None where it does not apply.
+
+  ``width`` is the model width ``d`` when the tree tells it (its embedding
+  tables' second axis; see :func:`_for_tree`), else ``None``.
+  """
   ndim = len(shape)
   if kind in _NEEDS_2D and ndim < 2:
     return None
@@ -311,11 +317,11 @@ def _kind_spec(kind: str, shape: tuple[int, ...], rules: "AdamMiniRules",
   elif kind == "embedding":
     axes = tuple(range(1, ndim))
   elif kind == "output" and ndim == 2 and (
-      (shape[0] == rules._width) != (shape[1] == rules._width)):  # pylint: disable=protected-access
+      (shape[0] == width) != (shape[1] == width)):
     # A head beside embeddings of width d: its other axis is the output,
     # whatever the layout of the tree's other kernels (a Dense classifier
     # on a FlaxConv1D GPT-2).
-    axes = (0,) if shape[0] == rules._width else (1,)  # pylint: disable=protected-access
+    axes = (0,) if shape[0] == width else (1,)
   elif kind in ("output", "neuron"):
     axes = (1,) if out_in else tuple(range(ndim - 1))
   elif kind == "value":
@@ -456,10 +462,10 @@ class AdamMiniRules:
     object.__setattr__(self, "num_heads", num_heads)
     object.__setattr__(self, "layout", layout)
     object.__setattr__(self, "whole_value", bool(whole_value))
-    object.__setattr__(self, "_matchers",
-                       tuple(_compile_pattern(p) for p, _ in rules))
-    # The model width (embedding tables' second axis) when a tree told it.
-    object.__setattr__(self, "_width", None)
+
+  @functools.cached_property
+  def _matchers(self) -> tuple[Callable[[str], bool], ...]:
+    return tuple(_compile_pattern(p) for p, _ in self.rules)
 
   def _replace(self, **changes: Any) -> "AdamMiniRules":
     kwargs = dict(head_dim=self.head_dim, num_heads=self.num_heads,
@@ -467,15 +473,18 @@ class AdamMiniRules:
     kwargs.update(changes)
     return AdamMiniRules(self.rules, **kwargs)
 
-  def _match(self, path: str, shape: Sequence[int]
-             ) -> tuple[AdamMiniSpec, bool]:
-    """The spec of a leaf, and whether a rule (not the fallback) gave it."""
+  def _match(self, path: str, shape: Sequence[int],
+             width: Optional[int] = None) -> tuple[AdamMiniSpec, bool]:
+    """The spec of a leaf, and whether a rule (not the fallback) gave it.
+
+    ``width``: the tree's model width, if known (see :func:`_for_tree`).
+    """
     shape = tuple(int(d) for d in shape)
-    for matches, (_, rule) in zip(self._matchers, self.rules):  # pytype: disable=attribute-error
+    for matches, (_, rule) in zip(self._matchers, self.rules):
       if not matches(path):
         continue
       if isinstance(rule, str):
-        got = _kind_spec(rule, shape, self, path)
+        got = _kind_spec(rule, shape, self, path, width)
         if got is not None:
           return got, True
         continue
@@ -490,7 +499,7 @@ class AdamMiniRules:
         if _is_axes(rule) and not callable(rule):
           continue  # fixed axes that do not fit this leaf's rank: pass.
         raise
-    return _kind_spec("whole", shape, self, path), False
+    return _kind_spec("whole", shape, self, path, width), False
 
   def spec(self, path: str, shape: Sequence[int]) -> AdamMiniSpec:
     """The spec of a leaf of ``shape`` at ``path`` (``"a/b/kernel"``)."""
@@ -501,13 +510,14 @@ class AdamMiniRules:
 
 
 def _for_tree(rules: AdamMiniRules, wheres: Sequence[str],
-              shapes: Sequence[tuple[int, ...]]) -> AdamMiniRules:
-  """``rules`` with what the whole tree tells: layout and model width.
+              shapes: Sequence[tuple[int, ...]]
+              ) -> tuple[AdamMiniRules, Optional[int]]:
+  """What the whole tree tells ``rules``: ``(rules with its layout, width)``.
 
   ``layout="auto"`` is fixed by the tree's fused QKV kernels (``[3d, d]``:
-  ``"out_in"``); the width ``d`` of its 2-D embedding tables lets a 2-D
-  ``"output"`` head be read whatever its layout (the axis that is not ``d``
-  is the output).
+  ``"out_in"``); the width ``d`` of its 2-D embedding tables (``None`` unless
+  they all agree) lets a 2-D ``"output"`` head be read whatever its layout
+  (the axis that is not ``d`` is the output).
   """
   layouts, widths = set(), set()
   for where, shape in zip(wheres, shapes):
@@ -516,14 +526,9 @@ def _for_tree(rules: AdamMiniRules, wheres: Sequence[str],
       layouts.add("out_in" if _qkv_axis(shape, "auto") == 0 else "in_out")
     elif rule == "embedding" and len(shape) == 2:
       widths.add(shape[1])
-  out = rules
   if rules.layout == "auto" and layouts == {"out_in"}:
-    out = rules._replace(layout="out_in")
-  if len(widths) == 1:
-    if out is rules:
-      out = rules._replace()
-    object.__setattr__(out, "_width", widths.pop())
-  return out
+    rules = rules._replace(layout="out_in")
+  return rules, (widths.pop() if len(widths) == 1 else None)
 
 
 # ----------------------------------------------------------------------------
@@ -617,14 +622,14 @@ def _resolve(params: Any, partition: Any, *, warn: bool):
   paths = [_path_keys(path) for path, _ in flat]
   wheres = [_path_str(keys) or "<root>" for keys in paths]
   shapes = [_shape(leaf) for _, leaf in flat]
-  default = _for_tree(AdamMiniRules(), wheres, shapes)
+  default, default_width = _for_tree(AdamMiniRules(), wheres, shapes)
   if automatic:
-    partition = _for_tree(partition, wheres, shapes)
+    partition, width = _for_tree(partition, wheres, shapes)
   specs, unmatched = [], []
   for (_, leaf), keys, where, shape in zip(flat, paths, wheres, shapes):
-    rules = None
+    rules, rules_width = None, None
     if automatic:
-      rules = partition
+      rules, rules_width = partition, width
     elif table is None:
       entry = partition(_path_str(keys), leaf)
     else:
@@ -637,9 +642,9 @@ def _resolve(params: Any, partition: Any, *, warn: bool):
             f"partition has no entry for the parameter at {where!r}; give "
             f"axes (or None for the automatic rules) for every leaf.")
     if rules is None and entry is None:
-      rules = default
+      rules, rules_width = default, default_width
     if rules is not None:
-      spec, matched = rules._match(where, shape)  # pylint: disable=protected-access
+      spec, matched = rules._match(where, shape, rules_width)  # pylint: disable=protected-access
       if not matched:
         unmatched.append((where, shape))
     elif isinstance(entry, AdamMiniSpec):
