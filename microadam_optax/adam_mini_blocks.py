@@ -13,16 +13,21 @@ import dataclasses
 import functools
 import math
 import re
+import types
 import warnings
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import (Any, Callable, Mapping, NamedTuple, Optional, Sequence,
+                    Union)
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from microadam_optax import _trees
 from microadam_optax._trees import path_keys as _path_keys
 
 __all__ = [
+    "ADAM_MINI_AXIS_ROLES",
+    "ADAM_MINI_DEFAULT_AXIS_NAMES",
     "ADAM_MINI_DEFAULT_RULES",
     "AdamMiniRules",
     "AdamMiniSpec",
@@ -102,8 +107,82 @@ ADAM_MINI_DEFAULT_RULES: tuple[tuple[Any, Any], ...] = (
     (r"(^|/)(c_attn|qkv|qkv_proj|wqkv)(/|$)", "qkv"),
     (r"(^|/)(q_proj|k_proj|wq|wk|query|key)(/|$)", "head"),
     (r"(^|/)(v_proj|wv|value)(/|$)", "value"),
-    (r"(^|/)(o_proj|wo|out|out_proj|c_proj)(/|$)|attn/proj", "neuron"),
+    (r"(^|/)(o_proj|wo|out|out_proj|c_proj|attn_vec_einsum)(/|$)|attn/proj",
+     "neuron"),
+    # Gemma's einsum kernels (their axes: ADAM_MINI_DEFAULT_AXIS_NAMES).
+    (r"(^|/)q_einsum(/|$)", "head"),
+    (r"(^|/)(kv_einsum|qkv_einsum|gating_einsum)(/|$)", "value"),
     (r"mlp|feed_forward|linear|dense|(^|/)c_fc(/|$)", "neuron"),
+)
+
+#: What a logical axis name tells Adam-mini, by role:
+#:
+#: * ``"stacked"``: the axis indexes separate tensors (scanned or vmapped
+#:   layers, pipeline stages, experts, the query/key/value or gate/up halves
+#:   of a fused kernel): never shared, each index has its own blocks.
+#: * ``"heads"``: attention heads: one v per head of a query/key kernel.
+#: * ``"vocab"``: tokens: one v per token of an embedding table, per output
+#:   column of an untied head.
+#: * ``"embed"``: the model width, the axis a projection reads from (query,
+#:   key, value, MLP input) or writes to (attention output, MLP output).
+#: * ``"features"``: any other axis (head features, MLP neurons, a norm's
+#:   width): averaged or kept as the rule says.
+#:
+#: The names are MaxText's (``layers``, ``stage``, ``exp``, ``embed``,
+#: ``embed_no_exp``, ``mlp``, ``heads``, ``q_heads``, ``kv_heads``, ``kv``,
+#: ``kv_head_dim``, ``qkv``, ``vocab``, ``norm``), T5X's (``embed``,
+#: ``joined_kv``, ``heads``, ``kv``, ``mlp``, ``vocab``, ``relpos_buckets``,
+#: ``layers``) and the ones :data:`ADAM_MINI_DEFAULT_AXIS_NAMES` gives
+#: Gemma's kernels (``gating``, ``head_dim``). A name not listed is a
+#: ``"features"`` axis; add yours with ``AdamMiniRules(axis_roles={"my_layers":
+#: "stacked"})``.
+ADAM_MINI_AXIS_ROLES: Mapping[str, str] = types.MappingProxyType({
+    "layers": "stacked", "layer": "stacked", "stage": "stacked",
+    "circular_repeats": "stacked", "exp": "stacked", "expert": "stacked",
+    "experts": "stacked", "qkv": "stacked", "gating": "stacked",
+    "heads": "heads", "q_heads": "heads", "kv_heads": "heads",
+    "vocab": "vocab",
+    "embed": "embed", "embed_no_exp": "embed",
+    "mlp": "features", "kv": "features", "head_dim": "features",
+    "kv_head_dim": "features", "joined_kv": "features", "norm": "features",
+    "relpos_buckets": "features",
+})
+
+#: The roles of :data:`ADAM_MINI_AXIS_ROLES`.
+AXIS_ROLES = ("stacked", "heads", "vocab", "embed", "features")
+
+
+def _gemma_gating_names(shape: tuple[int, ...], width: Optional[int]
+                        ) -> Optional[tuple[str, ...]]:
+  """Gemma's ``gating_einsum``: ``[2, ffn, d]`` or ``[2, d, ffn]``.
+
+  The axis as long as the model width (the embedding tables') is ``embed``;
+  without it, the longer axis is the MLP's (Gemma's ``hidden_dim`` is
+  several times its ``embed_dim``).
+  """
+  if len(shape) < 3:
+    return None
+  a, b = shape[-2:]
+  first_is_d = (a == width) if width in (a, b) and a != b else a < b
+  return ("gating",) + (("embed", "mlp") if first_is_d else ("mlp", "embed"))
+
+
+#: Logical names of the trailing axes of leaves that carry none, by path
+#: (``(pattern, names)``, tried in order; ``names`` a tuple or a function of
+#: the shape and the model width). Gemma's einsum kernels, whose axes are
+#: not in ``Dense`` order (``BTD,NDH->BTNH``): ``q_einsum/w`` ``[heads, d,
+#: head_dim]``, ``kv_einsum/w`` ``[2, kv_heads, d, head_dim]`` (keys then
+#: values), ``qkv_einsum/w`` ``[3, heads, d, head_dim]``, ``attn_vec_einsum/w``
+#: ``[heads, head_dim, d]``, ``mlp/gating_einsum`` ``[2, ffn, d]`` (or ``[2,
+#: d, ffn]``; gate then up) and ``mlp/linear`` ``[ffn, d]``. Axes in front
+#: of the named ones (Gemma's scanned layers) are ``"stacked"``.
+ADAM_MINI_DEFAULT_AXIS_NAMES: tuple[tuple[Any, Any], ...] = (
+    (r"(^|/)q_einsum/w$", ("heads", "embed", "head_dim")),
+    (r"(^|/)kv_einsum/w$", ("qkv", "kv_heads", "embed", "head_dim")),
+    (r"(^|/)qkv_einsum/w$", ("qkv", "heads", "embed", "head_dim")),
+    (r"(^|/)attn_vec_einsum/w$", ("heads", "head_dim", "embed")),
+    (r"(^|/)gating_einsum(/w)?$", _gemma_gating_names),
+    (r"(^|/)mlp/linear(/w)?$", ("mlp", "embed")),
 )
 
 class AdamMiniSpec(NamedTuple):
@@ -353,6 +432,110 @@ def _kind_spec(kind: str, shape: tuple[int, ...], rules: "AdamMiniRules",
   return AdamMiniSpec(kind, axes, _v_shape(shape, axes))
 
 
+def _named_spec(kind: str, shape: tuple[int, ...], roles: tuple[str, ...],
+                rules: "AdamMiniRules", where: str) -> Optional[AdamMiniSpec]:
+  """The spec a named rule gives a leaf whose axes have logical roles.
+
+  ``roles`` (one per axis, none ``"stacked"``: those are lifted out by
+  :func:`_lift_stacked`) say which axes are heads, tokens and the model
+  width, whatever their order: a ``"value"`` or ``"head"`` kernel reads from
+  its ``embed`` axes, a ``"neuron"`` kernel writes to them when they are not
+  first (``[heads, head_dim, embed]``, ``[mlp, embed]``) and reads from them
+  otherwise (``[embed, mlp]``).
+  """
+  ndim = len(shape)
+  if kind in _NEEDS_2D and ndim < 2:
+    return None
+  axes_of = lambda role: [i for i, r in enumerate(roles) if r == role]
+  embed, vocab, heads = axes_of("embed"), axes_of("vocab"), axes_of("heads")
+  if kind in ("bias", "adam"):
+    keep = list(range(ndim))
+  elif kind in ("norm", "whole"):
+    keep = []
+  elif kind == "embedding":
+    keep = vocab[:1] or [0]
+  elif kind == "output":
+    keep = vocab[-1:] or [ndim - 1]
+  elif kind == "head" and heads:
+    keep = heads
+  elif kind in ("head", "qkv", "value") or (kind == "neuron" and embed
+                                            and embed[0] == 0):
+    keep = [i for i in range(ndim) if i not in embed] or [ndim - 1]
+    if kind == "head" and len(keep) == 1:
+      # Heads joined on one axis (T5X's joined_kv): groups of head_dim.
+      out = keep[0]
+      hd = _head_width(shape[out], rules.head_dim, rules.num_heads, where,
+                       shape)
+      if hd is not None:
+        v_shape = [1] * ndim
+        v_shape[out] = shape[out] // hd
+        return AdamMiniSpec(kind, tuple(range(ndim)), tuple(v_shape))
+  elif kind == "neuron":
+    keep = embed or [ndim - 1]
+  else:  # pragma: no cover - guarded by the constructor.
+    raise AssertionError(kind)
+  if kind in ("value", "qkv") and rules.whole_value:
+    keep = []
+  axes = tuple(i for i in range(ndim) if i not in keep)
+  return AdamMiniSpec(kind, axes, _v_shape(shape, axes))
+
+
+def _kind_from_roles(roles: tuple[str, ...]) -> str:
+  """The rule of a leaf that no path rule named, from its axes' roles."""
+  if "vocab" in roles:
+    return "embedding" if roles.index("vocab") == 0 else "output"
+  if len(roles) < 2:
+    return "norm"
+  if "heads" in roles and roles[0] == "embed":
+    return "head"
+  return "neuron"
+
+
+def _lift_stacked(spec: AdamMiniSpec, shape: tuple[int, ...],
+                  stacked: tuple[int, ...]) -> AdamMiniSpec:
+  """A spec of the leaf without its stacked axes, on the whole leaf.
+
+  The stacked axes are kept whole in v (each layer, stage or expert has its
+  own blocks); the others are ``spec``'s, in order.
+  """
+  if not stacked:
+    return spec
+  rest = [i for i in range(len(shape)) if i not in stacked]
+  v_shape = list(shape)
+  for i, s in zip(rest, spec.v_shape):
+    v_shape[i] = s
+  axes = tuple(rest[a] for a in spec.axes)
+  segments = None
+  if spec.segments is not None:
+    segments = (rest[spec.segments[0]], spec.segments[1])
+  return AdamMiniSpec(spec.rule, axes, tuple(v_shape), segments)
+
+
+def _name_entry(entry: Any) -> Optional[tuple[str, ...]]:
+  if entry is None:
+    return ()
+  if isinstance(entry, str):
+    return (entry,)
+  if isinstance(entry, (tuple, list)) and all(isinstance(e, str)
+                                              for e in entry):
+    return tuple(entry)
+  return None
+
+
+def _check_names(names: Any, shape: tuple[int, ...], where: str
+                 ) -> tuple[tuple[str, ...], ...]:
+  """Validates one leaf's logical axis names; one tuple of names per axis."""
+  entries = None
+  if isinstance(names, (tuple, list)) and not isinstance(names, str):
+    entries = [_name_entry(e) for e in names]
+  if entries is None or any(e is None for e in entries) or len(
+      entries) != len(shape):
+    raise ValueError(
+        f"axis_names for {where} must give one logical name (str or None) "
+        f"per axis of its shape {shape}, got {names!r}.")
+  return tuple(entries)
+
+
 def _validate_rules(rules: Any) -> tuple[tuple[Any, Any], ...]:
   if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
     raise ValueError(
@@ -424,6 +607,16 @@ class AdamMiniRules:
       run was 0.002-0.012 higher at every rate (per-seed differences of both
       signs), on a bigram task the same to 1e-4. So the default stays the
       paper's one v per value neuron.
+    axis_roles: ``(name, role)`` pairs: :data:`ADAM_MINI_AXIS_ROLES` updated
+      with the ``axis_roles`` dict given (e.g. ``{"my_layers": "stacked"}``;
+      roles: :data:`AXIS_ROLES`). With logical axis names (given to
+      :func:`adam_mini_partition`, or read from boxed parameters), the rules
+      see each leaf without its ``"stacked"`` axes, which keep one set of
+      blocks per index, and read heads, tokens and the model width from the
+      names whatever the axes' order.
+    axis_name_rules: ``(pattern, names)`` pairs naming the trailing axes of
+      leaves that carry no names (:data:`ADAM_MINI_DEFAULT_AXIS_NAMES`:
+      Gemma's einsum kernels); leading axes beyond them are stacked.
 
   Example:
     >>> import jax.numpy as jnp
@@ -441,12 +634,36 @@ class AdamMiniRules:
   num_heads: Optional[int]
   layout: str
   whole_value: bool
+  axis_roles: tuple[tuple[str, str], ...]
+  axis_name_rules: tuple[tuple[Any, Any], ...]
 
   def __init__(self, rules: Sequence[tuple[Any, Any]] = ADAM_MINI_DEFAULT_RULES,
                *, head_dim: Optional[int] = None,
                num_heads: Optional[int] = None, layout: str = "auto",
-               whole_value: bool = False):
+               whole_value: bool = False,
+               axis_roles: Optional[dict[str, str]] = None,
+               axis_name_rules: Sequence[tuple[Any, Any]] = (
+                   ADAM_MINI_DEFAULT_AXIS_NAMES)):
     rules = _validate_rules(rules)
+    roles = dict(ADAM_MINI_AXIS_ROLES)
+    for name, role in dict(axis_roles or {}).items():
+      if not isinstance(name, str) or role not in AXIS_ROLES:
+        raise ValueError(
+            f"axis_roles must map axis names (str) to one of {AXIS_ROLES}; "
+            f"got {name!r}: {role!r}.")
+      roles[name] = role
+    name_rules = []
+    for i, pair in enumerate(axis_name_rules):
+      if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and (
+          callable(pair[1]) or (isinstance(pair[1], (tuple, list)) and all(
+              isinstance(n, str) or n is None for n in pair[1])))):
+        raise ValueError(
+            f"axis_name_rules[{i}] must be a (pattern, names) pair, names a "
+            f"tuple of str/None or a function of (shape, width); got "
+            f"{pair!r}.")
+      _compile_pattern(pair[0])
+      name_rules.append((pair[0], pair[1] if callable(pair[1])
+                         else tuple(pair[1])))
     head_dim = _positive_or_none("head_dim", head_dim)
     num_heads = _positive_or_none("num_heads", num_heads)
     if head_dim is not None and num_heads is not None:
@@ -462,48 +679,105 @@ class AdamMiniRules:
     object.__setattr__(self, "num_heads", num_heads)
     object.__setattr__(self, "layout", layout)
     object.__setattr__(self, "whole_value", bool(whole_value))
+    object.__setattr__(self, "axis_roles", tuple(sorted(roles.items())))
+    object.__setattr__(self, "axis_name_rules", tuple(name_rules))
 
   @functools.cached_property
   def _matchers(self) -> tuple[Callable[[str], bool], ...]:
     return tuple(_compile_pattern(p) for p, _ in self.rules)
 
+  @functools.cached_property
+  def _name_matchers(self) -> tuple[Callable[[str], bool], ...]:
+    return tuple(_compile_pattern(p) for p, _ in self.axis_name_rules)
+
+  @functools.cached_property
+  def _roles(self) -> dict[str, str]:
+    return dict(self.axis_roles)
+
+  def _role(self, names: tuple[str, ...]) -> Optional[str]:
+    """The role of one axis from its names; ``None`` for an unnamed axis."""
+    for name in names:
+      if name in self._roles:
+        return self._roles[name]
+    return "features" if names else None
+
+  def _path_names(self, path: str, shape: tuple[int, ...],
+                  width: Optional[int]) -> Optional[tuple[Any, ...]]:
+    """Names :attr:`axis_name_rules` give a leaf (leading axes stacked)."""
+    for matches, (_, names) in zip(self._name_matchers, self.axis_name_rules):
+      if not matches(path):
+        continue
+      got = names(shape, width) if callable(names) else names
+      if got is not None and len(got) <= len(shape):
+        return ("layers",) * (len(shape) - len(got)) + tuple(got)
+    return None
+
   def _replace(self, **changes: Any) -> "AdamMiniRules":
     kwargs = dict(head_dim=self.head_dim, num_heads=self.num_heads,
-                  layout=self.layout, whole_value=self.whole_value)
+                  layout=self.layout, whole_value=self.whole_value,
+                  axis_roles=dict(self.axis_roles),
+                  axis_name_rules=self.axis_name_rules)
     kwargs.update(changes)
     return AdamMiniRules(self.rules, **kwargs)
 
   def _match(self, path: str, shape: Sequence[int],
-             width: Optional[int] = None) -> tuple[AdamMiniSpec, bool]:
+             width: Optional[int] = None, names: Any = None
+             ) -> tuple[AdamMiniSpec, bool]:
     """The spec of a leaf, and whether a rule (not the fallback) gave it.
 
     ``width``: the tree's model width, if known (see :func:`_for_tree`).
+    ``names``: the leaf's logical axis names (one str, tuple of str or
+    ``None`` per axis), if known; else :attr:`axis_name_rules` may give
+    some. Its stacked axes are kept whole and the rules see the rest.
     """
-    shape = tuple(int(d) for d in shape)
+    full = tuple(int(d) for d in shape)
+    names = (((),) * len(full) if names is None
+             else _check_names(names, full, path))
+    roles = [self._role(n) for n in names]
+    rest = [i for i, r in enumerate(roles) if r != "stacked"]
+    if all(roles[i] is None for i in rest):  # no names but stacked ones
+      more = self._path_names(path, tuple(full[i] for i in rest), width)
+      for i, n in zip(rest, more or ()):
+        roles[i] = self._role(_name_entry(n))
+    stacked = tuple(i for i, r in enumerate(roles) if r == "stacked")
+    shape = tuple(d for i, d in enumerate(full) if i not in stacked)
+    roles = tuple(r for i, r in enumerate(roles) if i not in stacked)
+    named = any(r is not None for r in roles)
+    lift = lambda spec: _lift_stacked(spec, full, stacked)
     for matches, (_, rule) in zip(self._matchers, self.rules):
       if not matches(path):
         continue
       if isinstance(rule, str):
-        got = _kind_spec(rule, shape, self, path, width)
+        got = (_named_spec(rule, shape, roles, self, path) if named
+               else _kind_spec(rule, shape, self, path, width))
         if got is not None:
-          return got, True
+          return lift(got), True
         continue
       axes = rule(shape) if callable(rule) else rule
       if axes is None:
         continue
       if isinstance(axes, AdamMiniSpec):
-        return _check_spec(axes, shape, path), True
+        return lift(_check_spec(axes, shape, path)), True
       try:
-        return _spec_from_axes("custom", axes, shape, path), True
+        return lift(_spec_from_axes("custom", axes, shape, path)), True
       except ValueError:
         if _is_axes(rule) and not callable(rule):
           continue  # fixed axes that do not fit this leaf's rank: pass.
         raise
-    return _kind_spec("whole", shape, self, path, width), False
+    if named:
+      kind = _kind_from_roles(roles)
+      return lift(_named_spec(kind, shape, roles, self, path)
+                  or _kind_spec("whole", shape, self, path)), True
+    return lift(_kind_spec("whole", shape, self, path, width)), False
 
-  def spec(self, path: str, shape: Sequence[int]) -> AdamMiniSpec:
-    """The spec of a leaf of ``shape`` at ``path`` (``"a/b/kernel"``)."""
-    return self._match(path, shape)[0]
+  def spec(self, path: str, shape: Sequence[int],
+           names: Any = None) -> AdamMiniSpec:
+    """The spec of a leaf of ``shape`` at ``path`` (``"a/b/kernel"``).
+
+    ``names``: its logical axis names, one per axis (see
+    :data:`ADAM_MINI_AXIS_ROLES`), or ``None``.
+    """
+    return self._match(path, shape, names=names)[0]
 
   def __call__(self, path: str, leaf: Any) -> AdamMiniSpec:
     return self.spec(path, _shape(leaf))
@@ -546,6 +820,106 @@ def _layer_ids(keys: tuple[str, ...]) -> set[tuple[str, ...]]:
                                and _LAYER_PARENT_RE.match(keys[i - 1])):
       ids.add(keys[:i + 1])
   return ids
+
+
+def _box_names(box: Any) -> Optional[tuple[Any, ...]]:
+  """The logical axis names a Flax box carries, if any.
+
+  linen ``LogicallyPartitioned`` / ``Partitioned`` (``.names``) and NNX
+  Variables (``out_sharding``, ``sharding_names`` or ``sharding`` in their
+  metadata, by Flax version), read without importing Flax.
+  """
+  names = getattr(box, "names", None)
+  if names is None and callable(getattr(box, "get_metadata", None)):
+    meta = box.get_metadata()
+    for key in ("out_sharding", "sharding_names", "sharding"):
+      if meta.get(key) is not None:
+        names = meta[key]
+        break
+  if isinstance(names, (tuple, list)) and all(
+      _name_entry(n) is not None for n in names):
+    return tuple(names)
+  return None
+
+
+def _is_names(x: Any) -> bool:
+  return x is None or (isinstance(x, (tuple, list)) and not isinstance(
+      x, AdamMiniSpec) and all(_name_entry(n) is not None for n in x))
+
+
+def _leaf_names(params: Any, axis_names: Any, paths: list[tuple[str, ...]]
+                ) -> list[Optional[tuple[Any, ...]]]:
+  """Each leaf's logical axis names: ``axis_names``', else its box's."""
+  items = jax.tree.leaves(params, is_leaf=_trees.is_wrapper)
+  out = [_box_names(x) if _trees.is_wrapper(x) else None for x in items]
+  if axis_names is None:
+    return out
+  flat, _ = jax.tree_util.tree_flatten_with_path(axis_names,
+                                                 is_leaf=_is_names)
+  table = {}
+  for path, entry in flat:
+    if not _is_names(entry):
+      raise ValueError(
+          f"axis_names at {_path_str(_path_keys(path)) or '<root>'} must be "
+          f"a tuple of logical axis names (str or None per axis) or None, "
+          f"got {entry!r}.")
+    table[_path_keys(path)] = entry
+  unknown = set(table) - set(paths)
+  if unknown:
+    raise ValueError(
+        f"axis_names has entries for paths the params do not have: "
+        f"{sorted(_path_str(k) for k in unknown)[:8]}.")
+  given = [table.get(keys) for keys in paths]
+  return [g if g is not None else box for g, box in zip(given, out)]
+
+
+def _stacked_axes(paths: list[tuple[str, ...]], wheres: list[str],
+                  shapes: list[tuple[int, ...]], rules: AdamMiniRules,
+                  named: list[bool], warn: bool) -> dict[int, int]:
+  """Stacked layer axes of leaves without names: ``{leaf: axis}``.
+
+  A subtree under a ``layers`` / ``blocks`` key (not followed by a layer
+  number: those are unrolled) whose leaves all have rank >= 2 and one axis
+  (0, or 1 as MaxText's ``param_scan_axis``) of equal length is stacked
+  when some of its norm or bias leaves (rank 1 per layer) have rank 2. Such
+  a subtree without norms or biases to tell is named in a warning.
+  """
+  groups: dict[tuple[str, ...], list[int]] = {}
+  for j, keys in enumerate(paths):
+    if named[j]:
+      continue
+    for i, k in enumerate(keys[:-1]):
+      if _LAYER_PARENT_RE.match(k) and not keys[i + 1].isdigit():
+        groups.setdefault(keys[:i + 1], []).append(j)
+        break
+  out, unclear = {}, []
+  for root, idxs in groups.items():
+    if len(idxs) < 2 or any(len(shapes[j]) < 2 for j in idxs):
+      continue
+    axes = [a for a in (0, 1) if all(len(shapes[j]) > a for j in idxs)
+            and len({shapes[j][a] for j in idxs}) == 1]
+    told = any(rules.spec(wheres[j], shapes[j]).rule in ("norm", "bias")
+               for j in idxs)
+    if len(axes) == 1 and told:
+      out.update({j: axes[0] for j in idxs})
+    elif axes:
+      unclear.append((root, idxs, axes))
+  if warn and unclear:
+    shown = "; ".join(
+        f"{_path_str(root)!r} (axis {' or '.join(map(str, axes))} of length "
+        f"{shapes[idxs[0]][axes[0]]}: "
+        + ", ".join(f"{wheres[j]!r} {shapes[j]}" for j in idxs[:8])
+        + (f" and {len(idxs) - 8} more" if len(idxs) > 8 else "") + ")"
+        for root, idxs, axes in unclear[:4])
+    warnings.warn(
+        f"Adam-mini cannot tell whether these layer subtrees are stacked "
+        f"(one axis of equal length on every leaf, no norm or bias to "
+        f"tell): {shown}. If they are, their layers would share v's: give "
+        f"their logical axis names (mo.adam_mini_partition(params, "
+        f"axis_names=...) with 'layers' on the stacked axis, or boxed "
+        f"params) and pass the result as partition.",
+        UserWarning, stacklevel=4)
+  return out
 
 
 def _warn_if_unmatched(paths: list[tuple[str, ...]], shapes, specs) -> None:
@@ -612,8 +986,14 @@ def _warn_if_large_whole(unmatched: list[tuple[str, tuple[int, ...]]]
       UserWarning, stacklevel=4)
 
 
-def _resolve(params: Any, partition: Any, *, warn: bool):
-  """Per-leaf specs of ``params`` as (flat path/leaf list, treedef, specs)."""
+def _resolve(params: Any, partition: Any, *, warn: bool,
+             axis_names: Any = None):
+  """Per-leaf specs of ``params`` as (flat path/leaf list, treedef, specs).
+
+  The automatic rules see each leaf's logical axis names: ``axis_names``',
+  its box's, or (for stacked layers detected by :func:`_stacked_axes`)
+  ``"layers"`` on the stacked axis.
+  """
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   if partition is None:
     partition = AdamMiniRules()
@@ -625,8 +1005,16 @@ def _resolve(params: Any, partition: Any, *, warn: bool):
   default, default_width = _for_tree(AdamMiniRules(), wheres, shapes)
   if automatic:
     partition, width = _for_tree(partition, wheres, shapes)
+  names = _leaf_names(params, axis_names, paths)
+  stacked = _stacked_axes(paths, wheres, shapes,
+                          partition if automatic else default,
+                          [n is not None for n in names], warn)
+  for j, axis in stacked.items():
+    names[j] = tuple("layers" if i == axis else None
+                     for i in range(len(shapes[j])))
   specs, unmatched = [], []
-  for (_, leaf), keys, where, shape in zip(flat, paths, wheres, shapes):
+  for (_, leaf), keys, where, shape, leaf_names in zip(flat, paths, wheres,
+                                                      shapes, names):
     rules, rules_width = None, None
     if automatic:
       rules, rules_width = partition, width
@@ -644,7 +1032,7 @@ def _resolve(params: Any, partition: Any, *, warn: bool):
     if rules is None and entry is None:
       rules, rules_width = default, default_width
     if rules is not None:
-      spec, matched = rules._match(where, shape, rules_width)  # pylint: disable=protected-access
+      spec, matched = rules._match(where, shape, rules_width, leaf_names)  # pylint: disable=protected-access
       if not matched:
         unmatched.append((where, shape))
     elif isinstance(entry, AdamMiniSpec):
@@ -662,6 +1050,8 @@ def _resolve(params: Any, partition: Any, *, warn: bool):
 def adam_mini_partition(
     params: Any,
     rules: Optional[Union[AdamMiniRules, Sequence[tuple[Any, Any]]]] = None,
+    *,
+    axis_names: Any = None,
 ) -> Any:
   """Which blocks Adam-mini's automatic rules give each parameter.
 
@@ -671,6 +1061,26 @@ def adam_mini_partition(
   the tree, if any, decide which axis of its 2-D kernels is the output: a
   Hugging Face ``FlaxGPT2`` tree (``c_attn`` kernel ``[3d, d]``) is read
   ``[out, in]``, a Flax ``Dense`` port of nanoGPT (``[d, 3d]``) ``[in, out]``.
+
+  **Logical axis names.** Where a leaf's axes are named (``axis_names``, or
+  the names its box carries: linen ``nn.LogicallyPartitioned`` /
+  ``nn.Partitioned``, an NNX ``nnx.Param`` made with
+  ``nnx.with_partitioning`` or ``sharding`` metadata), the blocks follow
+  the names (:data:`ADAM_MINI_AXIS_ROLES`, extensible with
+  ``AdamMiniRules(axis_roles=...)``): stacked axes (``layers``, ``stage``,
+  ``exp``, ...) never share a v, head axes (``heads``, ``q_heads``,
+  ``kv_heads``) give one v per head of a query/key kernel, ``vocab`` one
+  per token, and a kernel's ``embed`` axis says which of its axes it reads
+  from, whatever their order: MaxText's ``scan_layers`` kernels (the layer
+  axis second), T5X's and NNX's ``nnx.vmap``-stacked ones are read as their
+  names say. Gemma's einsum kernels get names by path
+  (:data:`ADAM_MINI_DEFAULT_AXIS_NAMES`).
+
+  **Stacked layers without names.** A subtree under a ``layers`` or
+  ``blocks`` key (not followed by layer numbers) whose leaves share one axis
+  of equal length (axis 0, or 1 as MaxText's) is read as stacked on it when
+  its norm or bias leaves have one dimension too many (``[L, d]``); if
+  nothing tells, a warning names its leaves (give ``axis_names``).
 
   Warns (``UserWarning``) once when a transformer-looking tree (several
   layers of 2-D+ tensors) matched no embedding/output rule or no query/key
@@ -683,10 +1093,19 @@ def adam_mini_partition(
     params: the parameters, or their shapes.
     rules: ``None`` (:data:`ADAM_MINI_DEFAULT_RULES`), a sequence of
       ``(pattern, rule)`` pairs, or an :class:`AdamMiniRules`.
+    axis_names: ``None``, or a pytree like ``params`` (or with some leaves
+      left out or ``None``) whose leaves are tuples of logical axis names,
+      one ``str`` (or ``None``) per axis: what ``nn.get_partition_spec``,
+      ``nnx.get_partition_spec`` or a model's ``kernel_axes`` give. They
+      take precedence over the names of boxed leaves.
 
   Returns:
     A pytree shaped like ``params`` whose leaves are :class:`AdamMiniSpec`
     ``(rule, axes, v_shape, segments)``.
+
+  Raises:
+    ValueError: for ``axis_names`` that do not fit the params (a path they
+      lack, a leaf's rank).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -717,12 +1136,24 @@ def adam_mini_partition(
     ((12, 1), (0, ((8, 2), (8, 2), (8, 8))))
     >>> attn["c_proj"]["kernel"].v_shape  # one v per output neuron (row)
     (8, 1)
+
+    MaxText's Llama with ``scan_layers``: the layer axis is second, named
+    ``layers``; each layer keeps its own v per query head:
+
+    >>> q = jnp.zeros((8, 3, 4, 2))  # [embed, layers, q_heads, kv]
+    >>> spec = mo.adam_mini_partition(
+    ...     {"decoder": {"layers": {"query": {"kernel": q}}}},
+    ...     axis_names={"decoder": {"layers": {"query": {
+    ...         "kernel": ("embed", "layers", "q_heads", "kv")}}}})
+    >>> spec["decoder"]["layers"]["query"]["kernel"].v_shape
+    (1, 3, 4, 1)
   """
   if rules is None:
     rules = AdamMiniRules()
   elif not isinstance(rules, AdamMiniRules):
     rules = AdamMiniRules(rules)
-  _, treedef, specs = _resolve(params, rules, warn=True)
+  _, treedef, specs = _resolve(params, rules, warn=True,
+                               axis_names=axis_names)
   return jax.tree_util.tree_unflatten(treedef, specs)
 
 
