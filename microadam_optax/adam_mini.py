@@ -74,7 +74,7 @@ class AdamMiniSegments:
   Attributes:
     segments: ``None``, or the leaf's ``AdamMiniSpec.segments``.
   """
-  segments: Optional[tuple[int, tuple[tuple[int, int], ...]]] = None
+  segments: Optional[tuple[Any, tuple[tuple[int, int], ...]]] = None
 
 
 class ScaleByAdamMiniState(NamedTuple):
@@ -129,16 +129,26 @@ def _segment_ids(segments: tuple[tuple[int, int], ...]) -> np.ndarray:
   return np.concatenate(ids).astype(np.int32)
 
 
-def _segmented_block_mean(x: jax.Array, v: jax.Array, axis: int,
-                          segments: tuple[tuple[int, int], ...]) -> jax.Array:
-  """Mean of ``x`` over each block of a segmented leaf; shaped like ``v``.
+def _fold(x: jax.Array, src: int, dst: int) -> tuple[jax.Array, int]:
+  """``x`` with axis ``src`` merged into axis ``dst`` (``src`` the major
+  part), and where the merged axis is."""
+  at = dst - 1 if src < dst else dst
+  x = jnp.moveaxis(x, src, at)
+  return x.reshape(x.shape[:at] + (x.shape[at] * x.shape[at + 1],)
+                   + x.shape[at + 2:]), at
 
-  The other axes are averaged first, so the segments are cut from an array
-  as small as v but for ``axis``, placed like v (whole along ``axis``).
-  """
-  full = list(v.shape)
-  full[axis] = x.shape[axis]
-  r = _sharding.keep_sharding(_block_mean(x, tuple(full)), v)
+
+def _unfold(y: jax.Array, src: int, dst: int, n: int) -> jax.Array:
+  """The inverse of :func:`_fold`, ``n`` the length of axis ``src``."""
+  at = dst - 1 if src < dst else dst
+  y = y.reshape(y.shape[:at] + (n, y.shape[at] // n) + y.shape[at + 1:])
+  return jnp.moveaxis(y, at, src)
+
+
+def _cut_segments(r: jax.Array, axis: int,
+                  segments: tuple[tuple[int, int], ...]) -> jax.Array:
+  """Each segment of ``r`` along ``axis`` averaged in its own groups."""
+  full = list(r.shape)
   parts, start = [], 0
   for n, b in segments:
     part = jax.lax.slice_in_dim(r, start, start + n, axis=axis)
@@ -148,10 +158,37 @@ def _segmented_block_mean(x: jax.Array, v: jax.Array, axis: int,
   return jnp.concatenate(parts, axis=axis)
 
 
-def _segmented_divide(m: jax.Array, denom: jax.Array, axis: int,
+def _segmented_block_mean(x: jax.Array, v: jax.Array, axis: Any,
+                          segments: tuple[tuple[int, int], ...]) -> jax.Array:
+  """Mean of ``x`` over each block of a segmented leaf; shaped like ``v``.
+
+  The other axes are averaged first, so the segments are cut from an array
+  as small as v but for ``axis``, placed like v (whole along ``axis``). A
+  pair ``axis = (src, dst)`` cuts the segments from axis ``src`` folded into
+  ``dst`` (Gemma's ``kv_einsum``: ``[k | v]`` on axis 0, heads' features on
+  axis 3), and v has size 1 on ``src``.
+  """
+  full = list(v.shape)
+  if isinstance(axis, tuple):
+    src, dst = axis
+    full[src], full[dst] = x.shape[src], x.shape[dst]
+    r, at = _fold(_block_mean(x, tuple(full)), src, dst)
+    return jnp.expand_dims(_cut_segments(r, at, segments), src)
+  full[axis] = x.shape[axis]
+  r = _sharding.keep_sharding(_block_mean(x, tuple(full)), v)
+  return _cut_segments(r, axis, segments)
+
+
+def _segmented_divide(m: jax.Array, denom: jax.Array, axis: Any,
                       segments: tuple[tuple[int, int], ...]) -> jax.Array:
   """``m / denom`` for a segmented leaf: denom spread along ``axis`` first."""
-  spread = jnp.take(denom, jnp.asarray(_segment_ids(segments)), axis=axis)
+  ids = jnp.asarray(_segment_ids(segments))
+  if isinstance(axis, tuple):  # segments of axis src folded into dst
+    src, dst = axis
+    den, at = _fold(denom, src, dst)
+    spread = _unfold(jnp.take(den, ids, axis=at), src, dst, m.shape[src])
+    return _divide_blocks(m, spread)
+  spread = jnp.take(denom, ids, axis=axis)
   sharding = _sharding.known_sharding(m)
   if sharding is not None and _sharding.is_traced(spread):
     # Explicit axes: split the spread denominator like m along ``axis``.
@@ -251,8 +288,11 @@ def scale_by_adam_mini(
     b2: decay of the second moment, in ``[0, 1)``.
     eps: added to the square root of the second moment, ``>= 0``.
     partition: which entries share a v. ``None``: the automatic rules
-      (:data:`ADAM_MINI_DEFAULT_RULES`; see :func:`adam_mini_partition`).
-      A pytree shaped like the params (or a prefix of it) whose leaves are
+      (:data:`ADAM_MINI_DEFAULT_RULES`; see :func:`adam_mini_partition`),
+      on the logical axis names of boxed params where they carry them (an
+      NNX state whose ``nnx.Param`` have sharding names: ``nnx.Optimizer``'s
+      case); for unboxed params with names, pass
+      ``adam_mini_partition(params, axis_names=...)``. A pytree shaped like the params (or a prefix of it) whose leaves are
       tuples of the axes v is averaged over (``()``: plain Adam; all axes:
       one v for the tensor), :class:`AdamMiniSpec` (e.g. from
       :func:`adam_mini_partition`, edited; its ``segments`` cut one axis

@@ -111,15 +111,20 @@ ADAM_MINI_DEFAULT_RULES: tuple[tuple[Any, Any], ...] = (
      "neuron"),
     # Gemma's einsum kernels (their axes: ADAM_MINI_DEFAULT_AXIS_NAMES).
     (r"(^|/)q_einsum(/|$)", "head"),
-    (r"(^|/)(kv_einsum|qkv_einsum|gating_einsum)(/|$)", "value"),
+    (r"(^|/)(kv_einsum|qkv_einsum)(/|$)", "qkv"),
+    (r"(^|/)gating_einsum(/|$)", "value"),
     (r"mlp|feed_forward|linear|dense|(^|/)c_fc(/|$)", "neuron"),
 )
 
 #: What a logical axis name tells Adam-mini, by role:
 #:
 #: * ``"stacked"``: the axis indexes separate tensors (scanned or vmapped
-#:   layers, pipeline stages, experts, the query/key/value or gate/up halves
-#:   of a fused kernel): never shared, each index has its own blocks.
+#:   layers, pipeline stages, experts, the gate/up halves of a fused MLP
+#:   kernel): never shared, each index has its own blocks.
+#: * ``"fused"``: the ``[q | k | v]`` (or ``[k | v]``) axis of a fused
+#:   attention kernel (MaxText's ``qkv``, Gemma's ``kv_einsum``): under a
+#:   ``"qkv"`` rule, one v per query and key head and one per value neuron;
+#:   otherwise as ``"stacked"``.
 #: * ``"heads"``: attention heads: one v per head of a query/key kernel.
 #: * ``"vocab"``: tokens: one v per token of an embedding table, per output
 #:   column of an untied head.
@@ -139,7 +144,7 @@ ADAM_MINI_DEFAULT_RULES: tuple[tuple[Any, Any], ...] = (
 ADAM_MINI_AXIS_ROLES: Mapping[str, str] = types.MappingProxyType({
     "layers": "stacked", "layer": "stacked", "stage": "stacked",
     "circular_repeats": "stacked", "exp": "stacked", "expert": "stacked",
-    "experts": "stacked", "qkv": "stacked", "gating": "stacked",
+    "experts": "stacked", "qkv": "fused", "gating": "stacked",
     "heads": "heads", "q_heads": "heads", "kv_heads": "heads",
     "vocab": "vocab",
     "embed": "embed", "embed_no_exp": "embed",
@@ -149,7 +154,7 @@ ADAM_MINI_AXIS_ROLES: Mapping[str, str] = types.MappingProxyType({
 })
 
 #: The roles of :data:`ADAM_MINI_AXIS_ROLES`.
-AXIS_ROLES = ("stacked", "heads", "vocab", "embed", "features")
+AXIS_ROLES = ("stacked", "fused", "heads", "vocab", "embed", "features")
 
 
 def _gemma_gating_names(shape: tuple[int, ...], width: Optional[int]
@@ -204,12 +209,17 @@ class AdamMiniSpec(NamedTuple):
       and ``v_shape[axis]`` is the sum of the ``blocks``. A fused ``[d, 3d]``
       query/key/value kernel with heads of 4 columns has ``segments=(1, ((d,
       d // 4), (d, d // 4), (d, d)))``: one v per query head, per key head and
-      per value neuron.
+      per value neuron. ``axis`` may be a pair ``(src, dst)``: axis ``src``
+      folded into axis ``dst`` (``src`` major) is cut, and ``v_shape[src]``
+      is 1. Gemma's ``kv_einsum`` ``[2, kv_heads, d, head_dim]`` (keys, then
+      values) has ``segments=((0, 3), ((head_dim, 1), (head_dim,
+      head_dim)))`` and ``v_shape=(1, kv_heads, 1, 1 + head_dim)``: one v per
+      key head and per value neuron.
   """
   rule: str
   axes: tuple[int, ...]
   v_shape: tuple[int, ...]
-  segments: Optional[tuple[int, tuple[tuple[int, int], ...]]] = None
+  segments: Optional[tuple[Any, tuple[tuple[int, int], ...]]] = None
 
 
 # ----------------------------------------------------------------------------
@@ -284,11 +294,61 @@ def _segmented_spec(rule: str, shape: tuple[int, ...], v_shape: list[int],
   return AdamMiniSpec(rule, axes, v_shape, (axis, segs))
 
 
+def _folded_spec(rule: str, shape: tuple[int, ...], v_shape: tuple[int, ...],
+                 segments: Any, where: str) -> AdamMiniSpec:
+  """The spec of a leaf cut into segments along axis ``src`` folded into
+  ``dst`` (``segments = ((src, dst), ((length, blocks), ...))``).
+
+  The folded axis has ``shape[src] * shape[dst]`` entries, ``src`` major: a
+  ``[k | v]`` axis of 2 folded into a head's features gives ``[key features
+  | value features]``, cut like a fused ``c_attn``. v has size 1 on ``src``
+  and the segments' blocks summed on ``dst``.
+  """
+  ndim = len(shape)
+  try:
+    (src, dst), segs = segments
+    src, dst = int(src), int(dst)
+    segs = tuple((int(n), int(b)) for n, b in segs)
+  except (TypeError, ValueError):
+    raise ValueError(
+        f"partition for {where}: segments must be None or (axis, ((length, "
+        f"blocks), ...)), axis an int or a (src, dst) pair, got "
+        f"{segments!r}.") from None
+  if not (len(v_shape) == ndim and -ndim <= src < ndim and -ndim <= dst < ndim
+          and src % ndim != dst % ndim):
+    raise ValueError(
+        f"partition for {where}: segments axes ({src}, {dst}) or v_shape "
+        f"{v_shape} do not fit the leaf's shape {shape}.")
+  src, dst = src % ndim, dst % ndim
+  folded = shape[src] * shape[dst]
+  if not (segs and all(n >= 1 and 1 <= b <= n and n % b == 0 for n, b in segs)
+          and sum(n for n, _ in segs) == folded):
+    raise ValueError(
+        f"partition for {where}: segments {segs} do not cut axis {src} "
+        f"folded into axis {dst} of the leaf's shape {shape} (the lengths "
+        f"must sum to {folded} and each segment's blocks must divide its "
+        f"length).")
+  want = sum(b for _, b in segs)
+  others_ok = all(v_shape[i] >= 1 and shape[i] % v_shape[i] == 0
+                  for i in range(ndim) if i not in (src, dst))
+  if v_shape[src] != 1 or v_shape[dst] != want or not others_ok:
+    raise ValueError(
+        f"partition for {where}: v_shape {v_shape} must be 1 on axis {src}, "
+        f"the segments' blocks summed ({want}) on axis {dst}, and divide the "
+        f"leaf's shape {shape} elsewhere.")
+  axes = sorted({i for i in range(ndim) if v_shape[i] < shape[i]}
+                | {src, dst})
+  return AdamMiniSpec(rule, tuple(axes), v_shape, ((src, dst), segs))
+
+
 def _check_spec(spec: AdamMiniSpec, shape: tuple[int, ...],
                 where: str) -> AdamMiniSpec:
   """Validates a spec given by a user (e.g. an edited partition)."""
   v_shape = tuple(int(s) for s in spec.v_shape)
   segments = getattr(spec, "segments", None)
+  if (isinstance(segments, (tuple, list)) and segments
+      and isinstance(segments[0], (tuple, list))):
+    return _folded_spec(str(spec.rule), shape, v_shape, segments, where)
   if segments is not None:
     try:
       axis, segs = segments
@@ -297,7 +357,8 @@ def _check_spec(spec: AdamMiniSpec, shape: tuple[int, ...],
     except (TypeError, ValueError):
       raise ValueError(
           f"partition for {where}: segments must be None or (axis, ((length, "
-          f"blocks), ...)), got {segments!r}.") from None
+          f"blocks), ...)), axis an int or a (src, dst) pair, got "
+          f"{segments!r}.") from None
     if not (len(v_shape) == len(shape) and -len(shape) <= axis < len(shape)):
       raise ValueError(
           f"partition for {where}: segments axis {axis} or v_shape {v_shape} "
@@ -448,6 +509,26 @@ def _named_spec(kind: str, shape: tuple[int, ...], roles: tuple[str, ...],
     return None
   axes_of = lambda role: [i for i, r in enumerate(roles) if r == role]
   embed, vocab, heads = axes_of("embed"), axes_of("vocab"), axes_of("heads")
+  fused = axes_of("fused")
+  feats = [i for i in range(ndim) if i not in embed + heads + fused]
+  if (kind == "qkv" and len(fused) == 1 and len(heads) == 1
+      and len(feats) == 1 and shape[fused[0]] in (2, 3)
+      and not rules.whole_value):
+    # [q | k | v] or [k | v] on the fused axis: one v per query and key head,
+    # one per value neuron, the fused axis cut through the heads' features.
+    f, dst = fused[0], feats[0]
+    hd = shape[dst]
+    segs = ((hd, 1),) * (shape[f] - 1) + ((hd, hd),)
+    v_shape = [1] * ndim
+    v_shape[heads[0]] = shape[heads[0]]
+    v_shape[dst] = sum(b for _, b in segs)
+    return _folded_spec(kind, shape, tuple(v_shape), ((f, dst), segs), where)
+  if fused:  # otherwise each part has its own blocks, as a stacked axis.
+    sub = _named_spec(kind, tuple(d for i, d in enumerate(shape)
+                                  if i not in fused),
+                      tuple(r for i, r in enumerate(roles) if i not in fused),
+                      rules, where)
+    return None if sub is None else _lift_stacked(sub, shape, tuple(fused))
   if kind in ("bias", "adam"):
     keep = list(range(ndim))
   elif kind in ("norm", "whole"):
@@ -507,7 +588,9 @@ def _lift_stacked(spec: AdamMiniSpec, shape: tuple[int, ...],
   axes = tuple(rest[a] for a in spec.axes)
   segments = None
   if spec.segments is not None:
-    segments = (rest[spec.segments[0]], spec.segments[1])
+    axis = spec.segments[0]
+    segments = ((rest[axis[0]], rest[axis[1]]) if isinstance(axis, tuple)
+                else rest[axis], spec.segments[1])
   return AdamMiniSpec(spec.rule, axes, tuple(v_shape), segments)
 
 

@@ -166,11 +166,9 @@ def _gemma(stacked):
     return with_layer
   layer_blocks = {
       "attn/q_einsum/w": ((HEADS, D, HEAD_DIM), layer(lambda i: i[0])),
-      "attn/kv_einsum/w": ((2, KV_HEADS, D, HEAD_DIM),
-                           # keys and values: one v per output neuron of
-                           # each (finer than the paper's per key head: see
-                           # test_gemma_kv_einsum_keys_per_neuron).
-                           layer(lambda i: (i[0], i[1], i[3]))),
+      # [k | v]: one v per key head, one per value neuron.
+      "attn/kv_einsum/w": ((2, KV_HEADS, D, HEAD_DIM), layer(
+          lambda i: (i[0], i[1], np.where(i[0] == 1, i[3], -1)))),
       "attn/attn_vec_einsum/w": ((HEADS, HEAD_DIM, D), layer(lambda i: i[2])),
       "mlp/gating_einsum": ((2, FFN, D), layer(lambda i: (i[0], i[1]))),
       "mlp/linear": ((FFN, D), layer(lambda i: i[1])),
@@ -210,13 +208,27 @@ def test_gemma_gating_einsum_either_layout():
   assert spec.v_shape == (2, 1, FFN)
 
 
-def test_gemma_kv_einsum_keys_per_neuron():
-  """Documents what is not the paper's yet: kv_einsum's keys get one v per
-  output neuron (per key head and feature), like its values."""
-  params = {"attn": {"kv_einsum": {"w": jnp.zeros((2, KV_HEADS, D,
-                                                   HEAD_DIM))}}}
-  spec = mo.adam_mini_partition(params)["attn"]["kv_einsum"]["w"]
-  assert spec.v_shape == (2, KV_HEADS, 1, HEAD_DIM)
+def test_fused_qkv_kernels_of_gemma_and_maxtext():
+  """[q | k | v] on their own axis: one v per query and key head, one per
+  value neuron (Gemma's qkv_einsum; MaxText's fused_qkv, layers scanned)."""
+  qkv = lambda i, s: (i[s], np.where(i[s] == 2, i[-1], -1))
+  blocks = {
+      "attn/qkv_einsum/w": ((3, HEADS, D, HEAD_DIM),
+                            lambda i: (i[0], i[1], np.where(
+                                i[0] == 2, i[3], -1))),
+      "decoder/layers/self_attention/qkv_proj/kernel": (
+          (D, L, 3, HEADS, HEAD_DIM),
+          lambda i: (i[1], i[3]) + qkv(i, 2)),
+  }
+  params = _nest({w: jnp.zeros(s) for w, (s, _) in blocks.items()})
+  names = {"decoder": {"layers": {"self_attention": {"qkv_proj": {
+      "kernel": ("embed", "layers", "qkv", "heads", "kv")}}}}}
+  partition = mo.adam_mini_partition(params, axis_names=names)
+  spec = partition["attn"]["qkv_einsum"]["w"]
+  assert spec.v_shape == (1, HEADS, 1, 2 + HEAD_DIM)
+  assert spec.segments == ((0, 3), ((HEAD_DIM, 1),) * 2 + ((HEAD_DIM,
+                                                            HEAD_DIM),))
+  _check_first_step(params, blocks, partition)
 
 
 # ----------------------------------------------------------------------------
@@ -360,6 +372,12 @@ def test_bad_axis_names_raise():
     mo.adam_mini_partition(params, axis_names={"x": ("embed", "mlp")})
   with pytest.raises(ValueError, match="axis_roles"):
     mo.AdamMiniRules(axis_roles={"layers": "stack"})
+  kv = {"kv": jnp.zeros((2, 2, 8, 4))}
+  bad = mo.AdamMiniSpec("qkv", (0, 2, 3), (1, 2, 1, 5), ((0, 3), ((4, 1),
+                                                                 (3, 3))))
+  with pytest.raises(ValueError, match=r"segments .* do not cut axis 0 "
+                     r"folded into axis 3"):
+    mo.scale_by_adam_mini(partition={"kv": bad}).init(kv)
 
 
 def test_user_axis_role_extends_the_vocabulary():
@@ -386,14 +404,17 @@ def test_stacked_leaf_sharded_over_layers_keeps_v_local(axis_type):
   rng = np.random.default_rng(3)
   host = {"layers": {
       "mlp": {"kernel": rng.standard_normal((layers, D, FFN), np.float32)},
-      "norm": {"scale": rng.standard_normal((layers, D), np.float32)}}}
+      "norm": {"scale": rng.standard_normal((layers, D), np.float32)},
+      "attn": {"kv_einsum": {"w": rng.standard_normal(
+          (layers, 2, KV_HEADS, D, HEAD_DIM), np.float32)}}}}
   names = {"layers": {"mlp": {"kernel": ("layers", "embed", "mlp")},
                       "norm": {"scale": ("layers", "norm")}}}
   partition = mo.adam_mini_partition(host, axis_names=names)
+  assert partition["layers"]["attn"]["kv_einsum"]["w"].v_shape == (
+      layers, 1, KV_HEADS, 1, 1 + HEAD_DIM)
   tx = mo.adam_mini(1e-3, partition=partition)
-  params = jax.device_put(host, {
-      "layers": {"mlp": {"kernel": NamedSharding(mesh, P("stage"))},
-                 "norm": {"scale": NamedSharding(mesh, P("stage"))}}})
+  params = jax.device_put(host, jax.tree.map(
+      lambda _: NamedSharding(mesh, P("stage")), host))
   with jax.set_mesh(mesh):
     shardings = mo.state_shardings(tx, params)
     state = jax.jit(tx.init, out_shardings=shardings)(params)
@@ -404,10 +425,11 @@ def test_stacked_leaf_sharded_over_layers_keeps_v_local(axis_type):
   nu = state[0].nu["layers"]
   assert nu["mlp"]["kernel"].shape == (layers, 1, FFN)
   assert nu["norm"]["scale"].shape == (layers, 1)
-  for leaf in (nu["mlp"]["kernel"], nu["norm"]["scale"]):
+  for leaf in (nu["mlp"]["kernel"], nu["norm"]["scale"],
+               nu["attn"]["kv_einsum"]["w"]):
     assert leaf.sharding.spec[0] == "stage"
     assert leaf.addressable_shards[0].data.shape[0] == 1
   want, _ = tx.update(host, tx.init(host), host)
-  np.testing.assert_allclose(np.asarray(u["layers"]["mlp"]["kernel"]),
-                             np.asarray(want["layers"]["mlp"]["kernel"]),
-                             rtol=1e-5, atol=1e-8)
+  for got, ref in zip(jax.tree.leaves(u), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5,
+                               atol=1e-8)
