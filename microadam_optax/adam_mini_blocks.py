@@ -21,6 +21,7 @@ from typing import (Any, Callable, Mapping, NamedTuple, Optional, Sequence,
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from microadam_optax import _trees
 from microadam_optax._trees import path_keys as _path_keys
@@ -512,17 +513,28 @@ def _named_spec(kind: str, shape: tuple[int, ...], roles: tuple[str, ...],
   fused = axes_of("fused")
   feats = [i for i in range(ndim) if i not in embed + heads + fused]
   if (kind == "qkv" and len(fused) == 1 and len(heads) == 1
-      and len(feats) == 1 and shape[fused[0]] in (2, 3)
-      and not rules.whole_value):
+      and len(feats) == 1 and shape[fused[0]] in (2, 3)):
     # [q | k | v] or [k | v] on the fused axis: one v per query and key head,
-    # one per value neuron, the fused axis cut through the heads' features.
+    # one per value neuron (per value head with whole_value: the coarsest
+    # blocks the cut can give), the fused axis cut through the heads'
+    # features.
     f, dst = fused[0], feats[0]
     hd = shape[dst]
-    segs = ((hd, 1),) * (shape[f] - 1) + ((hd, hd),)
+    segs = ((hd, 1),) * (shape[f] - 1) + ((hd, 1 if rules.whole_value
+                                           else hd),)
     v_shape = [1] * ndim
     v_shape[heads[0]] = shape[heads[0]]
     v_shape[dst] = sum(b for _, b in segs)
     return _folded_spec(kind, shape, tuple(v_shape), ((f, dst), segs), where)
+  if kind == "qkv" and not fused and ndim == 2 and len(embed) == 1 and (
+      shape[1 - embed[0]] % 3 == 0):
+    # [q | k | v] joined on the output axis (GPT-2's c_attn), named.
+    out = 1 - embed[0]
+    third = shape[out] // 3
+    hd = _head_width(third, rules.head_dim, rules.num_heads, where, shape)
+    qk = (third, third if hd is None else third // hd)
+    v = (third, 1 if rules.whole_value else third)
+    return _segmented_spec(kind, shape, [1, 1], out, (qk, qk, v), where)
   if fused:  # otherwise each part has its own blocks, as a stacked axis.
     sub = _named_spec(kind, tuple(d for i, d in enumerate(shape)
                                   if i not in fused),
@@ -609,6 +621,8 @@ def _check_names(names: Any, shape: tuple[int, ...], where: str
                  ) -> tuple[tuple[str, ...], ...]:
   """Validates one leaf's logical axis names; one tuple of names per axis."""
   entries = None
+  if isinstance(names, PartitionSpec):  # trailing axes may be left out
+    names = tuple(names) + (None,) * (len(shape) - len(names))
   if isinstance(names, (tuple, list)) and not isinstance(names, str):
     entries = [_name_entry(e) for e in names]
   if entries is None or any(e is None for e in entries) or len(
@@ -681,7 +695,8 @@ class AdamMiniRules:
       and ``init`` look); otherwise ``"in_out"``. Kernels of 3 or more
       dimensions are read as Flax ``DenseGeneral`` kernels either way.
     whole_value: one v for each whole value matrix (``"value"`` leaves and
-      the value third of ``"qkv"`` leaves) instead of one per output neuron:
+      the value third of ``"qkv"`` leaves; one v per value head on a fused
+      ``[q | k | v]`` axis) instead of one per output neuron:
       the authors' advice for runs shorter than 10-20 k steps, which "can
       converge faster initially". Measured on a tiny GPT-2-style model
       (``benchmarks/adam_mini_short_run.py``: 400 steps, 5 seeds, 3 learning
@@ -919,6 +934,8 @@ def _box_names(box: Any) -> Optional[tuple[Any, ...]]:
       if meta.get(key) is not None:
         names = meta[key]
         break
+  if isinstance(names, PartitionSpec):
+    return names
   if isinstance(names, (tuple, list)) and all(
       _name_entry(n) is not None for n in names):
     return tuple(names)
@@ -926,8 +943,9 @@ def _box_names(box: Any) -> Optional[tuple[Any, ...]]:
 
 
 def _is_names(x: Any) -> bool:
-  return x is None or (isinstance(x, (tuple, list)) and not isinstance(
-      x, AdamMiniSpec) and all(_name_entry(n) is not None for n in x))
+  return x is None or (isinstance(x, (tuple, list, PartitionSpec))
+                       and not isinstance(x, AdamMiniSpec)
+                       and all(_name_entry(n) is not None for n in x))
 
 
 def _leaf_names(params: Any, axis_names: Any, paths: list[tuple[str, ...]]
@@ -1178,7 +1196,8 @@ def adam_mini_partition(
       ``(pattern, rule)`` pairs, or an :class:`AdamMiniRules`.
     axis_names: ``None``, or a pytree like ``params`` (or with some leaves
       left out or ``None``) whose leaves are tuples of logical axis names,
-      one ``str`` (or ``None``) per axis: what ``nn.get_partition_spec``,
+      one ``str`` (or ``None``) per axis, or ``PartitionSpec``s of them
+      (trailing axes may be left out): what ``nn.get_partition_spec``,
       ``nnx.get_partition_spec`` or a model's ``kernel_axes`` give. They
       take precedence over the names of boxed leaves.
 

@@ -151,6 +151,91 @@ def test_maxtext_llama2_scan_layers(source):
   _check_first_step(params, _blocks(MAXTEXT), partition)
 
 
+class _LinenLayer(nn.Module):
+  """A MaxText-style layer: DenseGeneral kernels with logical names."""
+
+  @nn.compact
+  def __call__(self, x, _):
+    lp, init = nn.with_logical_partitioning, nn.initializers.lecun_normal()
+    q = nn.DenseGeneral((HEADS, HEAD_DIM), use_bias=False, name="query",
+                        kernel_init=lp(init, ("embed", "q_heads", "kv")))(x)
+    o = nn.DenseGeneral(D, axis=(-2, -1), use_bias=False, name="out",
+                        kernel_init=lp(init, ("heads", "kv", "embed")))(q)
+    h = nn.Dense(FFN, use_bias=False, name="wi_0",
+                 kernel_init=lp(init, ("embed", "mlp")))(o)
+    y = nn.Dense(D, use_bias=False, name="wo",
+                 kernel_init=lp(init, ("mlp", "embed")))(h)
+    y = nn.RMSNorm(name="pre_self_attention_layer_norm",
+                   scale_init=lp(nn.initializers.ones, ("norm",)))(y)
+    return y, None
+
+
+class _LinenScanned(nn.Module):
+  """MaxText's scan: params stacked on axis 1, ``layers`` in their names."""
+
+  @nn.compact
+  def __call__(self, x):
+    scan = nn.scan(_LinenLayer, variable_axes={"params": 1},
+                   split_rngs={"params": True}, length=L,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
+    return scan(name="layers")(x, None)[0]
+
+
+@pytest.mark.parametrize("source", ["boxed", "get_partition_spec"])
+def test_linen_scan_over_axis_1_with_logical_names(source):
+  boxed = _LinenScanned().init(jax.random.key(0), jnp.zeros((1, 2, D)))
+  boxed = boxed["params"]
+  params = nn.unbox(boxed)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    partition = (mo.adam_mini_partition(boxed) if source == "boxed" else
+                 mo.adam_mini_partition(
+                     params, axis_names=nn.get_partition_spec(boxed)))
+  blocks = {
+      "layers/query/kernel": ((D, L, HEADS, HEAD_DIM),
+                              lambda i: (i[1], i[2])),
+      "layers/out/kernel": ((HEADS, L, HEAD_DIM, D), lambda i: (i[1], i[3])),
+      "layers/wi_0/kernel": ((D, L, FFN), lambda i: (i[1], i[2])),
+      "layers/wo/kernel": ((FFN, L, D), lambda i: (i[1], i[2])),
+      "layers/pre_self_attention_layer_norm/scale": ((D, L),
+                                                     lambda i: i[1]),
+  }
+  _check_first_step(params, blocks, partition)
+
+
+def test_t5x_joined_kv_names():
+  """T5X keeps heads joined (``joined_kv``): one v per head_dim group."""
+  hk = HEADS * HEAD_DIM
+  table = {"token_embedder/embedding": ((VOCAB, D), ("vocab", "embed"),
+                                        lambda i: i[0]),
+           "decoder/decoder_norm/scale": ((D,), ("embed",),
+                                          lambda i: 0 * i[0]),
+           "decoder/logits_dense/kernel": ((D, VOCAB), ("embed", "vocab"),
+                                           lambda i: i[1])}
+  per_layer = {
+      "self_attention/query/kernel": ((D, hk), ("embed", "joined_kv"),
+                                      lambda i: i[1] // HEAD_DIM),
+      "self_attention/key/kernel": ((D, hk), ("embed", "joined_kv"),
+                                    lambda i: i[1] // HEAD_DIM),
+      "self_attention/value/kernel": ((D, hk), ("embed", "joined_kv"),
+                                      lambda i: i[1]),
+      "self_attention/out/kernel": ((hk, D), ("joined_kv", "embed"),
+                                    lambda i: i[1]),
+      "mlp/wi/kernel": ((D, FFN), ("embed", "mlp"), lambda i: i[1]),
+      "mlp/wo/kernel": ((FFN, D), ("mlp", "embed"), lambda i: i[1]),
+      "pre_self_attention_layer_norm/scale": ((D,), ("embed",),
+                                              lambda i: 0 * i[0]),
+  }
+  for n in range(2):
+    for name, entry in per_layer.items():
+      table[f"decoder/layers_{n}/{name}"] = entry
+  params = _nest({w: jnp.zeros(s) for w, (s, _, _) in table.items()})
+  names = _nest({w: n for w, (_, n, _) in table.items()})
+  partition = mo.adam_mini_partition(
+      params, mo.AdamMiniRules(head_dim=HEAD_DIM), axis_names=names)
+  _check_first_step(params, _blocks(table), partition)
+
+
 # ----------------------------------------------------------------------------
 # Gemma (linen, unrolled layer_i; and scanned: a leading layer axis)
 
