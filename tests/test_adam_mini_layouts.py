@@ -66,7 +66,7 @@ def _check_first_step(params, blocks, partition=None, tx_params=None):
   p = tx_params if tx_params is not None else jax.tree.unflatten(
       treedef, [jnp.zeros(blocks[w][0]) for w in paths])
   state = tx.init(p)
-  u, state = tx.update(g_tree, state)
+  u, state = jax.jit(tx.update)(g_tree, state)
   u_flat = dict(zip(paths, jax.tree.leaves(u)))
   nu_flat = dict(zip(paths, jax.tree.leaves(state.nu)))
   for where in paths:
