@@ -134,7 +134,8 @@ def _blocks(table):
   return {w: (shape, key) for w, (shape, _, key) in table.items()}
 
 
-@pytest.mark.parametrize("source", ["axis_names", "boxed", "unnamed"])
+@pytest.mark.parametrize("source", ["axis_names", "boxed", "partitioned",
+                                    "unnamed"])
 def test_maxtext_llama2_scan_layers(source):
   params = _nest({w: jnp.zeros(s) for w, (s, _, _) in MAXTEXT.items()})
   names = _nest({w: n for w, (_, n, _) in MAXTEXT.items()})
@@ -142,8 +143,9 @@ def test_maxtext_llama2_scan_layers(source):
     warnings.simplefilter("error")
     if source == "axis_names":
       partition = mo.adam_mini_partition(params, axis_names=names)
-    elif source == "boxed":  # what nn.with_logical_partitioning leaves
-      boxed = _nest({w: nn.LogicallyPartitioned(jnp.zeros(s), n)
+    elif source in ("boxed", "partitioned"):  # nn.with_(logical_)partitioning
+      box = nn.LogicallyPartitioned if source == "boxed" else nn.Partitioned
+      boxed = _nest({w: box(jnp.zeros(s), n)
                      for w, (s, n, _) in MAXTEXT.items()})
       partition = mo.adam_mini_partition(boxed)
     else:  # no names: the layer axis is found from the [d, L] norm scales
