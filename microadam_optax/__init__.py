@@ -10,15 +10,17 @@
 """
 
 from microadam_optax import model_shapes
-from microadam_optax.adam_mini import ADAM_MINI_DEFAULT_RULES
 from microadam_optax.adam_mini import ADAM_MINI_STATIC_ARGS
-from microadam_optax.adam_mini import AdamMiniRules
 from microadam_optax.adam_mini import AdamMiniSegments
-from microadam_optax.adam_mini import AdamMiniSpec
 from microadam_optax.adam_mini import ScaleByAdamMiniState
 from microadam_optax.adam_mini import adam_mini
-from microadam_optax.adam_mini import adam_mini_partition
 from microadam_optax.adam_mini import scale_by_adam_mini
+from microadam_optax.adam_mini_blocks import ADAM_MINI_AXIS_ROLES
+from microadam_optax.adam_mini_blocks import ADAM_MINI_DEFAULT_AXIS_NAMES
+from microadam_optax.adam_mini_blocks import ADAM_MINI_DEFAULT_RULES
+from microadam_optax.adam_mini_blocks import AdamMiniRules
+from microadam_optax.adam_mini_blocks import AdamMiniSpec
+from microadam_optax.adam_mini_blocks import adam_mini_partition
 from microadam_optax.gauss_newton import DEFAULT_LINESEARCH
 from microadam_optax.gauss_newton import GaussNewtonState
 from microadam_optax.gauss_newton import SQRT2_LINESEARCH
@@ -68,6 +70,8 @@ __all__ = [
     "global_cosine_schedule",
     "layer_partition",
     "output_hvp",
+    "ADAM_MINI_AXIS_ROLES",
+    "ADAM_MINI_DEFAULT_AXIS_NAMES",
     "ADAM_MINI_DEFAULT_RULES",
     "ADAM_MINI_STATIC_ARGS",
     "AdamMiniRules",

@@ -11,7 +11,7 @@ leaf, so that a state can be built on the tree *around* the wrappers.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -52,3 +52,19 @@ def flatten(tree: Any) -> tuple[list[Any], Any, list[Callable[[Any], Any]]]:
       arrays.append(x)
       rewrap.append(lambda a: a)
   return arrays, outer, rewrap
+
+
+def _key_name(entry: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def path_keys(path: Sequence[Any]) -> tuple[str, ...]:
+  """Key names of a JAX key path, without the ``.value`` of NNX Variables."""
+  keys = list(path)
+  while keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and (
+      keys[-1].name == "value"):
+    keys.pop()
+  return tuple(_key_name(k) for k in keys)

@@ -29,7 +29,6 @@ import numpy as np
 import optax
 
 from microadam_optax import _trees
-from microadam_optax.adam_mini import _path_keys
 from microadam_optax.adam_mini import scale_by_adam_mini
 from microadam_optax.memory import state_nbytes
 from microadam_optax.microadam import scale_by_microadam
@@ -130,7 +129,7 @@ def microadam_labels(
     shape = _shape(leaf)
     if len(shape) < 2 or int(np.prod(shape, dtype=np.int64)) < min_size:
       return DENSE_LABEL
-    if pattern is not None and pattern.search("/".join(_path_keys(path))):
+    if pattern is not None and pattern.search("/".join(_trees.path_keys(path))):
       return DENSE_LABEL
     return MICROADAM_LABEL
 
