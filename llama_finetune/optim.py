@@ -102,8 +102,11 @@ def build(name: str, learning_rate: optax.ScalarOrSchedule,
         "gradients); fine-tuning takes the first-order ones: "
         + ", ".join(k for k, s in registry.REGISTRY.items()
                     if not s.second_order) + ".")
-  context = registry.OptimizerContext(weight_decay=weight_decay,
-                                      head_dim=config.dim_per_head)
+  # GaLore's rank: its authors' d/4 (the registry's default is for the
+  # comparison's small models).
+  context = registry.OptimizerContext(
+      weight_decay=weight_decay, head_dim=config.dim_per_head,
+      galore_rank=max(config.hidden_size // 4, 1))
   tx = registry.build(name, learning_rate, context)
   if config.layout == "stacked" and name in PER_MATRIX:
     tx = per_layer(tx)

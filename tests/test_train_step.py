@@ -1,0 +1,106 @@
+"""The whole-training-step benchmark (``benchmarks/train_step.py``) at the
+tiny size on CPU, and the per-layer optimizer mapping it relies on."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from llama_finetune import model as model_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llama_finetune import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
+from llama_finetune import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def test_tiny_benchmark_runs_in_process(tmp_path):
+  out = tmp_path / "step.json"
+  result = train_step.main(
+      ["--tiny", "--optimizers", "microadam,adamw_fp32", "--batch", "2",
+       "--seq", "16", "--steps", "2", "--warmup", "1", "--in-process",
+       "--json", str(out)])
+  rows = {r["optimizer"]: r for r in result["rows"]}
+  assert set(rows) == {"microadam", "adamw_fp32"}
+  n = model_lib.PRESETS["tiny"].num_params()
+  for r in rows.values():
+    assert r["outcome"] == "ran", r.get("error")
+    assert r["num_params"] == n and r["param_bytes"] == 2 * n   # bf16
+    assert r["tokens_per_s"] == pytest.approx(2 * 16 / (r["median_ms"] / 1e3))
+    assert r["losses_finite"] and r["peak_bytes"] >= r["param_bytes"]
+    assert r["peak_source"] == "memory_analysis"   # CPU: no device counter
+  # AdamW with float32 moments: mu and nu, 8 bytes per parameter, plus the
+  # int32 step count (chain of scale_by_adam and the schedule's: no
+  # schedule here, one count).
+  assert rows["adamw_fp32"]["state_bytes"] == 8 * n + 4
+  assert rows["microadam"]["state_bytes"] < 4 * n
+  saved = json.loads(out.read_text())
+  assert saved["largest_trained"] == {"microadam": "tiny", "adamw_fp32": "tiny"}
+
+
+def test_table_reports_out_of_memory_and_the_largest_size():
+  ran = dict(outcome="ran", median_ms=100.0, tokens_per_s=80.0,
+             peak_bytes=10 * train_step.GIB, peak_bytes_per_param=2.0,
+             state_bytes=train_step.GIB, peak_source="peak_bytes_in_use")
+  rows = [dict(ran, size="llama-1b", optimizer="adamw_fp32"),
+          dict(size="llama2-7b", optimizer="adamw_fp32",
+               outcome="out of memory"),
+          dict(ran, size="llama-1b", optimizer="microadam"),
+          dict(ran, size="llama2-7b", optimizer="microadam")]
+  assert train_step.largest_trained(rows) == {"adamw_fp32": "llama-1b",
+                                              "microadam": "llama2-7b"}
+  text = train_step.table(rows, 78.0)
+  assert "out of memory" in text and "within 78 GiB" in text
+  assert text.splitlines()[-2].split() == ["adamw_fp32", "llama-1b"]
+
+
+def test_out_of_memory_is_a_row_not_a_crash(monkeypatch):
+  def boom(*a, **k):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
+                       "allocate 1.00GiB.")
+  monkeypatch.setattr(model_lib, "init_params", boom)
+  row = train_step.measure("tiny", "adamw_bf16", batch=1, seq=8,
+                           layout="stacked")
+  assert row["outcome"] == "out of memory" and row["stage"] == "init"
+
+
+@pytest.mark.parametrize("name", ["adam_mini", "adafactor"])
+def test_per_layer_optimizer_on_stacked_equals_unrolled(name):
+  """A per-matrix optimizer on stacked layers gives each layer the update it
+  gets on the unrolled layout (one leaf per layer)."""
+  base = dataclasses.replace(model_lib.PRESETS["tiny"], param_dtype="float32",
+                             dtype="float32")
+  unrolled_cfg = dataclasses.replace(base, layout="unrolled")
+  stacked_cfg = dataclasses.replace(base, layout="stacked")
+  _, unrolled = model_lib.init_params(unrolled_cfg, seed=0)
+  rng = np.random.default_rng()
+
+  def stack(tree):
+    layers = [tree["layers"][i] for i in range(base.num_layers)]
+    return dict({k: v for k, v in tree.items() if k != "layers"},
+                layers=jax.tree.map(lambda *x: jnp.stack(x), *layers))
+
+  grads = [jax.tree.map(lambda x: jnp.asarray(
+      rng.standard_normal(x.shape), jnp.float32), unrolled) for _ in range(2)]
+  results = []
+  for cfg, to_layout in ((unrolled_cfg, lambda t: t), (stacked_cfg, stack)):
+    tx = optim.build(name, 1e-2, cfg)
+    params = to_layout(unrolled)
+    state = jax.jit(tx.init)(params)
+    for g in grads:
+      updates, state = jax.jit(tx.update)(to_layout(g), state, params)
+      params = jax.tree.map(lambda p, u: p + u, params, updates)
+    results.append(params)
+  want, got = stack(results[0]), results[1]
+  for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want),
+                          jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5,
+                               atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  assert not np.allclose(np.asarray(want["layers"]["mlp"]["up_proj"]["kernel"]),
+                         np.asarray(stack(unrolled)["layers"]["mlp"][
+                             "up_proj"]["kernel"]))
