@@ -15,7 +15,11 @@ the peak device memory (``memory_stats()["peak_bytes_in_use"]``; on a CPU,
 which keeps no such counter, the compiled step's ``memory_analysis()``:
 arguments + outputs - aliased + temporaries), the optimizer state's bytes,
 and whether it fits (an out-of-memory is a row, not a crash). The table ends
-with the largest size each optimizer trains.
+with the largest size each optimizer trains. Rows marked "per layer" ran the
+optimizer in a loop over the stacked layers (:func:`optim.per_layer`: the
+optimizers defined per matrix); on XLA:CPU that loop copies the stacked
+gradients and state it carries (the compiled step's temporaries grow by
+their size), so ``--layout unrolled`` measures those optimizers without it.
 
   PYTHONPATH=. python3 benchmarks/train_step.py --sizes llama2-7b \\
       --batch 4 --seq 2048 --mem-budget 78 --json train_step_7b.json
@@ -137,6 +141,7 @@ def measure(size: str, optimizer: str, *, batch: int, seq: int, layout: str,
     state = jax.jit(lambda p: tx.init(cast(p)))(params)
     jax.block_until_ready(state)
     row["state_bytes"] = mo.state_nbytes(state)
+    row["per_layer"] = isinstance(state, optim.PerLayerState)
     keys = jax.random.split(jax.random.key(1), 2)
     batches = [jax.random.randint(k, (batch, seq + 1), 0, config.vocab_size,
                                   jnp.int32) for k in keys]
@@ -249,6 +254,7 @@ def table(rows: Sequence[dict], budget_gib: Optional[float]) -> str:
     fits = "yes" if budget_gib is None or peak <= budget_gib else (
         "over budget")
     src = "" if r["peak_source"] == "peak_bytes_in_use" else " (compiled)"
+    src += " (per layer)" if r.get("per_layer") else ""
     lines.append(
         f"{r['size']:<11} {r['optimizer']:<11} {r['median_ms']:9.1f} "
         f"{r['tokens_per_s']:10.0f} {peak:9.2f} "

@@ -104,3 +104,34 @@ def test_per_layer_optimizer_on_stacked_equals_unrolled(name):
   assert not np.allclose(np.asarray(want["layers"]["mlp"]["up_proj"]["kernel"]),
                          np.asarray(stack(unrolled)["layers"]["mlp"][
                              "up_proj"]["kernel"]))
+
+
+def test_per_layer_writes_updates_of_another_dtype():
+  """bf16 gradients, float32 moments: float32 updates, equal to the
+  unrolled ones."""
+  import optax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng()
+  layers = [{"w": jnp.asarray(rng.standard_normal((3, 5)), jnp.bfloat16)}
+            for _ in range(4)]
+  head = {"w": jnp.asarray(rng.standard_normal(7), jnp.bfloat16)}
+  stacked = {"layers": jax.tree.map(lambda *x: jnp.stack(x), *layers),
+             "head": head}
+  tx = optax.scale_by_adam()
+  f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
+  wrapped = optim.per_layer(tx)
+  got, _ = jax.jit(wrapped.update)(stacked, wrapped.init(f32(stacked)),
+                                   stacked)
+  for i, layer in enumerate(layers):
+    want, _ = jax.jit(tx.update)(layer, tx.init(f32(layer)), layer)
+    assert got["layers"]["w"].dtype == want["w"].dtype == jnp.float32
+    np.testing.assert_allclose(got["layers"]["w"][i], want["w"], rtol=1e-6)
+  want, _ = jax.jit(tx.update)(head, tx.init(f32(head)), head)
+  np.testing.assert_allclose(got["head"]["w"], want["w"], rtol=1e-6)
+
+
+def test_microadam_is_per_layer_only_where_its_kernels_cannot_index():
+  for size, wrapped in (("llama2-7b", False), ("llama2-13b", True)):
+    tx = optim.build("microadam", 1e-5, model_lib.PRESETS[size])
+    state = jax.eval_shape(tx.init, model_lib.abstract_params(
+        dataclasses.replace(model_lib.PRESETS[size], num_layers=2))[1])
+    assert isinstance(state, optim.PerLayerState) == wrapped, size
