@@ -344,11 +344,24 @@ class Llama(nnx.Module):
       self.lm_head = _linear(config.hidden_size, config.vocab_size, config,
                              rngs)
 
+  def rope(self, length: int) -> tuple[jax.Array, jax.Array]:
+    """The rotary tables of positions ``0 .. length - 1``."""
+    return rope_cos_sin(jnp.arange(length), self.config.dim_per_head,
+                        self.config.rope_theta)
+
+  def head(self, x: jax.Array) -> jax.Array:
+    """Final norm and output head: float32 logits of the residual ``x``."""
+    x = self.norm(x)
+    if self.config.tie_word_embeddings:
+      logits = self.embed_tokens.attend(x)
+    else:
+      logits = self.lm_head(x)
+    return logits.astype(jnp.float32)
+
   def __call__(self, tokens: jax.Array) -> jax.Array:
     config = self.config
     x = self.embed_tokens(tokens)
-    cos, sin = rope_cos_sin(jnp.arange(tokens.shape[1]), config.dim_per_head,
-                            config.rope_theta)
+    cos, sin = self.rope(tokens.shape[1])
 
     def layer_fn(layer, x):
       return layer(x, cos, sin)
@@ -361,12 +374,7 @@ class Llama(nnx.Module):
     else:
       for layer in self.layers:
         x = layer_fn(layer, x)
-    x = self.norm(x)
-    if config.tie_word_embeddings:
-      logits = self.embed_tokens.attend(x)
-    else:
-      logits = self.lm_head(x)
-    return logits.astype(jnp.float32)
+    return self.head(x)
 
 
 def lm_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -381,6 +389,13 @@ def abstract_params(config: LlamaConfig) -> tuple[nnx.GraphDef, dict]:
   from microadam_compare import models  # pylint: disable=g-import-not-at-top
   abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
   return models.split_params(abstract)
+
+
+def layer_graphdef(config: LlamaConfig) -> nnx.GraphDef:
+  """The graph definition of one :class:`DecoderLayer`: with a slice of the
+  stacked ``params["layers"]``, ``nnx.merge`` gives that layer."""
+  return nnx.split(nnx.eval_shape(
+      lambda: DecoderLayer(config, rngs=nnx.Rngs(0))))[0]
 
 
 def init_params(config: LlamaConfig, seed: int = 0) -> tuple[nnx.GraphDef,

@@ -121,18 +121,13 @@ def per_layer(tx: optax.GradientTransformation, key: str = "layers"
   return optax.GradientTransformation(init, update)
 
 
-def build(name: str, learning_rate: optax.ScalarOrSchedule,
-          config: model_lib.LlamaConfig,
-          weight_decay: Optional[float] = None
-          ) -> optax.GradientTransformation:
-  """The registry's optimizer ``name`` for a Llama of ``config``.
-
-  Args:
-    name: a key of :data:`microadam_compare.optimizers.REGISTRY` (first
-      order: the Gauss-Newton entries need a model function, not gradients).
-    learning_rate: a float or a schedule.
-    config: the model's configuration (head width, layout).
-    weight_decay: ``None``: the optimizer's own recommendation.
+def registry_optimizer(name: str, learning_rate: optax.ScalarOrSchedule,
+                       config: model_lib.LlamaConfig,
+                       weight_decay: Optional[float] = None
+                       ) -> optax.GradientTransformation:
+  """The registry's optimizer ``name`` configured for a Llama of ``config``
+  (head width, GaLore's rank), for one layer's or an unrolled model's
+  parameters: :func:`build` adds what a stacked layout needs.
 
   Raises:
     ValueError: for a second-order optimizer.
@@ -149,7 +144,29 @@ def build(name: str, learning_rate: optax.ScalarOrSchedule,
   context = registry.OptimizerContext(
       weight_decay=weight_decay, head_dim=config.dim_per_head,
       galore_rank=max(config.hidden_size // 4, 1))
-  tx = registry.build(name, learning_rate, context)
+  return registry.build(name, learning_rate, context)
+
+
+def build(name: str, learning_rate: optax.ScalarOrSchedule,
+          config: model_lib.LlamaConfig,
+          weight_decay: Optional[float] = None
+          ) -> optax.GradientTransformation:
+  """The registry's optimizer ``name`` for a Llama of ``config``:
+  :func:`registry_optimizer`, mapped over the stacked layers
+  (:func:`per_layer`) where its update is defined per matrix or its kernels
+  cannot index a stacked leaf.
+
+  Args:
+    name: a key of :data:`microadam_compare.optimizers.REGISTRY` (first
+      order: the Gauss-Newton entries need a model function, not gradients).
+    learning_rate: a float or a schedule.
+    config: the model's configuration (head width, layout).
+    weight_decay: ``None``: the optimizer's own recommendation.
+
+  Raises:
+    ValueError: for a second-order optimizer.
+  """
+  tx = registry_optimizer(name, learning_rate, config, weight_decay)
   if config.layout == "stacked" and (
       name in PER_MATRIX or (name == "microadam"
                              and not _kernel_addressable(config))):

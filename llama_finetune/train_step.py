@@ -14,7 +14,10 @@ after ``--warmup`` (each synchronised with ``block_until_ready``), tokens/s,
 the peak device memory (``memory_stats()["peak_bytes_in_use"]``; on a CPU,
 which keeps no such counter, the compiled step's ``memory_analysis()``:
 arguments + outputs - aliased + temporaries), the optimizer state's bytes,
-and whether it fits (an out-of-memory is a row, not a crash). The table ends
+and whether it fits (an out-of-memory is a row, not a crash).
+``--update layerwise`` measures the layer-by-layer step instead
+(:mod:`layerwise`: each layer's update applied inside the backward pass, so
+the full gradient buffer never exists). The table ends
 with the largest size each optimizer trains. Rows marked "per layer" ran the
 optimizer in a loop over the stacked layers (:func:`optim.per_layer`: the
 optimizers defined per matrix); on XLA:CPU that loop copies the stacked
@@ -46,6 +49,7 @@ import optax
 
 import microadam_optax as mo
 from microadam_compare import compare
+from llama_finetune import layerwise
 from llama_finetune import model as model_lib
 from llama_finetune import optim
 
@@ -100,7 +104,7 @@ def make_step(graphdef, tx: optax.GradientTransformation):
 
 def measure(size: str, optimizer: str, *, batch: int, seq: int, layout: str,
             remat: bool = True, steps: int = 5, warmup: int = 2,
-            layers: Optional[int] = None) -> dict:
+            layers: Optional[int] = None, update: str = "plain") -> dict:
   """Measures one optimizer's whole training step in this process.
 
   Args:
@@ -114,6 +118,9 @@ def measure(size: str, optimizer: str, *, batch: int, seq: int, layout: str,
     steps: timed steps (the median is reported).
     warmup: untimed steps after the first (compiling) call.
     layers: keep only this many decoder layers.
+    update: ``"plain"`` (the whole gradient, then the optimizer) or
+      ``"layerwise"`` (each layer updated inside the backward pass,
+      :mod:`layerwise`; stacked layout).
 
   Returns:
     A JSON-ready row: ``outcome`` (``"ran"``, ``"out of memory"`` or
@@ -126,6 +133,7 @@ def measure(size: str, optimizer: str, *, batch: int, seq: int, layout: str,
   row: dict[str, Any] = {
       "size": size, "optimizer": optimizer, "registry_name": name,
       "moments_dtype": moments or config.param_dtype, "layout": layout,
+      "update": update,
       "remat": remat, "batch": batch, "seq": seq, "num_layers":
       config.num_layers, "num_params": n,
       "param_bytes": n * jnp.dtype(config.param_dtype).itemsize,
@@ -134,7 +142,13 @@ def measure(size: str, optimizer: str, *, batch: int, seq: int, layout: str,
   stage = "init"
   try:
     graphdef, params = model_lib.init_params(config, seed=0)
-    tx = optim.build(name, LEARNING_RATE, config)
+    if update == "layerwise":
+      layer_tx = optim.registry_optimizer(name, LEARNING_RATE, config)
+      tx = optim.per_layer(layer_tx)
+      make = lambda: layerwise.make_layerwise_step(graphdef, config, layer_tx)
+    else:
+      tx = optim.build(name, LEARNING_RATE, config)
+      make = lambda: make_step(graphdef, tx)
     cast = (lambda p: p) if moments is None else (
         lambda p: jax.tree.map(lambda x: x.astype(moments), p))
     # The cast parameters only shape the zeros of the state: XLA drops them.
@@ -147,9 +161,13 @@ def measure(size: str, optimizer: str, *, batch: int, seq: int, layout: str,
                                   jnp.int32) for k in keys]
     stage = "compile"
     t0 = time.perf_counter()
-    step = make_step(graphdef, tx).lower(params, state, batches[0]).compile()
+    step = make().lower(params, state, batches[0]).compile()
     row["compile_s"] = time.perf_counter() - t0
     compiled_peak = compare._compiled_peak_bytes(step)  # pylint: disable=protected-access
+    try:
+      row["xla_temp_bytes"] = int(step.memory_analysis().temp_size_in_bytes)
+    except Exception:  # pylint: disable=broad-except
+      row["xla_temp_bytes"] = None
     stage = "run"
     losses, times = [], []
     for i in range(1 + warmup + steps):
@@ -210,7 +228,7 @@ def _subprocess_row(args: argparse.Namespace, size: str, optimizer: str,
            optimizer, "--row-json", out, "--sizes", size,
            "--batch", str(args.batch), "--seq", str(args.seq),
            "--layout", args.layout, "--steps", str(args.steps),
-           "--warmup", str(args.warmup)]
+           "--warmup", str(args.warmup), "--update", args.update]
     cmd += [] if args.remat else ["--no-remat"]
     cmd += [] if args.layers is None else ["--layers", str(args.layers)]
     try:
@@ -278,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help=f"comma list of {', '.join(OPTIMIZERS)}")
   p.add_argument("--layout", default="stacked", choices=model_lib.LAYOUTS)
   p.add_argument("--no-remat", dest="remat", action="store_false")
+  p.add_argument("--update", default="plain", choices=["plain", "layerwise"],
+                 help="layerwise: each layer's update inside the backward "
+                 "pass (stacked layout; no full gradient buffer)")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=2048)
   p.add_argument("--layers", type=int, default=None,
@@ -313,7 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   sizes.sort(key=SIZES.index)
   kw = dict(batch=args.batch, seq=args.seq, layout=args.layout,
             remat=args.remat, steps=args.steps, warmup=args.warmup,
-            layers=args.layers)
+            layers=args.layers, update=args.update)
   if args.one:
     row = measure(sizes[0], args.one, **kw)
     with open(args.row_json, "w", encoding="utf-8") as f:

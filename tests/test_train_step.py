@@ -22,11 +22,11 @@ from llama_finetune import train_step  # pylint: disable=g-import-not-at-top,wro
 def test_tiny_benchmark_runs_in_process(tmp_path):
   out = tmp_path / "step.json"
   result = train_step.main(
-      ["--tiny", "--optimizers", "microadam,adamw_fp32", "--batch", "2",
+      ["--tiny", "--optimizers", "adamw_bf16,adamw_fp32", "--batch", "2",
        "--seq", "16", "--steps", "2", "--warmup", "1", "--in-process",
        "--json", str(out)])
   rows = {r["optimizer"]: r for r in result["rows"]}
-  assert set(rows) == {"microadam", "adamw_fp32"}
+  assert set(rows) == {"adamw_bf16", "adamw_fp32"}
   n = model_lib.PRESETS["tiny"].num_params()
   for r in rows.values():
     assert r["outcome"] == "ran", r.get("error")
@@ -34,13 +34,13 @@ def test_tiny_benchmark_runs_in_process(tmp_path):
     assert r["tokens_per_s"] == pytest.approx(2 * 16 / (r["median_ms"] / 1e3))
     assert r["losses_finite"] and r["peak_bytes"] >= r["param_bytes"]
     assert r["peak_source"] == "memory_analysis"   # CPU: no device counter
-  # AdamW with float32 moments: mu and nu, 8 bytes per parameter, plus the
-  # int32 step count (chain of scale_by_adam and the schedule's: no
-  # schedule here, one count).
+  # AdamW's mu and nu in the parameters' bf16 (4 bytes per parameter) or in
+  # float32 (8), plus scale_by_adam's int32 step count (a constant rate: no
+  # schedule count).
+  assert rows["adamw_bf16"]["state_bytes"] == 4 * n + 4
   assert rows["adamw_fp32"]["state_bytes"] == 8 * n + 4
-  assert rows["microadam"]["state_bytes"] < 4 * n
   saved = json.loads(out.read_text())
-  assert saved["largest_trained"] == {"microadam": "tiny", "adamw_fp32": "tiny"}
+  assert saved["largest_trained"] == {"adamw_bf16": "tiny", "adamw_fp32": "tiny"}
 
 
 def test_table_reports_out_of_memory_and_the_largest_size():
@@ -135,3 +135,36 @@ def test_microadam_is_per_layer_only_where_its_kernels_cannot_index():
     state = jax.eval_shape(tx.init, model_lib.abstract_params(
         dataclasses.replace(model_lib.PRESETS[size], num_layers=2))[1])
     assert isinstance(state, optim.PerLayerState) == wrapped, size
+
+
+@pytest.mark.parametrize("name,tied", [("microadam", True)])
+def test_layerwise_step_equals_the_plain_step(name, tied):
+  """Updating each layer inside the backward pass gives the parameters of
+  the plain step (whole gradient, then the per-layer optimizer)."""
+  from microadam_compare import optimizers as registry  # pylint: disable=g-import-not-at-top
+  from llama_finetune import layerwise  # pylint: disable=g-import-not-at-top
+  config = dataclasses.replace(
+      model_lib.PRESETS["tiny"], param_dtype="float32", dtype="float32",
+      layout="stacked", remat=True, num_layers=3, tie_word_embeddings=tied)
+  graphdef, params = model_lib.init_params(config, seed=1)
+  tx = registry.build(name, 1e-2, registry.OptimizerContext(weight_decay=0.1))
+  wrapped = optim.per_layer(tx)
+  rng = np.random.default_rng()
+  batches = [jnp.asarray(rng.integers(0, 256, (2, 17)), jnp.int32)
+             for _ in range(3)]
+  plain_step = train_step.make_step(graphdef, wrapped)
+  lw_step = layerwise.make_layerwise_step(graphdef, config, tx)
+  copy = lambda t: jax.tree.map(jnp.array, t)
+  p1, s1 = copy(params), wrapped.init(params)
+  p2, s2 = copy(params), wrapped.init(params)
+  for b in batches:
+    p1, s1, l1 = plain_step(p1, s1, b)
+    p2, s2, l2 = lw_step(p2, s2, b)
+    np.testing.assert_allclose(float(l2), float(l1), rtol=1e-5)
+  for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(p1),
+                               jax.tree.leaves(p2)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4,
+                               atol=2e-5, err_msg=jax.tree_util.keystr(path))
+  moved = np.abs(np.asarray(p1["layers"]["mlp"]["up_proj"]["kernel"])
+                 - np.asarray(params["layers"]["mlp"]["up_proj"]["kernel"]))
+  assert moved.max() > 1e-3
