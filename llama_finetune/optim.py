@@ -71,6 +71,15 @@ def per_layer(tx: optax.GradientTransformation, key: str = "layers"
   Returns:
     A transformation of the same parameters whose updates equal ``tx``'s on
     the unrolled layout (one leaf per layer).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> from llama_finetune import optim
+    >>> params = {"layers": {"w": jnp.ones((3, 4, 4))}, "head": jnp.ones(4)}
+    >>> tx = optim.per_layer(optax.adafactor(1e-2, min_dim_size_to_factor=2))
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> updates["layers"]["w"].shape
+    (3, 4, 4)
   """
   def split(tree):
     return tree[key], {k: v for k, v in tree.items() if k != key}
