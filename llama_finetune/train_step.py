@@ -272,7 +272,8 @@ def table(rows: Sequence[dict], budget_gib: Optional[float]) -> str:
     fits = "yes" if budget_gib is None or peak <= budget_gib else (
         "over budget")
     src = "" if r["peak_source"] == "peak_bytes_in_use" else " (compiled)"
-    src += " (per layer)" if r.get("per_layer") else ""
+    src += (" (layerwise update)" if r.get("update") == "layerwise"
+            else " (per layer)" if r.get("per_layer") else "")
     lines.append(
         f"{r['size']:<11} {r['optimizer']:<11} {r['median_ms']:9.1f} "
         f"{r['tokens_per_s']:10.0f} {peak:9.2f} "
