@@ -23,11 +23,12 @@ def test_tiny_benchmark_runs_in_process(tmp_path):
   out = tmp_path / "step.json"
   result = train_step.main(
       ["--tiny", "--optimizers", "adamw_bf16,adamw_fp32", "--batch", "2",
-       "--seq", "16", "--steps", "2", "--warmup", "1", "--in-process",
+       "--seq", "16", "--steps", "2", "--warmup", "1", "--layers", "1",
+       "--in-process",
        "--json", str(out)])
   rows = {r["optimizer"]: r for r in result["rows"]}
   assert set(rows) == {"adamw_bf16", "adamw_fp32"}
-  n = model_lib.PRESETS["tiny"].num_params()
+  n = dataclasses.replace(model_lib.PRESETS["tiny"], num_layers=1).num_params()
   for r in rows.values():
     assert r["outcome"] == "ran", r.get("error")
     assert r["num_params"] == n and r["param_bytes"] == 2 * n   # bf16
