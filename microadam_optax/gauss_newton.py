@@ -883,6 +883,18 @@ def gauss_newton(
   outer steps unless reset. It costs one params-sized tree of state and
   changes nothing when the line search takes :math:`\alpha = 1`.
 
+  **In a chain**, ``gauss_newton`` ignores the updates it receives: it
+  computes its own gradient :math:`J^\top\nabla_z\ell` (and the products
+  above) from ``model_fn`` and ``loss_fn``, so a transformation before it in
+  ``optax.chain(optax.clip_by_global_norm(1.0), gauss_newton(...))`` has no
+  effect on the step. (Whether the incoming updates are the gradient it
+  would compute cannot be checked without computing that gradient, so no
+  error is raised.) To clip or otherwise transform the inner gradients, give
+  the inner optimizer that chain, ``gauss_newton(optax.chain(
+  optax.clip_by_global_norm(1.0), optax.sgd(lr)))``; transformations *after*
+  it in a chain act on its returned step :math:`\alpha^\star\hat\delta` as
+  usual.
+
   Args:
     inner_optimizer: any Optax transformation minimising the inner problem,
       e.g. ``optax.contrib.muon(lr)`` (the paper's choice), ``optax.adamw``,
@@ -933,7 +945,8 @@ def gauss_newton(
       stacked the same way along a leading axis of any length ``M >= 1``.
 
     ``grads`` is not used (the inner problem computes
-    :math:`J^\top\nabla_z\ell` itself) and may be ``None``. The whole
+    :math:`J^\top\nabla_z\ell` itself; see "In a chain") and may be
+    ``None``. The whole
     outer step is one traceable function: jit it once.
 
   Examples:
@@ -1009,7 +1022,7 @@ def gauss_newton(
 
   def update_fn(updates, state, params=None, *, model_fn=None, loss_fn=None,
                 batches=None, linesearch_batches=None, **extra_args):
-    del updates, extra_args
+    del updates, extra_args  # see "In a chain" in the docstring
     _check_update_args(params, model_fn, loss_fn, batches, linesearch_batches,
                        inner_steps)
     _check_params(params)

@@ -1197,3 +1197,30 @@ def test_line_search_over_batches_averages_their_losses(measure_zero):
   assert float(alpha) == sizes[int(np.argmin(losses))]
   np.testing.assert_allclose(float(loss), min(losses), rtol=1e-5)
 
+
+def test_in_a_chain_the_incoming_updates_are_ignored():
+  """Documented: a transform before gauss_newton has no effect, one after
+  acts on its step; clipping belongs in the inner optimizer."""
+  _, _, params64, model_fn, loss_fn = _softmax_problem(seed=27)
+  params = _f32(params64)
+  grads = jax.grad(lambda p: loss_fn(model_fn(p)))(params)
+  inner = optax.sgd(0.5)
+  alone = mo.gauss_newton(inner, 3, linesearch=None)
+
+  def step(tx):
+    return jax.jit(lambda p, g: tx.update(
+        g, tx.init(p), p, model_fn=model_fn, loss_fn=loss_fn)[0])(
+            params, grads)
+
+  want = step(alone)
+  before = step(optax.chain(optax.clip_by_global_norm(1e-6), alone))
+  after = step(optax.chain(alone, optax.scale(0.5)))
+  clipped = step(mo.gauss_newton(
+      optax.chain(optax.clip_by_global_norm(1e-6), inner), 3,
+      linesearch=None))
+  for w, b, a, c in zip(*map(jax.tree.leaves, (want, before, after,
+                                               clipped))):
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(w))
+    np.testing.assert_allclose(np.asarray(a), 0.5 * np.asarray(w), rtol=1e-6)
+    assert float(jnp.max(jnp.abs(c))) <= 3 * 0.5 * 1e-6 * 1.0001
+  assert max(float(jnp.max(jnp.abs(w))) for w in jax.tree.leaves(want)) > 1e-3
