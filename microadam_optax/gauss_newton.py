@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optax._src import numerics
 
 #: Default candidate step sizes of the line search. ``0.0`` is one of them, so
 #: an outer step never increases the batch loss.
@@ -1068,7 +1067,7 @@ def gauss_newton(
     new_updates = jax.tree.map(
         lambda d, p: (alpha * d).astype(p.dtype), delta, params)
     new_state = GaussNewtonState(
-        count=numerics.safe_increment(state.count),
+        count=optax.safe_increment(state.count),
         step_size=alpha,
         inner_decrease=-final_obj,
         loss_before=loss0,
