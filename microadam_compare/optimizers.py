@@ -253,8 +253,8 @@ def _gauss_newton(layerwise: bool) -> Builder:
 #: of its tuning: three rates, half a decade apart, centred on the rates
 #: that won the full-length tuning of the CPU defaults (the table in
 #: benchmarks/RESULTS.md lists every rate tried; Gauss-Newton's, of its inner
-#: Muon, re-centred for the paper's protocol of issue 17, where its inner
-#: loop trains on fresh batches like a first-order run). The tuning extends
+#: Muon, re-centred for the paper's protocol, where its inner loop trains on
+#: fresh batches like a first-order run). The tuning extends
 #: a grid by half-decades while its best rate is at an end
 #: (:class:`compare.RunConfig`'s ``max_grid_extensions``). MicroAdam's update
 #: is larger than Adam's for the same rate (about 4-6x once the window is
