@@ -1,4 +1,4 @@
-"""The device job queue (benchmarks/device_queue.py): two workers, order,
+"""The device job queue (tools/device_queue.py): two workers, order,
 dependencies, failures and the tuned-rate placeholder."""
 
 import importlib.util
@@ -10,7 +10,7 @@ import tarfile
 
 import pytest
 
-_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks",
+_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "tools",
                      "device_queue.py")
 _spec = importlib.util.spec_from_file_location("device_queue", _PATH)
 device_queue = importlib.util.module_from_spec(_spec)
