@@ -22,11 +22,8 @@ as ``optax.adamw`` does without a mask.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -34,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import microadam_optax as mo  # pylint: disable=g-import-not-at-top
+import harness  # puts the checkout on sys.path
+import microadam_optax as mo
 
 OPTIMIZERS = ("adam_mini", "adamw")
 
@@ -69,7 +66,7 @@ def make_optimizer(name: str, lr: float, weight_decay: float):
 
 
 def device_memory() -> dict[str, int] | None:
-  stats = jax.devices()[0].memory_stats()
+  stats = harness.memory_stats()
   if not stats:
     return None
   return {k: int(stats[k]) for k in ("bytes_in_use", "peak_bytes_in_use")
@@ -190,10 +187,7 @@ def main(argv=None) -> dict:
       "backend": jax.default_backend(), "jax": jax.__version__,
       "optax": optax.__version__, "host": platform.node(), "rows": rows,
   }
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=2)
-  return result
+  return harness.write_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import time
 
@@ -23,12 +22,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import harness  # puts the checkout on sys.path
 import microadam_optax as mo
 
 
 def peak_gb():
-  stats = jax.devices()[0].memory_stats()
-  return None if stats is None else stats.get("peak_bytes_in_use", 0) / 1e9
+  stats = harness.memory_stats()
+  return None if not stats else stats.get("peak_bytes_in_use", 0) / 1e9
 
 
 def attempt(name, make_tx, init_dtype, params, grads, steps):
@@ -106,10 +106,7 @@ def main(argv=None) -> dict:
       print(f"  {r['error'][:200]}")
   result = {"num_params": n, "device": device.device_kind,
             "jax": jax.__version__, "rows": rows}
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=2)
-  return result
+  return harness.write_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ import optax
 import optax.contrib
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import microadam_optax as mo  # pylint: disable=g-import-not-at-top
+import harness  # puts the checkout on sys.path
+import microadam_optax as mo
 
 PRESETS = {
     # name: (d_model, layers, heads, vocab, seq_len, batch)
@@ -174,7 +174,7 @@ def run_mode(mode: str, args) -> dict:
     jax.block_until_ready((params, loss))
     if i >= args.warmup:
       times.append(time.perf_counter() - t0)
-  stats = jax.devices()[0].memory_stats() or {}
+  stats = harness.memory_stats()
   row = {
       "mode": mode, "num_params": num_params, "compile_s": compile_s,
       "step_s": statistics.median(times), "step_s_all": times,
@@ -295,10 +295,7 @@ def main(argv=None) -> dict:
             "device": device.device_kind, "host": platform.node(),
             "inner_steps": args.inner_steps, "inner_lr": args.inner_lr,
             "linesearch": list(mo.DEFAULT_LINESEARCH), "rows": rows}
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=2)
-  return result
+  return harness.write_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,11 @@ Run on the device (about 3 minutes for AdamW at the GPU preset)::
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import jax
 
+import harness  # puts the checkout on sys.path
 from microadam_compare import compare
 from microadam_compare import optimizers as opt_lib
 from microadam_compare import tasks
@@ -83,10 +83,7 @@ def main(argv=None) -> dict:
   result = dict(preset=args.preset, steps=steps,
                 device=str(jax.devices()[0].device_kind),
                 jax=jax.__version__, rows=rows)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1)
-  return result
+  return harness.write_json(result, args.json, indent=1)
 
 
 if __name__ == "__main__":

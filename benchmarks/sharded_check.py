@@ -16,7 +16,6 @@ per-shard code ran the kernels and stayed local.
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +24,7 @@ from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import harness  # puts the checkout on sys.path
 import microadam_optax as mo
 
 #: Substrings of the custom calls Pallas kernels compile to (Triton on GPU,
@@ -99,11 +99,9 @@ def main(argv=None) -> list[dict]:
           f"{','.join(r['kernel_calls']) or 'none (XLA path)':<28} "
           f"{str(r['bit_identical_to_unsharded']):<13} "
           f"{r['max_abs_diff_vs_xla']:16.3g}")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"device_kind": dev, "jax": jax.__version__,
-                 "shape": [args.rows, args.cols], "dtype": args.dtype,
-                 "rows": rows}, f, indent=2)
+  harness.write_json({"device_kind": dev, "jax": jax.__version__,
+                      "shape": [args.rows, args.cols], "dtype": args.dtype,
+                      "rows": rows}, args.json)
   return rows
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import statistics
@@ -52,6 +51,7 @@ from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import harness  # puts the checkout on sys.path
 import microadam_optax as mo
 from microadam_compare import models
 
@@ -339,10 +339,7 @@ def main(argv=None) -> dict:
             "device_kind": devices[0].device_kind, "sharding": args.sharding,
             "axis_type": args.axis_type, "jax": jax.__version__,
             "batch": batch, "turns": args.turns, "rows": rows}
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=2)
-  return result
+  return harness.write_json(result, args.json)
 
 
 if __name__ == "__main__":

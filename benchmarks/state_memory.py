@@ -10,7 +10,6 @@ JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import optax
 import optax.contrib
 
+import harness  # puts the checkout on sys.path
 import microadam_optax as mo
 
 
@@ -80,10 +80,7 @@ def main(argv=None) -> dict:
           f"{r['bytes_per_param']:8.3f} {r['state_bytes'] / ref:13.3f}")
   result = {"model": args.model, "jax": jax.__version__,
             "optax": optax.__version__, "host": platform.node(), "rows": rows}
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=2)
-  return result
+  return harness.write_json(result, args.json)
 
 
 if __name__ == "__main__":

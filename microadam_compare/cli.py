@@ -182,9 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--lr-grid", action="append", metavar="NAME=LR,LR,...",
                  help="replace an optimizer's first learning-rate grid "
                       "(repeatable)")
-  p.add_argument("--max-grid-extensions", type=int, default=2,
+  p.add_argument("--max-grid-extensions", type=int,
+                 default=opt_lib.MAX_GRID_EXTENSIONS,
                  help="half-decades the tuning may add to a grid whose best "
-                      "rate is at an end (default: 2)")
+                      "rate is at an end (default: "
+                      f"{opt_lib.MAX_GRID_EXTENSIONS})")
   p.add_argument("--no-tune", action="store_true",
                  help="no tuning: the middle rate of each grid")
   p.add_argument("--batch-size", type=int, default=None,

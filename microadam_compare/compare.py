@@ -88,7 +88,8 @@ class RunConfig:
     tune: run every rate of the grid (and extend it); ``False``: take the
       middle of the grid (the lower middle for an even grid), for smoke runs.
     max_grid_extensions: how many half-decades the tuning may add to a grid
-      whose best rate is at an end.
+      whose best rate is at an end (:data:`optimizers.MAX_GRID_EXTENSIONS`
+      says why six).
     seeds: the seeds of the final runs; the first one also tunes.
     clip_norm: global-norm clipping of the gradient of every first-order
       optimizer (``None``: none).
@@ -111,7 +112,7 @@ class RunConfig:
   gn_inner_steps: Optional[int] = None
   gn_linesearch_batches: Optional[int] = None
   tune: bool = True
-  max_grid_extensions: int = 2
+  max_grid_extensions: int = opt_lib.MAX_GRID_EXTENSIONS
   seeds: tuple[int, ...] = (0,)
   clip_norm: Optional[float] = 1.0
   lr_grids: Optional[dict[str, Sequence[float]]] = None

@@ -20,10 +20,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# nnx.List (flax >= 0.12) marks a list attribute as a container of modules;
-# older flax versions take a plain list.
-_ModuleList = getattr(nnx, "List", list)
-
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
@@ -180,7 +176,7 @@ class GPT(nnx.Module):
     self.pos_embed = nnx.Embed(config.seq_len, config.d_model,
                                embedding_init=_normal(0.01), dtype=dtype,
                                rngs=rngs)
-    self.blocks = _ModuleList(
+    self.blocks = nnx.List(
         [Block(config, rngs=rngs) for _ in range(config.num_layers)])
     self.ln_f = nnx.LayerNorm(config.d_model, dtype=dtype, rngs=rngs)
     self.lm_head = nnx.Linear(config.d_model, config.vocab_size,
@@ -220,7 +216,7 @@ class GPTClassifier(nnx.Module):
     self.pos_embed = nnx.Embed(config.seq_len, config.d_model,
                                embedding_init=_normal(0.01), dtype=dtype,
                                rngs=rngs)
-    self.blocks = _ModuleList(
+    self.blocks = nnx.List(
         [Block(config, rngs=rngs) for _ in range(config.num_layers)])
     self.ln_f = nnx.LayerNorm(config.d_model, dtype=dtype, rngs=rngs)
     self.output = nnx.Linear(config.d_model, num_classes,

@@ -21,12 +21,11 @@ def is_wrapper(x: Any) -> bool:
   """Whether ``x`` is a pytree node around exactly one array leaf.
 
   Standard containers (dicts, lists, tuples and named tuples) and arrays are
-  not wrappers.
+  not wrappers; tracers (inside ``jit``, ``grad``, ``vmap``) are instances
+  of :class:`jax.Array`, so they are arrays here too.
   """
   if x is None or isinstance(x, (dict, list, tuple, jax.Array, np.ndarray,
                                  float, int, complex, bool)):
-    return False
-  if isinstance(x, jax.core.Tracer):
     return False
   leaves, treedef = jax.tree.flatten(x)
   return len(leaves) == 1 and treedef.num_nodes > 1

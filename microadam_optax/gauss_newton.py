@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optax._src import numerics
 
 #: Default candidate step sizes of the line search. ``0.0`` is one of them, so
 #: an outer step never increases the batch loss.
@@ -467,6 +466,311 @@ def _check_update_args(params, model_fn, loss_fn, batches, linesearch_batches,
 
 
 # ---------------------------------------------------------------------------
+# The pieces of one outer step.
+
+
+def _mask_to_layer(tree: Any, treedef: Any, leaf_ids: Sequence[Any],
+                   k: jax.Array) -> Any:
+  """``tree`` with every entry outside layer ``k`` zeroed.
+
+  Args:
+    tree: a pytree with the params' structure ``treedef``.
+    treedef: the params' tree structure.
+    leaf_ids: per leaf (flatten order) its layer index, or for a leaf
+      stacked over layers a 1-D array of indices, one per slice of its leading
+      axis (:func:`_leaf_layer_ids`).
+    k: the layer index, an int32 scalar (traced or not); an index no leaf
+      has selects nothing.
+
+  Returns:
+    ``tree`` with the leaves (slices of stacked leaves) of other layers zero.
+  """
+  out = []
+  for leaf, ids in zip(treedef.flatten_up_to(tree), leaf_ids):
+    if isinstance(ids, np.ndarray):
+      keep = (jnp.asarray(ids) == k).reshape((-1,) + (1,) * (leaf.ndim - 1))
+    else:
+      keep = k == ids
+    out.append(leaf * keep.astype(leaf.dtype))
+  return treedef.unflatten(out)
+
+
+def _block_diagonal(tangent_pass: Callable, params: Any, layers: LayerSpec,
+                    layer_batch_size: Optional[int]) -> Callable:
+  r"""The block-diagonal (layerwise) form of a tangent pass.
+
+  With layers :math:`k = 1 \dots K` and :math:`P_k` the projection on layer
+  ``k``'s entries, returns the pass
+
+  .. math::
+
+    \delta \mapsto \Bigl(\sum_k P_k\, g(P_k\delta),\;
+      \sum_k o(P_k\delta)\Bigr)
+
+  for ``tangent_pass(delta) = (g(delta), o(delta))``: each layer's tangent is
+  ``delta`` masked to it, every other layer frozen. The layers run as one
+  :func:`jax.lax.scan` over layer indices, ``layer_batch_size`` of them
+  :func:`jax.vmap`-ed per scan step (the last chunk padded with indices that
+  select nothing), so there is no Python loop over layers.
+
+  Args:
+    tangent_pass: ``(delta, with_grad) -> (grad or None, objective)``.
+    params: the parameters (for the tree structure, dtypes and layers).
+    layers: what a layer is, as in :func:`gauss_newton`.
+    layer_batch_size: layers per scan step; ``None`` all at once.
+
+  Returns:
+    A pass with ``tangent_pass``'s signature.
+  """
+  leaf_ids, names = _leaf_layer_ids(params, layers)
+  num_layers = len(names)
+  chunk = num_layers if layer_batch_size is None else min(
+      int(layer_batch_size), num_layers)
+  num_chunks = -(-num_layers // chunk)
+  treedef = jax.tree.structure(params)
+
+  def block_pass(delta, with_grad):
+    def one_layer(k):
+      grad, obj = tangent_pass(_mask_to_layer(delta, treedef, leaf_ids, k),
+                               with_grad)
+      return ((_mask_to_layer(grad, treedef, leaf_ids, k) if with_grad
+               else None), obj)
+
+    def body(acc, ks):
+      grads, objs = jax.vmap(one_layer)(ks)
+      if with_grad:
+        acc = jax.tree.map(
+            lambda a, g: a + jnp.sum(g, 0).astype(a.dtype), acc, grads)
+      return acc, jnp.sum(objs)
+
+    # Padding indices >= num_layers select nothing (all-zero masks).
+    ks = jnp.arange(num_chunks * chunk, dtype=jnp.int32).reshape(
+        num_chunks, chunk)
+    acc0 = jax.tree.map(jnp.zeros_like, params) if with_grad else None
+    grad, objs = jax.lax.scan(body, acc0, ks)
+    return grad, jnp.sum(objs)
+
+  return block_pass
+
+
+def _linearized_problem(
+    model_fn: Callable[[Any], Any],
+    loss_fn: Callable[[Any], jax.Array],
+    params: Any,
+    *,
+    variant: str,
+    damping: float,
+    block: Optional[Callable[[Callable], Callable]] = None,
+) -> tuple[jax.Array, Callable]:
+  r"""The inner problem of one batch: the model linearized at ``params``.
+
+  With :math:`z = f(\theta)` (``model_fn(params)``), :math:`J` its Jacobian
+  and :math:`\ell` the loss, the objective is (see :func:`gauss_newton`)
+
+  .. math::
+
+    \tilde L(\delta) &= \nabla_z\ell^\top J\delta + \tfrac12 (J\delta)^\top
+      \nabla_z^2\ell\, (J\delta) + \tfrac{\lambda}{2}\|\delta\|^2
+      \quad (\texttt{"gn"}), \\
+    \tilde L(\delta) &= \ell(z + J\delta) - \ell(z)
+      + \tfrac{\lambda}{2}\|\delta\|^2 \quad (\texttt{"prox_linear"}),
+
+  with gradient :math:`J^\top(\nabla_z\ell + \nabla_z^2\ell\,J\delta) +
+  \lambda\delta` (resp. :math:`J^\top\nabla_z\ell(z + J\delta) +
+  \lambda\delta`): one JVP (:func:`jax.linearize`), one VJP (its
+  :func:`jax.linear_transpose`), the output Hessian as products
+  (:func:`output_hvp`). The objective accumulates in float32.
+
+  Args:
+    model_fn: ``params -> outputs`` on the batch.
+    loss_fn: ``outputs -> scalar`` batch-mean loss.
+    params: the linearization point :math:`\theta`.
+    variant: ``"gn"`` or ``"prox_linear"``.
+    damping: :math:`\lambda \ge 0`.
+    block: ``None`` for the full problem, or a map from a tangent pass to its
+      block-diagonal form (:func:`_block_diagonal`) for the layerwise one.
+
+  Returns:
+    ``(loss0, objective_and_grad)``: the float32 batch loss at ``params`` and
+    ``objective_and_grad(delta, with_grad=True) -> (grad or None,
+    objective)``, the gradient a tree like ``params``.
+  """
+  outputs, jvp_fn = jax.linearize(model_fn, params)
+  vjp_fn = jax.linear_transpose(jvp_fn, params)
+  loss0, grad_z, hvp = output_hvp(loss_fn, outputs)
+  loss0 = loss0.astype(jnp.float32)
+
+  def output_terms(u):
+    """Cotangent dL~/dz at J delta = u, and L~ without damping."""
+    if variant == "gn":
+      hu = hvp(u)
+      return (_tree_add(grad_z, hu),
+              _tree_vdot(grad_z, u) + 0.5 * _tree_vdot(u, hu))
+    value, cot = jax.value_and_grad(loss_fn)(_tree_add(outputs, u))
+    return cot, value.astype(jnp.float32) - loss0
+
+  def tangent_pass(tangent, with_grad):
+    cot, obj = output_terms(jvp_fn(tangent))
+    return (vjp_fn(cot)[0] if with_grad else None), obj
+
+  block_pass = tangent_pass if block is None else block(tangent_pass)
+
+  def objective_and_grad(delta, with_grad=True):
+    grad, obj = block_pass(delta, with_grad)
+    if damping:
+      obj = obj + 0.5 * damping * _tree_vdot(delta, delta)
+      if with_grad:
+        grad = jax.tree.map(
+            lambda g, d: (g + damping * d).astype(g.dtype), grad, delta)
+    return grad, obj
+
+  return loss0, objective_and_grad
+
+
+def _inner_solve(
+    inner_optimizer: optax.GradientTransformation,
+    problem: Callable[[Any], tuple[jax.Array, Callable]],
+    params: Any,
+    delta0: Any,
+    inner_state: Any,
+    inner_steps: int,
+    batches: Any = None,
+) -> tuple[Any, Any, jax.Array, jax.Array]:
+  r"""``inner_steps`` steps of the inner optimizer on the inner problem.
+
+  .. math::
+
+    \delta_i = \delta_{i-1} + \mathrm{inner}\bigl(\nabla\tilde L_i
+      (\delta_{i-1});\ \texttt{params} = \theta + \delta_{i-1}\bigr),
+    \qquad i = 1 \dots N,
+
+  one :func:`jax.lax.scan`. With one batch :math:`\tilde L_i = \tilde L` is
+  linearized once, outside the scan; with ``batches`` step ``i`` linearizes on
+  batch ``i`` inside the scan body, so one batch's linearization is alive at
+  a time.
+
+  Args:
+    inner_optimizer: the Optax transformation taking the inner steps; it gets
+      the iterate :math:`\theta + \delta` as ``params``.
+    problem: ``batch -> (loss0, objective_and_grad)`` as returned by
+      :func:`_linearized_problem`; called with ``None`` without ``batches``.
+    params: :math:`\theta`.
+    delta0: the starting step :math:`\delta_0`, a tree like ``params``.
+    inner_state: the inner optimizer's starting state.
+    inner_steps: ``N``; with ``batches`` it is their leading-axis length.
+    batches: ``None``, or batches stacked along a leading axis of length
+      ``N``, one per inner step.
+
+  Returns:
+    ``(delta, inner_state, loss0, final_objective)``: the step
+    :math:`\hat\delta = \delta_N`, the inner state after it, the loss at
+    ``params`` (with ``batches`` the mean over them) and
+    :math:`\tilde L(\hat\delta)` (with ``batches`` on the last one).
+  """
+  def inner_update(delta, state, grad):
+    iterate = _tree_add(params, delta)  # dead code unless the tx reads it
+    step, state = inner_optimizer.update(grad, state, iterate)
+    return optax.apply_updates(delta, step), state
+
+  if batches is None:
+    # One linearization, reused by every inner step.
+    loss0, objective_and_grad = problem(None)
+
+    def inner_step(carry, _):
+      grad, _ = objective_and_grad(carry[0])
+      return inner_update(*carry, grad), None
+
+    (delta, inner_state), _ = jax.lax.scan(
+        inner_step, (delta0, inner_state), None, length=inner_steps)
+  else:
+    def inner_step(carry, batch):
+      batch_loss0, objective_and_grad = problem(batch)
+      grad, _ = objective_and_grad(carry[0])
+      return inner_update(*carry, grad), batch_loss0
+
+    (delta, inner_state), batch_losses = jax.lax.scan(
+        inner_step, (delta0, inner_state), batches)
+    loss0 = jnp.mean(batch_losses)
+    _, objective_and_grad = problem(jax.tree.map(lambda b: b[-1], batches))
+  _, final_obj = objective_and_grad(delta, with_grad=False)
+  return delta, inner_state, loss0, final_obj
+
+
+def _line_search(
+    step_sizes: Sequence[float],
+    loss_at: Callable,
+    params: Any,
+    delta: Any,
+    loss0: jax.Array,
+    search_batches: Any = None,
+    measure_zero: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  r"""The best step size on the true loss, and the loss it reaches.
+
+  .. math::
+
+    \alpha^\star = \arg\min_{\alpha \in \mathcal A} \bar L(\theta +
+      \alpha\hat\delta), \qquad \bar L = L \text{ or }
+      \tfrac1M \sum_{m=1}^M L(\cdot, B'_m),
+
+  ties going to the first listed size, a ``nan`` loss counting as
+  :math:`+\infty`. A size ``0.0`` costs nothing (its loss is ``loss0``)
+  unless ``measure_zero``; each other size costs one forward pass per batch
+  (a :func:`jax.lax.map` over sizes, inside a :func:`jax.lax.scan` over
+  ``search_batches``).
+
+  Args:
+    step_sizes: the candidates :math:`\mathcal A`, Python floats.
+    loss_at: ``p -> loss`` without ``search_batches``, else ``(p, batch) ->
+      loss`` on one batch.
+    params: :math:`\theta`.
+    delta: :math:`\hat\delta`, a tree like ``params``.
+    loss0: the loss at :math:`\alpha = 0`.
+    search_batches: ``None``, or batches stacked along a leading axis to
+      average the loss over.
+    measure_zero: measure the loss at :math:`\alpha = 0` on
+      ``search_batches`` instead of taking ``loss0`` (for batches other than
+      those ``loss0`` was measured on).
+
+  Returns:
+    ``(alpha, loss_after)``, float32 scalars.
+  """
+  trial = [i for i, a in enumerate(step_sizes) if a != 0.0]
+  zeros = [i for i, a in enumerate(step_sizes) if a == 0.0]
+  measure_zero = measure_zero and bool(zeros)
+  trial_sizes = jnp.asarray([step_sizes[i] for i in trial], jnp.float32)
+  losses = jnp.full((len(step_sizes),), loss0)
+  if search_batches is None:
+    if trial:
+      trial_losses = jax.lax.map(
+          lambda a: loss_at(_axpy(a, delta, params)).astype(jnp.float32),
+          trial_sizes)
+      losses = losses.at[np.asarray(trial)].set(trial_losses)
+  elif measure_zero or trial:
+    def mean_losses(acc, batch):
+      at = lambda p: loss_at(p, batch).astype(jnp.float32)
+      parts = []
+      if measure_zero:
+        parts.append(at(params)[None])
+      if trial:
+        parts.append(jax.lax.map(lambda a: at(_axpy(a, delta, params)),
+                                 trial_sizes))
+      return acc + jnp.concatenate(parts), None
+
+    count = int(measure_zero) + len(trial)
+    sums, _ = jax.lax.scan(mean_losses, jnp.zeros([count], jnp.float32),
+                           search_batches)
+    means = sums / _stacked_length(search_batches, "linesearch_batches")
+    if measure_zero:
+      losses = losses.at[np.asarray(zeros)].set(means[0])
+    if trial:
+      losses = losses.at[np.asarray(trial)].set(means[int(measure_zero):])
+  losses = jnp.where(jnp.isnan(losses), jnp.inf, losses)
+  best = jnp.argmin(losses)
+  return jnp.asarray(step_sizes, jnp.float32)[best], losses[best]
+
+
+# ---------------------------------------------------------------------------
 # The transformation.
 
 
@@ -578,6 +882,18 @@ def gauss_newton(
   outer steps unless reset. It costs one params-sized tree of state and
   changes nothing when the line search takes :math:`\alpha = 1`.
 
+  **In a chain**, ``gauss_newton`` ignores the updates it receives: it
+  computes its own gradient :math:`J^\top\nabla_z\ell` (and the products
+  above) from ``model_fn`` and ``loss_fn``, so a transformation before it in
+  ``optax.chain(optax.clip_by_global_norm(1.0), gauss_newton(...))`` has no
+  effect on the step. (Whether the incoming updates are the gradient it
+  would compute cannot be checked without computing that gradient, so no
+  error is raised.) To clip or otherwise transform the inner gradients, give
+  the inner optimizer that chain, ``gauss_newton(optax.chain(
+  optax.clip_by_global_norm(1.0), optax.sgd(lr)))``; transformations *after*
+  it in a chain act on its returned step :math:`\alpha^\star\hat\delta` as
+  usual.
+
   Args:
     inner_optimizer: any Optax transformation minimising the inner problem,
       e.g. ``optax.contrib.muon(lr)`` (the paper's choice), ``optax.adamw``,
@@ -628,7 +944,8 @@ def gauss_newton(
       stacked the same way along a leading axis of any length ``M >= 1``.
 
     ``grads`` is not used (the inner problem computes
-    :math:`J^\top\nabla_z\ell` itself) and may be ``None``. The whole
+    :math:`J^\top\nabla_z\ell` itself; see "In a chain") and may be
+    ``None``. The whole
     outer step is one traceable function: jit it once.
 
   Examples:
@@ -704,99 +1021,21 @@ def gauss_newton(
 
   def update_fn(updates, state, params=None, *, model_fn=None, loss_fn=None,
                 batches=None, linesearch_batches=None, **extra_args):
-    del updates, extra_args
+    del updates, extra_args  # see "In a chain" in the docstring
     _check_update_args(params, model_fn, loss_fn, batches, linesearch_batches,
                        inner_steps)
     _check_params(params)
-    streaming = batches is not None
-
-    if layerwise:
-      leaf_ids, names = _leaf_layer_ids(params, layers)
-      num_layers = len(names)
-      chunk = num_layers if layer_batch_size is None else min(
-          int(layer_batch_size), num_layers)
-      num_chunks = -(-num_layers // chunk)
-      treedef = jax.tree.structure(params)
-
-      def mask(tree, k):
-        """``tree`` with every leaf outside layer ``k`` zeroed."""
-        out = []
-        for leaf, ids in zip(treedef.flatten_up_to(tree), leaf_ids):
-          if isinstance(ids, np.ndarray):
-            keep = (jnp.asarray(ids) == k).reshape(
-                (-1,) + (1,) * (leaf.ndim - 1))
-          else:
-            keep = k == ids
-          out.append(leaf * keep.astype(leaf.dtype))
-        return treedef.unflatten(out)
-
-      def per_layer(tangent_pass):
-        """The block-diagonal pass: one masked tangent per layer."""
-        def block_pass(delta, with_grad):
-          def one_layer(k):
-            grad, obj = tangent_pass(mask(delta, k), with_grad)
-            return (mask(grad, k) if with_grad else None), obj
-
-          def body(acc, ks):
-            grads, objs = jax.vmap(one_layer)(ks)
-            if with_grad:
-              acc = jax.tree.map(
-                  lambda a, g: a + jnp.sum(g, 0).astype(a.dtype), acc, grads)
-            return acc, jnp.sum(objs)
-
-          # Padding indices >= num_layers select nothing (all-zero masks).
-          ks = jnp.arange(num_chunks * chunk, dtype=jnp.int32).reshape(
-              num_chunks, chunk)
-          acc0 = jax.tree.map(jnp.zeros_like, params) if with_grad else None
-          grad, objs = jax.lax.scan(body, acc0, ks)
-          return grad, jnp.sum(objs)
-        return block_pass
-
-    def linearized_problem(batch_model_fn, batch_loss_fn):
-      """Linearizes the model at ``params`` on one batch.
-
-      Returns the batch loss at ``params`` and ``delta -> (grad, L~(delta))``,
-      the inner objective of that batch and its gradient.
-      """
-      outputs, jvp_fn = jax.linearize(batch_model_fn, params)
-      vjp_fn = jax.linear_transpose(jvp_fn, params)
-      loss0, grad_z, hvp = output_hvp(batch_loss_fn, outputs)
-      loss0 = loss0.astype(jnp.float32)
-
-      def output_terms(u):
-        """Cotangent dL~/dz at J delta = u, and L~ without damping."""
-        if variant == "gn":
-          hu = hvp(u)
-          return (_tree_add(grad_z, hu),
-                  _tree_vdot(grad_z, u) + 0.5 * _tree_vdot(u, hu))
-        value, cot = jax.value_and_grad(batch_loss_fn)(_tree_add(outputs, u))
-        return cot, value.astype(jnp.float32) - loss0
-
-      def tangent_pass(tangent, with_grad):
-        cot, obj = output_terms(jvp_fn(tangent))
-        return (vjp_fn(cot)[0] if with_grad else None), obj
-
-      block_pass = per_layer(tangent_pass) if layerwise else tangent_pass
-
-      def objective_and_grad(delta, with_grad=True):
-        grad, obj = block_pass(delta, with_grad)
-        if damping:
-          obj = obj + 0.5 * damping * _tree_vdot(delta, delta)
-          if with_grad:
-            grad = jax.tree.map(
-                lambda g, d: (g + damping * d).astype(g.dtype), grad, delta)
-        return grad, obj
-
-      return loss0, objective_and_grad
-
-    def on_batch(batch):
-      """``model_fn`` and ``loss_fn`` of the streaming form bound to batch."""
-      return (lambda p: model_fn(p, batch)), (lambda z: loss_fn(z, batch))
-
-    def inner_update(delta, inner_state, grad):
-      iterate = _tree_add(params, delta)  # dead code unless the tx reads it
-      step, inner_state = inner_optimizer.update(grad, inner_state, iterate)
-      return optax.apply_updates(delta, step), inner_state
+    block = ((lambda tangent_pass: _block_diagonal(
+        tangent_pass, params, layers, layer_batch_size)) if layerwise
+             else None)
+    if batches is None:
+      problem = lambda _: _linearized_problem(
+          model_fn, loss_fn, params, variant=variant, damping=damping,
+          block=block)
+    else:
+      problem = lambda batch: _linearized_problem(
+          lambda p: model_fn(p, batch), lambda z: loss_fn(z, batch), params,
+          variant=variant, damping=damping, block=block)
 
     inner_state = (state.inner_state if carry_inner_state
                    else inner_optimizer.init(params))
@@ -805,82 +1044,30 @@ def gauss_newton(
                             state.inner_iterate, params)
     else:
       delta0 = jax.tree.map(jnp.zeros_like, params)
-    if not streaming:
-      # One linearization, reused by every inner step.
-      loss0, objective_and_grad = linearized_problem(model_fn, loss_fn)
+    delta, inner_state, loss0, final_obj = _inner_solve(
+        inner_optimizer, problem, params, delta0, inner_state, inner_steps,
+        batches)
 
-      def inner_step(carry, _):
-        grad, _ = objective_and_grad(carry[0])
-        return inner_update(*carry, grad), None
-
-      (delta, inner_state), _ = jax.lax.scan(
-          inner_step, (delta0, inner_state), None, length=inner_steps)
-    else:
-      # Inner step i linearizes the model at params on batch i inside the
-      # scan body, so only one batch's linearization is alive at a time.
-      def inner_step(carry, batch):
-        batch_loss0, objective_and_grad = linearized_problem(*on_batch(batch))
-        grad, _ = objective_and_grad(carry[0])
-        return inner_update(*carry, grad), batch_loss0
-
-      (delta, inner_state), batch_losses = jax.lax.scan(
-          inner_step, (delta0, inner_state), batches)
-      loss0 = jnp.mean(batch_losses)
-      last = jax.tree.map(lambda b: b[-1], batches)
-      _, objective_and_grad = linearized_problem(*on_batch(last))
-    _, final_obj = objective_and_grad(delta, with_grad=False)
-
-    # Line search on the true loss.
     if step_sizes is None:
       alpha = jnp.ones([], jnp.float32)
       loss_after = jnp.full([], jnp.nan, jnp.float32)
+    elif batches is None:
+      alpha, loss_after = _line_search(
+          step_sizes, lambda p: loss_fn(model_fn(p)), params, delta, loss0)
     else:
-      trial = [i for i, a in enumerate(step_sizes) if a != 0.0]
-      zeros = [i for i, a in enumerate(step_sizes) if a == 0.0]
-      trial_sizes = jnp.asarray([step_sizes[i] for i in trial], jnp.float32)
-      losses = jnp.full((len(step_sizes),), loss0)
-      if not streaming:
-        if trial:
-          trial_losses = jax.lax.map(
-              lambda a: loss_fn(model_fn(_axpy(a, delta, params))).astype(
-                  jnp.float32), trial_sizes)
-          losses = losses.at[np.asarray(trial)].set(trial_losses)
-      else:
-        # The loss at alpha = 0 is loss0 on the inner batches themselves;
-        # on batches of its own it is measured with the others.
-        own = linesearch_batches is not None
-        search_batches = linesearch_batches if own else batches
-        measure_zero = own and bool(zeros)
-
-        def mean_losses(acc, batch):
-          b_model_fn, b_loss_fn = on_batch(batch)
-          loss_at = lambda p: b_loss_fn(b_model_fn(p)).astype(jnp.float32)
-          parts = []
-          if measure_zero:
-            parts.append(loss_at(params)[None])
-          if trial:
-            parts.append(jax.lax.map(
-                lambda a: loss_at(_axpy(a, delta, params)), trial_sizes))
-          return acc + jnp.concatenate(parts), None
-
-        if measure_zero or trial:
-          count = int(measure_zero) + len(trial)
-          sums, _ = jax.lax.scan(mean_losses, jnp.zeros([count], jnp.float32),
-                                 search_batches)
-          means = sums / _stacked_length(search_batches, "linesearch_batches")
-          if measure_zero:
-            losses = losses.at[np.asarray(zeros)].set(means[0])
-          if trial:
-            losses = losses.at[np.asarray(trial)].set(means[int(measure_zero):])
-      losses = jnp.where(jnp.isnan(losses), jnp.inf, losses)
-      best = jnp.argmin(losses)
-      alpha = jnp.asarray(step_sizes, jnp.float32)[best]
-      loss_after = losses[best]
+      # The loss at alpha = 0 is loss0 on the inner batches themselves; on
+      # batches of its own it is measured with the others.
+      own = linesearch_batches is not None
+      alpha, loss_after = _line_search(
+          step_sizes, lambda p, batch: loss_fn(model_fn(p, batch), batch),
+          params, delta, loss0,
+          search_batches=linesearch_batches if own else batches,
+          measure_zero=own)
 
     new_updates = jax.tree.map(
         lambda d, p: (alpha * d).astype(p.dtype), delta, params)
     new_state = GaussNewtonState(
-        count=numerics.safe_increment(state.count),
+        count=optax.safe_increment(state.count),
         step_size=alpha,
         inner_decrease=-final_obj,
         loss_before=loss0,

@@ -17,7 +17,6 @@ import optax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from optax._src import numerics
 
 from microadam_optax import _sharding
 from microadam_optax import _trees
@@ -466,7 +465,7 @@ def scale_by_microadam(
     # lowers to Triton kernels for GPU, Mosaic for TPU, XLA for CPU.
     hp = _Hyper(b1=b1, b2=b2, eps=eps, alpha=alpha, bits=error_bits,
                 implementation=implementation)
-    count = numerics.safe_increment(state.count)
+    count = optax.safe_increment(state.count)
 
     def leaf(g, iw, vw, codes, lo, hi):
       g = g if hasattr(g, "reshape") else jnp.asarray(g)  # Python floats

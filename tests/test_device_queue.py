@@ -1,7 +1,6 @@
-"""The device job queue (benchmarks/device_queue.py): two workers, order,
+"""The device job queue (tools/device_queue.py): two workers, order,
 dependencies, failures and the tuned-rate placeholder."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,11 +9,9 @@ import tarfile
 
 import pytest
 
-_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks",
-                     "device_queue.py")
-_spec = importlib.util.spec_from_file_location("device_queue", _PATH)
-device_queue = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(device_queue)
+from tools import device_queue
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _report(lr):
@@ -41,8 +38,8 @@ def test_two_workers_run_every_job_once_in_dependency_order(tmp_path):
   path = tmp_path / "jobs.json"
   path.write_text(json.dumps(jobs))
   workers = [subprocess.Popen(
-      [py, _PATH, "worker", str(path), "--gpu", str(g), "--state", str(state)])
-             for g in (0, 1)]
+      [py, "-m", "tools.device_queue", "worker", str(path), "--gpu", str(g),
+       "--state", str(state)], cwd=_ROOT) for g in (0, 1)]
   for w in workers:
     assert w.wait(timeout=120) == 0
   done = set(os.listdir(state / "done"))

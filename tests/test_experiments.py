@@ -363,7 +363,8 @@ def test_cli_quick_run_keeps_the_results_contract(quick_run):
       inside = r["lr_grid"][0] < r["best_lr"] < r["lr_grid"][-1]
       assert r["best_lr_at_grid_edge"] == (not inside)
       if r["best_lr_at_grid_edge"]:
-        assert r["grid_extensions"] == r["max_grid_extensions"] == 2
+        assert (r["grid_extensions"] == r["max_grid_extensions"]
+                == optimizers.MAX_GRID_EXTENSIONS)
       assert isinstance(r["second_order"], bool)
       assert r["second_order"] == optimizers.get(name).second_order
       assert r["steps"][0] == 0 and len(r["steps"]) == len(r["val_loss"])
@@ -422,15 +423,16 @@ def test_pretrained_checkpoint_is_cached_and_deterministic(quick_run,
 
 class _StubRunner:
   """Stands in for compare._Runner: the final loss is a parabola in
-  log10(lr) with its minimum at ``1e-2``."""
+  log10(lr) with its minimum at ``best`` (``1e-2``)."""
 
-  def __init__(self):
+  def __init__(self, best=1e-2):
     self.rates = []
+    self.best = best
 
   def run(self, task, lr, steps, bar=None):
     del task, steps, bar
     self.rates.append(lr)
-    return {"val_loss": [(math.log10(lr) + 2) ** 2]}
+    return {"val_loss": [(math.log10(lr) - math.log10(self.best)) ** 2]}
 
 
 def test_tuning_grows_the_grid_until_the_best_rate_is_inside():
@@ -445,6 +447,25 @@ def test_tuning_grows_the_grid_until_the_best_rate_is_inside():
   down = compare.tune(_StubRunner(), None, (1e-1, 3e-1, 1.0), 10,
                       max_extensions=6)
   assert down[0] == 1e-2 and not down[3]
+
+
+def test_default_cap_finds_a_sparse_optimizer_s_short_run_rate_inside():
+  """MicroAdam on the tiny preset at 40 steps: grid (3e-4, 1e-3, 3e-3), best
+  rate 1e-1, three half-decades above the grid's top. The default cap (the
+  CLI's too) reaches it and one rate beyond, so it is inside; the old cap of
+  two left the winner at 3e-2, at the grid's end."""
+  assert compare.RunConfig().max_grid_extensions == (
+      optimizers.MAX_GRID_EXTENSIONS)
+  args = cli.build_parser().parse_args(["compare"])
+  assert args.max_grid_extensions == optimizers.MAX_GRID_EXTENSIONS
+  grid = optimizers.get("microadam").grid_for("lm")
+  best, records, extensions, at_edge = compare.tune(
+      _StubRunner(best=1e-1), None, grid, 10,
+      compare.RunConfig().max_grid_extensions)
+  assert best == pytest.approx(1e-1) and not at_edge and extensions == 4
+  assert max(records) == pytest.approx(3e-1)
+  old = compare.tune(_StubRunner(best=1e-1), None, grid, 10, 2)
+  assert old[0] == pytest.approx(3e-2) and old[3]
 
 
 def test_ties_are_differences_within_two_std():

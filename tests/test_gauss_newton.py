@@ -27,6 +27,12 @@ import pytest
 from flax import nnx
 
 import microadam_optax as mo
+from microadam_optax.gauss_newton import _block_diagonal
+from microadam_optax.gauss_newton import _inner_solve
+from microadam_optax.gauss_newton import _leaf_layer_ids
+from microadam_optax.gauss_newton import _line_search
+from microadam_optax.gauss_newton import _linearized_problem
+from microadam_optax.gauss_newton import _mask_to_layer
 
 HEAVY_BALL = dict(learning_rate=0.5, momentum=0.95)
 
@@ -983,3 +989,238 @@ def test_paper_line_search_ladder_and_global_cosine_schedule():
             **kwargs}
     with pytest.raises(ValueError, match=match):
       mo.global_cosine_schedule(**args)
+
+
+# ---------------------------------------------------------------------------
+# The pieces of one outer step, each alone.
+
+
+
+def _np_gn_matrix(x, params64):
+  """J, H and the softmax probabilities of z = x W + b, theta = [vec W, b]."""
+  batch, din = x.shape
+  classes = params64["b"].shape[0]
+  eye = np.eye(classes)
+  jac = np.concatenate([np.kron(x, eye),  # d z[n, c] / d W[i, c'] (row-major)
+                        np.tile(eye, (batch, 1))], 1)
+  p = _np_softmax(x @ params64["w"] + params64["b"])
+  hess = np.zeros((batch * classes,) * 2)
+  for n in range(batch):
+    block = slice(n * classes, (n + 1) * classes)
+    hess[block, block] = (np.diag(p[n]) - np.outer(p[n], p[n])) / batch
+  return jac, hess, p
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+@pytest.mark.parametrize("variant", ["gn", "prox_linear"])
+def test_linearized_problem_matches_explicit_jt_h_j(variant, layerwise):
+  """Value and gradient of L~ against J^T H J (or l(z + J d)) in float64."""
+  x, labels, params64, model_fn, loss_fn = _softmax_problem(seed=21)
+  rng = np.random.default_rng(22)
+  delta64 = {"w": rng.normal(size=params64["w"].shape),
+             "b": rng.normal(size=params64["b"].shape)}
+  damping = 0.3
+  batch, din = x.shape
+  classes = params64["b"].shape[0]
+  nw = din * classes
+  jac, hess, p = _np_gn_matrix(x, params64)
+  onehot = np.eye(classes)[labels]
+  g_z = ((p - onehot) / batch).reshape(-1)
+  d = np.concatenate([delta64["w"].reshape(-1), delta64["b"]])
+  if layerwise:  # the blocks of w and of b, each with the other frozen
+    parts = [np.r_[:nw], np.r_[nw:nw + classes]]
+  else:
+    parts = [np.r_[:nw + classes]]
+  value, grad = 0.5 * damping * d @ d, damping * d
+  for idx in parts:
+    jk, dk = jac[:, idx], d[idx]
+    if variant == "gn":
+      gk = jk.T @ hess @ jk
+      value += (jk.T @ g_z) @ dk + 0.5 * dk @ gk @ dk
+      grad[idx] += jk.T @ g_z + gk @ dk
+    else:
+      z = (x @ params64["w"] + params64["b"]).reshape(-1) + jk @ dk
+      pz = _np_softmax(z.reshape(batch, classes))
+      ce = lambda q: -np.mean(np.log(q[np.arange(batch), labels]))
+      value += ce(pz) - ce(p)
+      grad[idx] += jk.T @ ((pz - onehot) / batch).reshape(-1)
+
+  block = None
+  params = _f32(params64)
+  if layerwise:
+    block = lambda tangent_pass: _block_diagonal(
+        tangent_pass, params, None, 1)
+  loss0, objective_and_grad = _linearized_problem(
+      model_fn, loss_fn, params, variant=variant, damping=damping,
+      block=block)
+  got_grad, got_value = objective_and_grad(_f32(delta64))
+  np.testing.assert_allclose(float(loss0), -np.mean(np.log(
+      p[np.arange(batch), labels])), rtol=1e-5)
+  np.testing.assert_allclose(float(got_value), value, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(got_grad["w"]).reshape(-1),
+                             grad[:nw], rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(got_grad["b"]), grad[nw:],
+                             rtol=1e-4, atol=1e-6)
+  none, value_only = objective_and_grad(_f32(delta64), with_grad=False)
+  assert none is None
+  np.testing.assert_allclose(float(value_only), value, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layer_batch_size", [None, 2])
+def test_block_diagonal_pass_zeroes_the_cross_layer_blocks(layer_batch_size):
+  """A stacked leaf's slices and a plain leaf in three layers, vs NumPy."""
+  rng = np.random.default_rng(23)
+  params = _f32({"head": rng.normal(size=2), "stack": rng.normal(size=(3, 2))})
+  # Layers: the stack's slices 0 and 2 are layer "a", slice 1 and the head
+  # are "b" and "c" (3 layers: with 2 per scan step, one padded index).
+  ids = {"head": "c", "stack": np.asarray(["a", "b", "a"])}
+  layers = lambda path, leaf: ids[path[0].key]
+  which = np.array(["c", "c", "a", "a", "b", "b", "a", "a"])  # flat order
+  a = rng.normal(size=(8, 8))
+  a = a @ a.T
+
+  def flat(tree):
+    return np.concatenate([np.asarray(tree["head"]).reshape(-1),
+                           np.asarray(tree["stack"]).reshape(-1)])
+
+  def tangent_pass(tangent, with_grad):
+    v = jnp.concatenate([tangent["head"], tangent["stack"].reshape(-1)])
+    av = jnp.asarray(a, jnp.float32) @ v
+    grad = {"head": av[:2], "stack": av[2:].reshape(3, 2)}
+    return (grad if with_grad else None), 0.5 * v @ av
+
+  delta = _f32({"head": rng.normal(size=2), "stack": rng.normal(size=(3, 2))})
+  block_pass = _block_diagonal(tangent_pass, params, layers,
+                                  layer_batch_size)
+  grad, value = jax.jit(lambda d: block_pass(d, True))(delta)
+  mask = which[:, None] == which[None, :]
+  d = flat(delta).astype(np.float64)
+  np.testing.assert_allclose(flat(grad), (a * mask) @ d, rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(float(value), 0.5 * d @ (a * mask) @ d,
+                             rtol=1e-5)
+  # One layer alone: the mask keeps exactly its entries.
+  leaf_ids, _ = _leaf_layer_ids(params, layers)
+  masked = _mask_to_layer(delta, jax.tree.structure(params), leaf_ids,
+                             jnp.int32(0))  # layer "c", the first seen
+  np.testing.assert_array_equal(flat(masked), np.where(which == "c", flat(
+      delta), 0.0))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_inner_solve_replays_sgd_with_weight_decay_on_quadratics(streaming):
+  """delta_i = delta_{i-1} - lr (A delta_{i-1} - b_i + wd (theta + delta))."""
+  rng = np.random.default_rng(24)
+  n, steps, lr, wd = 4, 5, 0.1, 0.2
+  a = rng.normal(size=(n, n))
+  a = a @ a.T / n + np.eye(n)
+  bs = rng.normal(size=(steps, n))  # one b per batch (all b_0 without)
+  theta, delta0 = rng.normal(size=n), rng.normal(size=n)
+  loss0s = rng.normal(size=steps)
+
+  def problem(batch):
+    b, loss0 = ((jnp.asarray(bs[0], jnp.float32), jnp.float32(loss0s[0]))
+                if batch is None else (batch["b"], batch["loss0"]))
+    aj = jnp.asarray(a, jnp.float32)
+
+    def objective_and_grad(d, with_grad=True):
+      value = 0.5 * d["x"] @ aj @ d["x"] - b @ d["x"]
+      return ({"x": aj @ d["x"] - b} if with_grad else None), value
+    return loss0, objective_and_grad
+
+  batches = ({"b": jnp.asarray(bs, jnp.float32),
+              "loss0": jnp.asarray(loss0s, jnp.float32)} if streaming
+             else None)
+  tx = optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr))
+  params = {"x": jnp.asarray(theta, jnp.float32)}
+  delta, state, loss0, final = jax.jit(
+      lambda p, d0, b: _inner_solve(tx, problem, p, d0, tx.init(p), steps,
+                                       b))(
+      params, {"x": jnp.asarray(delta0, jnp.float32)}, batches)
+  d = delta0.copy()
+  for i in range(steps):
+    b = bs[i] if streaming else bs[0]
+    d = d - lr * (a @ d - b + wd * (theta + d))
+  b_last = bs[-1] if streaming else bs[0]
+  np.testing.assert_allclose(np.asarray(delta["x"]), d, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(final), 0.5 * d @ a @ d - b_last @ d,
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      float(loss0), loss0s.mean() if streaming else loss0s[0], rtol=1e-6)
+
+
+def test_line_search_on_a_quadratic_picks_the_known_best_step():
+  """L(theta + a delta) = |delta|^2 (a - 0.8)^2 / 2: the best listed a wins."""
+  rng = np.random.default_rng(25)
+  theta, delta = rng.normal(size=3), rng.normal(size=3)
+  centre = theta + 0.8 * delta
+  params, step = _f32({"x": theta}), _f32({"x": delta})
+  loss_at = lambda p: 0.5 * jnp.sum((p["x"] - centre) ** 2)
+  loss0 = jnp.float32(0.5 * np.sum((theta - centre) ** 2))
+  search = jax.jit(lambda sizes, f, zero: _line_search(
+      sizes, f, params, step, zero), static_argnums=(0, 1))
+  for sizes in [(0.0, 0.5, 1.0, 1.5), (1.5, 0.0, 0.5, 1.0), (0.0, 2.0)]:
+    alpha, loss = search(sizes, loss_at, loss0)
+    want = min(sizes, key=lambda s: abs(s - 0.8))
+    assert float(alpha) == want
+    np.testing.assert_allclose(
+        float(loss), 0.5 * np.sum(delta ** 2) * (want - 0.8) ** 2, rtol=1e-5)
+  # A nan loss counts as +inf; equal losses go to the first listed size.
+  nan_beyond = lambda p: jnp.where(p["x"][0] == theta[0] + 1.0 * delta[0],
+                                   jnp.nan, loss_at(p))
+  alpha, _ = search((0.0, 1.0, 1.5), nan_beyond, loss0)
+  assert float(alpha) == 1.5  # 1.0 is nan, 1.5 beats 0.0
+  alpha, loss = search((0.5, 0.0, 1.0), lambda p: jnp.float32(2.0),
+                       jnp.float32(2.0))
+  assert (float(alpha), float(loss)) == (0.5, 2.0)
+
+
+@pytest.mark.parametrize("measure_zero", [False, True])
+def test_line_search_over_batches_averages_their_losses(measure_zero):
+  """The mean over M batches of |p - c_m|^2 / 2; a = 0 measured or loss0."""
+  rng = np.random.default_rng(26)
+  theta, delta = rng.normal(size=3), rng.normal(size=3)
+  centres = theta + rng.normal(size=(4, 1)) * 0.3 * delta + 0.1 * rng.normal(
+      size=(4, 3))
+  sizes = (0.0, 0.25, 0.5, 1.0)
+  mean_loss = lambda a: np.mean(
+      0.5 * np.sum((theta + a * delta - centres) ** 2, -1))
+  loss0 = -1.0  # below every true loss: chosen unless measured instead
+  alpha, loss = jax.jit(lambda c: _line_search(
+      sizes, lambda p, batch: 0.5 * jnp.sum((p["x"] - batch) ** 2),
+      _f32({"x": theta}), _f32({"x": delta}), jnp.float32(loss0),
+      search_batches=c, measure_zero=measure_zero))(
+          jnp.asarray(centres, jnp.float32))
+  losses = [mean_loss(a) for a in sizes]
+  if not measure_zero:
+    losses[0] = loss0
+  assert float(alpha) == sizes[int(np.argmin(losses))]
+  np.testing.assert_allclose(float(loss), min(losses), rtol=1e-5)
+
+
+def test_in_a_chain_the_incoming_updates_are_ignored():
+  """Documented: a transform before gauss_newton has no effect, one after
+  acts on its step; clipping belongs in the inner optimizer."""
+  _, _, params64, model_fn, loss_fn = _softmax_problem(seed=27)
+  params = _f32(params64)
+  grads = jax.grad(lambda p: loss_fn(model_fn(p)))(params)
+  inner = optax.sgd(0.5)
+  alone = mo.gauss_newton(inner, 3, linesearch=None)
+
+  def step(tx):
+    return jax.jit(lambda p, g: tx.update(
+        g, tx.init(p), p, model_fn=model_fn, loss_fn=loss_fn)[0])(
+            params, grads)
+
+  want = step(alone)
+  before = step(optax.chain(optax.clip_by_global_norm(1e-6), alone))
+  after = step(optax.chain(alone, optax.scale(0.5)))
+  clipped = step(mo.gauss_newton(
+      optax.chain(optax.clip_by_global_norm(1e-6), inner), 3,
+      linesearch=None))
+  for w, b, a, c in zip(*map(jax.tree.leaves, (want, before, after,
+                                               clipped))):
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(w))
+    np.testing.assert_allclose(np.asarray(a), 0.5 * np.asarray(w), rtol=1e-6)
+    assert float(jnp.max(jnp.abs(c))) <= 3 * 0.5 * 1e-6 * 1.0001
+  assert max(float(jnp.max(jnp.abs(w))) for w in jax.tree.leaves(want)) > 1e-3

@@ -1,17 +1,11 @@
-"""The gap table's harness (benchmarks/microadam_gap.py): a comparison's
+"""The gap table's harness (experiments/microadam_gap.py): a comparison's
 results.json gives the table its AdamW, Adam-mini and MicroAdam rows."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 
-_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks",
-                     "microadam_gap.py")
-_spec = importlib.util.spec_from_file_location("microadam_gap", _PATH)
-microadam_gap = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(microadam_gap)
+from experiments import microadam_gap
 
 
 def _result(rng, name, bytes_per_param):

@@ -19,7 +19,7 @@ Tasks (fresh batches every step; held-out evaluation batch):
 
 Run (CPU; about 15 minutes at the defaults on 2 shared cores)::
 
-  python benchmarks/adam_mini_short_run.py --steps 400 --seeds 5
+  python experiments/adam_mini_short_run.py --steps 400 --seeds 5
 
 It prints, per task and optimizer, the best learning rate's held-out loss
 (mean and standard deviation over seeds), the step at which the mean

@@ -9,7 +9,7 @@ have measured answers. Each configuration compiles once and runs all its
 learning rates; every run starts from the task's initial parameters and sees
 the same batches.
 
-  python benchmarks/lm_sweeps.py benchmarks/sweeps/lm_lengths_and_gn.json \\
+  python experiments/lm_sweeps.py experiments/sweeps/lm_lengths_and_gn.json \\
       --json lm_sweeps.json
 
 A plan is a list of entries::
@@ -94,7 +94,7 @@ def run_entry(entry: dict, cache: dict) -> list[dict]:
                       else "gn_full"}.get(kind, kind))
   spec = dataclasses.replace(base, name=kind, build=make_builder(kind, kw))
   evaluate = compare.make_eval(task)
-  # No gradient clipping: the plans recorded in benchmarks/sweeps/ ran
+  # No gradient clipping: the plans recorded in experiments/sweeps/ ran
   # without it (the comparison itself now clips to norm 1.0).
   runner = compare._Runner(  # pylint: disable=protected-access
       task, spec, evaluate, jax.tree.map(jnp.asarray, task.eval_batches),

@@ -13,7 +13,7 @@ loss per multiplier next to Muon's; ``mult`` 1 is the comparison's AdamW.
 
 Run (CPU preset, about 3 minutes on 2 idle cores)::
 
-  python benchmarks/adamw_group_rates.py --preset cpu --mults 1,10,30 \\
+  python experiments/adamw_group_rates.py --preset cpu --mults 1,10,30 \\
       --json benchmarks/results/adamw_group_rates_cpu.json
 """
 

@@ -47,9 +47,9 @@ The MicroAdam rows and the mixed rows start from MicroAdam's grid of the
 comparison (per task; on finetune_cls from :data:`CLASSIFY_GRID`); AdamW and
 Adam-mini from theirs.
 
-  python benchmarks/microadam_gap.py                      # everything, cpu
-  python benchmarks/microadam_gap.py --tasks lm,finetune --configs published
-  python benchmarks/microadam_gap.py --preset gpu --tasks finetune \\
+  python experiments/microadam_gap.py                      # everything, cpu
+  python experiments/microadam_gap.py --tasks lm,finetune --configs published
+  python experiments/microadam_gap.py --preset gpu --tasks finetune \\
       --configs adamw,microadam_d1_w10,microadam_d10_w1 --out gpu_ft.json
 
 Results are merged into ``--out`` cell by cell (task x config), after each
@@ -83,8 +83,9 @@ from microadam_compare import compare
 from microadam_compare import optimizers as opt_lib
 from microadam_compare import tasks as task_lib
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                           "results", "microadam_gap_cpu.json")
+DEFAULT_OUT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "benchmarks", "results", "microadam_gap_cpu.json")
 
 #: Density (fraction) and window of the published-algorithm rows.
 DENSITIES = (0.01, 0.02, 0.05)
@@ -489,7 +490,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(),
           "platform": platform.platform()})
   report.setdefault("commands", []).append(
-      {"argv": ["python", "benchmarks/microadam_gap.py",
+      {"argv": ["python", "experiments/microadam_gap.py",
                 *(sys.argv[1:] if argv is None else argv)],
        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
            timespec="seconds")})

@@ -17,11 +17,11 @@ checkpoint), and ``{best_lr:JOB:TASK:OPTIMIZER}`` the best rate in JOB's
 so that seeds can run at the rate another job tuned.
 
   # first command on the machine: start both workers, then collect for 9 min
-  for g in 0 1; do setsid nohup python3 benchmarks/device_queue.py worker \\
+  for g in 0 1; do setsid nohup python3 tools/device_queue.py worker \\
       jobs.json --gpu $g > /tmp/worker$g.log 2>&1 < /dev/null & done
-  python3 benchmarks/device_queue.py collect --out $OUT --wait 540
+  python3 tools/device_queue.py collect --out $OUT --wait 540
   # later commands while the machine is warm: collect again
-  python3 benchmarks/device_queue.py collect --out $OUT --wait 570
+  python3 tools/device_queue.py collect --out $OUT --wait 570
 
 Several workers may share one GPU (the same ``--gpu``; set
 ``XLA_PYTHON_CLIENT_MEM_FRACTION`` so that their memory pools fit): more jobs

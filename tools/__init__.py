@@ -1,0 +1,1 @@
+"""Tooling for lent GPU machines, importable so tests need no paths."""
