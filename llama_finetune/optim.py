@@ -162,8 +162,9 @@ def build(name: str, learning_rate: optax.ScalarOrSchedule,
           ) -> optax.GradientTransformation:
   """The registry's optimizer ``name`` for a Llama of ``config``:
   :func:`registry_optimizer`, mapped over the stacked layers
-  (:func:`per_layer`) where its update is defined per matrix or its kernels
-  cannot index a stacked leaf.
+  (:func:`per_layer`) where its update is defined per matrix. MicroAdam
+  takes a stacked leaf whole (its kernels index leaves of any size; its
+  blocks are over the flattened leaf, as for any other leaf).
 
   Args:
     name: a key of :data:`microadam_compare.optimizers.REGISTRY` (first
@@ -176,19 +177,6 @@ def build(name: str, learning_rate: optax.ScalarOrSchedule,
     ValueError: for a second-order optimizer.
   """
   tx = registry_optimizer(name, learning_rate, config, weight_decay)
-  if config.layout == "stacked" and (
-      name in PER_MATRIX or (name == "microadam"
-                             and not _kernel_addressable(config))):
+  if config.layout == "stacked" and name in PER_MATRIX:
     tx = per_layer(tx)
   return tx
-
-
-def _kernel_addressable(config: model_lib.LlamaConfig) -> bool:
-  """Whether MicroAdam's GPU kernels index every stacked leaf (int32 flat
-  offsets): Llama-2-13B's stacked MLP matrices (2.8 G elements) are too
-  large and would fall back to the XLA path, so they are updated per layer
-  (:func:`per_layer`) instead."""
-  from pallas_kernels import _backend  # pylint: disable=g-import-not-at-top
-  largest = config.num_layers * config.hidden_size * max(
-      config.intermediate_size, config.num_heads * config.dim_per_head)
-  return _backend.triton_addressable(largest)

@@ -460,9 +460,9 @@ def scale_by_microadam(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    # "auto" is passed on as it is: the kernel modules choose per lowering
-    # platform (pallas_kernels._backend.per_platform), so one traced update
-    # lowers to Triton kernels for GPU, Mosaic for TPU, XLA for CPU.
+    # "auto" is passed on as it is: pallas_kernels.dispatch chooses per
+    # lowering platform, so one traced update lowers to the Triton kernel
+    # for GPU, the Mosaic kernels for TPU and XLA for CPU.
     hp = _Hyper(b1=b1, b2=b2, eps=eps, alpha=alpha, bits=error_bits,
                 implementation=implementation)
     count = optax.safe_increment(state.count)
