@@ -56,7 +56,7 @@ class KernelConfig:
 
   Attributes:
     gpu_num_warps: warps per program of the GPU kernel (``None``: one per
-      1024 entries of a block, see
+      512 entries of a block, see
       :func:`pallas_kernels.gpu_step.default_num_warps`).
     tpu_interpret: how ``implementation="pallas"`` runs the Mosaic kernels
       where there is no TPU: ``None`` (Pallas' generic interpreter, which

@@ -49,22 +49,28 @@ def test_kernel_on_a_leaf_over_two_to_the_31():
   assert res["ok"], res
 
 
-def test_optimizer_kernels_track_xla():
+def test_optimizer_steps_match_xla_from_the_same_state():
+  # Each step both implementations start from the XLA path's state: the
+  # kernel's step must give the same update and the same window row (the
+  # trajectories themselves drift apart through rare one-level code flips
+  # that change later selections).
   rng = np.random.default_rng(0)
   shapes = {"w": (4096, 300), "b": (4096,), "odd": (7, 13)}
   params = {n: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
             for n, s in shapes.items()}
   txs = {i: mo.microadam(1e-3, implementation=i) for i in ("auto", "xla")}
-  states = {i: tx.init(params) for i, tx in txs.items()}
+  state = txs["xla"].init(params)
   steps = {i: jax.jit(tx.update) for i, tx in txs.items()}
   for _ in range(5):
     grads = {n: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
              for n, s in shapes.items()}
-    out = {}
-    for i in txs:
-      out[i], states[i] = steps[i](grads, states[i], params)
+    out_k, state_k = steps["auto"](grads, state, params)
+    out_x, state = steps["xla"](grads, state, params)
     for n in shapes:
-      a = np.asarray(out["auto"][n], np.float32)
-      b = np.asarray(out["xla"][n], np.float32)
+      a = np.asarray(out_k[n], np.float32)
+      b = np.asarray(out_x[n], np.float32)
       assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b), n
-    params = optax.apply_updates(params, out["xla"])
+      np.testing.assert_array_equal(
+          np.sort(np.asarray(state_k.window_indices[n]), axis=-1),
+          np.sort(np.asarray(state.window_indices[n]), axis=-1))
+    params = optax.apply_updates(params, out_x)

@@ -51,8 +51,13 @@ def available() -> bool:
 
 
 def default_num_warps(block_size: int) -> int:
-  """Warps per program: one per 1024 entries of the block, 1 to 16."""
-  return max(1, min(16, next_pow2(block_size) // 1024))
+  """Warps per program: one per 512 entries of the block, 1 to 16.
+
+  Measured on an H200 (4096-entry blocks, one 4096 x 11008 leaf): 8 warps
+  0.82 ms, 4 warps 1.05 ms, 2 warps 1.26 ms (fewer registers per thread,
+  more warps to hide the loads' latency).
+  """
+  return max(1, min(16, next_pow2(block_size) // 512))
 
 
 def microadam_step_gpu(grad: jax.Array, codes: jax.Array, block_min: jax.Array,
