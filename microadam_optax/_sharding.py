@@ -27,20 +27,26 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-try:  # JAX >= 0.5
-  from jax.sharding import AxisType
-except ImportError:  # pragma: no cover - older JAX has no axis types
-  AxisType = None
+from jax.sharding import AxisType
 
 
 def is_traced(x: Any) -> bool:
-  """Whether ``x`` is a tracer (inside ``jit``, ``grad``, ...)."""
-  return isinstance(x, jax.core.Tracer)
+  """Whether ``x`` is a tracer (inside ``jit``, ``grad``, ...).
+
+  Public APIs only: a concrete :class:`jax.Array` knows whether it is
+  committed to a device; a tracer raises
+  :class:`jax.errors.ConcretizationTypeError` when asked.
+  """
+  if not isinstance(x, jax.Array):
+    return False
+  try:
+    x.committed  # pylint: disable=pointless-statement
+  except jax.errors.ConcretizationTypeError:
+    return True
+  return False
 
 
 def _has_explicit_axes(mesh: Any) -> bool:
-  if AxisType is None:
-    return False
   types = getattr(mesh, "axis_types", ()) or ()
   return any(t == AxisType.Explicit for t in types)
 
@@ -253,8 +259,6 @@ def state_shardings(tx: Any, params: Any) -> Any:
   if not shardings:
     return jax.tree.map(lambda _: None, jax.eval_shape(tx.init, params))
   mesh = shardings[0].mesh
-  if AxisType is None:  # pragma: no cover - JAX without sharding in types
-    raise NotImplementedError("state_shardings needs JAX >= 0.5.")
   twin = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
                            axis_types=(AxisType.Explicit,) * len(
                                mesh.axis_names))

@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optax._src import numerics
 
 from jax.sharding import PartitionSpec as P
 
@@ -223,7 +222,7 @@ def _check_hparams(**hparams: Any) -> None:
   for name, value in hparams.items():
     if callable(value) and name == "weight_decay":
       continue
-    if isinstance(value, jax.core.Tracer):
+    if _sharding.is_traced(value):
       continue  # injected hyperparameter: checked where it was a number.
     try:
       x = float(np.asarray(value))
@@ -346,7 +345,7 @@ def scale_by_adam_mini(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    count = numerics.safe_increment(state.count)
+    count = optax.safe_increment(state.count)
     # Decays in the dtype they multiply and bias corrections by an integer
     # power (exact at t = 1): at the first step m_hat = g and v_hat is the
     # block mean of g^2 to the last bit.
@@ -470,7 +469,7 @@ def adam_mini(
     Zhang et al., `Adam-mini: Use Fewer Learning Rates To Gain More
     <https://arxiv.org/abs/2406.16793>`_, ICLR 2025.
   """
-  if not (callable(learning_rate) or isinstance(learning_rate, jax.core.Tracer)):
+  if not (callable(learning_rate) or _sharding.is_traced(learning_rate)):
     try:
       lr = float(np.asarray(learning_rate))
     except (TypeError, ValueError):

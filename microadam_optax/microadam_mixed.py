@@ -260,8 +260,7 @@ def scale_by_microadam_mixed(
   _check_labels_args(min_size, dense_names)
   labels = functools.partial(microadam_labels, min_size=min_size,
                              dense_names=dense_names)
-  partition = getattr(optax, "partition", None) or optax.multi_transform
-  inner = partition(
+  inner = optax.partition(
       {MICROADAM_LABEL: scale_by_microadam(
           b1=b1, b2=b2, eps=eps, window=window, density=density,
           topk_block_size=topk_block_size, quant_block_size=quant_block_size,
