@@ -102,8 +102,8 @@ def microadam_step_gpu(grad: jax.Array, codes: jax.Array, block_min: jax.Array,
   m = window_indices.shape[0]
   last_len = d - (num_blocks - 1) * block_size
   tile = next_pow2(block_size)
-  others = (m - 1) * k
-  others_tile = next_pow2(others) if m > 1 else 0
+  entries = m * k
+  entries_tile = next_pow2(entries)
   count = jnp.asarray(count, jnp.int32)
   w1, w2 = window_lib.row_weights(count, m, b1, b2)
   row = jnp.mod(count - 1, m).astype(jnp.int32).reshape(1)
@@ -127,6 +127,6 @@ def microadam_step_gpu(grad: jax.Array, codes: jax.Array, block_min: jax.Array,
       num_warps=int(num_warps or default_num_warps(block_size)),
       num_stages=1,
       B=block_size, TILE=tile, NB=num_blocks, LAST_LEN=last_len, K=k,
-      LAST_K=last_block_k, KP=next_pow2(k), M=m, E=others,
-      EP=others_tile, WIDE_KEYS=block_size * max(others_tile, 1) >= 2**31)
+      LAST_K=last_block_k, KP=next_pow2(k), M=m, E=entries,
+      EP=entries_tile, WIDE_KEYS=block_size * entries_tile >= 2**31)
   return u, idx_w, val_w, codes, lo, hi

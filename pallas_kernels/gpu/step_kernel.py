@@ -14,17 +14,19 @@ coincide) and moves its bytes once:
    are ties), then the selected entries compacted in position order (a
    prefix count) and written as the window's new row in place;
 3. ``e' = Q(a with the selection zeroed)``: new min/max and codes written;
-4. ``u = m_hat / (sqrt(v_hat) + eps)`` for the block: the new row's share is
-   dense in registers, written once; the other ``m - 1`` rows' entries are
-   loaded, sorted by index (``tl.sort`` of ``index * E + entry`` keys),
-   summed per index by a segmented scan, joined with the new row's share
-   (``tl.gather`` from registers) and their ``u`` stored over the dense one
-   after a barrier of the program (same-CTA ordering).
+4. ``u = m_hat / (sqrt(v_hat) + eps)`` for the block: zeros written
+   densely, then the window's ``m k`` entries of the block (the new row read
+   back after a barrier of the program: same-CTA ordering) sorted by index
+   (``tl.sort`` of ``index * E + entry`` keys), summed per index by a
+   segmented scan, and ``u`` computed and stored for each distinct index
+   only (one division and square root per entry of the window, not per
+   entry of the block).
 
 Offsets are 64-bit (the program's block index is widened before it is
 multiplied), so a leaf of any size runs here: no leaf falls back to the XLA
-path for its size. Division and square root are the IEEE-rounded ones
-(``div_rn``, ``sqrt_rn``), as XLA computes them.
+path for its size. The update's division and square root are the IEEE-rounded
+ones (``div_rn``, ``sqrt_rn``); the codes divide by the block's step once
+and multiply per entry.
 """
 
 from __future__ import annotations
@@ -147,8 +149,8 @@ def microadam_step_kernel(
     NB: number of blocks; LAST_LEN: entries of the last block.
     K: entries kept per block; LAST_K: in the last block; KP: next power of
       two of ``K``.
-    M: window rows; E: entries of the other rows, ``(M - 1) * K``; EP: next
-      power of two of ``E`` (0 when ``M == 1``).
+    M: window rows; E: entries of the window of one block, ``M * K``; EP:
+      next power of two of ``E``.
     WIDE_KEYS: sort keys in int64 (``B * EP >= 2**31``).
   """
   H: tl.constexpr = TILE // 2
@@ -206,8 +208,10 @@ def microadam_step_kernel(
   new_lo = tl.min(tl.where(valid, rest, float("inf")))
   new_hi = tl.max(tl.where(valid, rest, -float("inf")))
   new_scale = tl.div_rn(new_hi - new_lo, 15.0)
-  safe = tl.where(new_scale > 0, new_scale, 1.0)
-  c = tl.floor(tl.div_rn(rest - new_lo, safe) + 0.5)
+  # One division per block; per entry a multiply (XLA divides per entry:
+  # a one-ulp difference moves an entry at a .5 boundary by one level).
+  inv = tl.div_rn(1.0, tl.where(new_scale > 0, new_scale, 1.0))
+  c = tl.floor((rest - new_lo) * inv + 0.5)
   c = tl.minimum(tl.maximum(c, 0.0), 15.0)
   c = tl.where(valid, tl.where(new_scale > 0, c, 0.0), 0.0).to(tl.int32)
   packed = tl.sum(c << (4 * col[None, :]), axis=1)
@@ -216,40 +220,34 @@ def microadam_step_kernel(
   tl.store(lo_ptr + pid, new_lo)
   tl.store(hi_ptr + pid, new_hi)
 
-  # 4. u from the window. The new row's share, dense:
+  # 4. u from the window: 0 where no row holds an entry, written densely;
+  # then every row's entries (the new row read back after a barrier of the
+  # program) sorted by index, summed per index, and their u stored over it.
+  tl.store(u_ptr + base + pos, tl.zeros([H, 2], u_ptr.dtype.element_ty),
+           mask=valid)
   eps = tl.load(eps_ptr)
-  vq = vals.to(tl.float32)
-  new_m = tl.where(sel, tl.load(w1_ptr + row) * vq, 0.0)
-  new_v = tl.where(sel, tl.load(w2_ptr + row) * (vq * vq), 0.0)
-  u = tl.div_rn(new_m, tl.sqrt_rn(new_v) + eps)
-  tl.store(u_ptr + base + pos, u.to(u_ptr.dtype.element_ty), mask=valid)
-  if EP > 0:
-    # The other rows' entries, summed per index.
-    ent = tl.arange(0, EP)
-    real = ent < E
-    old = (row + 1 + ent // K) % M
-    src = (old.to(tl.int64) * NB + pid) * K + ent % K
-    idx = tl.load(widx_ptr + src, mask=real, other=0).to(tl.int32)
-    val = tl.load(wval_ptr + src, mask=real, other=0.0).to(tl.float32)
-    cm = tl.load(w1_ptr + old, mask=real, other=0.0) * val
-    cv = tl.load(w2_ptr + old, mask=real, other=0.0) * (val * val)
-    if WIDE_KEYS:
-      keys = tl.where(real, idx.to(tl.int64), B).to(tl.int64) * EP + ent
-    else:
-      keys = tl.where(real, idx, B) * EP + ent
-    keys = tl.sort(keys, 0)
-    order = (keys % EP).to(tl.int32)
-    sidx = (keys // EP).to(tl.int32)
-    sm = tl.gather(cm, order, 0)
-    sv = tl.gather(cv, order, 0)
-    _, sm, sv = tl.associative_scan((sidx, sm, sv), 0, _segment_sum)
-    nxt = tl.gather(sidx, tl.minimum(ent + 1, EP - 1), 0)
-    last = (sidx != nxt) | (ent == EP - 1)
-    inside = sidx < length
-    at = tl.where(inside, sidx, 0)
-    tot_m = sm + tl.gather(tl.reshape(new_m, [TILE]), at, 0)
-    tot_v = sv + tl.gather(tl.reshape(new_v, [TILE]), at, 0)
-    u_old = tl.div_rn(tot_m, tl.sqrt_rn(tot_v) + eps)
-    tl.debug_barrier()
-    tl.store(u_ptr + base + at, u_old.to(u_ptr.dtype.element_ty),
-             mask=last & inside)
+  tl.debug_barrier()
+  ent = tl.arange(0, EP)
+  real = ent < E
+  old = (row + 1 + ent // K) % M
+  src = (old.to(tl.int64) * NB + pid) * K + ent % K
+  idx = tl.load(widx_ptr + src, mask=real, other=0).to(tl.int32)
+  val = tl.load(wval_ptr + src, mask=real, other=0.0).to(tl.float32)
+  cm = tl.load(w1_ptr + old, mask=real, other=0.0) * val
+  cv = tl.load(w2_ptr + old, mask=real, other=0.0) * (val * val)
+  if WIDE_KEYS:
+    keys = tl.where(real, idx.to(tl.int64), B).to(tl.int64) * EP + ent
+  else:
+    keys = tl.where(real, idx, B) * EP + ent
+  keys = tl.sort(keys, 0)
+  order = (keys % EP).to(tl.int32)
+  sidx = (keys // EP).to(tl.int32)
+  sm = tl.gather(cm, order, 0)
+  sv = tl.gather(cv, order, 0)
+  _, sm, sv = tl.associative_scan((sidx, sm, sv), 0, _segment_sum)
+  nxt = tl.gather(sidx, tl.minimum(ent + 1, EP - 1), 0)
+  last = (sidx != nxt) | (ent == EP - 1)
+  inside = sidx < length
+  u = tl.div_rn(sm, tl.sqrt_rn(sv) + eps)
+  tl.store(u_ptr + base + tl.where(inside, sidx, 0),
+           u.to(u_ptr.dtype.element_ty), mask=last & inside)
