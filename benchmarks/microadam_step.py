@@ -35,11 +35,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import platform
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
@@ -47,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import harness  # puts the checkout on sys.path
 import microadam_optax as mo
 
 LR = 1e-4
@@ -66,11 +64,8 @@ def model_shapes(name: str, layers: int | None) -> dict[str, Any]:
 
 
 def memory_stats() -> dict[str, int]:
-  try:
-    stats = jax.devices()[0].memory_stats() or {}
-  except Exception:  # pylint: disable=broad-except
-    stats = {}
-  return {k: int(v) for k, v in stats.items()
+  """The device's in-use, peak and limit byte counters (``{}`` on CPU)."""
+  return {k: int(v) for k, v in harness.memory_stats().items()
           if k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")}
 
 
@@ -212,9 +207,7 @@ def main(argv=None) -> dict:
     rows.append(("optax.adamw (mu_dtype=bf16; bf16 states)", tx.init,
                  optax_step(tx), args.steps))
   def dump():
-    if args.json:
-      with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
+    harness.write_json(result, args.json, indent=1)
 
   for name, init, step, steps in rows:
     try:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import sys
 import time
@@ -27,6 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+try:  # run as a script: benchmarks/ is on sys.path
+  import harness  # pylint: disable=g-import-not-at-top  # puts the checkout on sys.path
+except ImportError:  # imported as benchmarks.step_kernel (the GPU tests)
+  from benchmarks import harness  # pylint: disable=g-import-not-at-top
 from microadam_optax._layout import leaf_layout
 from pallas_kernels import dispatch
 from pallas_kernels import quantize as quant_lib
@@ -247,9 +250,7 @@ def main(argv=None) -> dict:
     r["copy_fraction"] = r["GB_per_s"] * 1e9 / bw
     result["timings"].append(r)
     print(f"warps {w}: {r['median_s'] * 1e3:.3f} ms", flush=True)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1)
+  harness.write_json(result, args.json, indent=1)
   print(f"\ncopy bandwidth {bw / 1e9:.0f} GB/s")
   print("| check | d | block | ok | codes differing | u rel err |")
   for c in result["checks"]:

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import json
 import os
-import sys
 import tempfile
 import time
 
@@ -28,8 +26,8 @@ import optax
 
 import microadam_optax as mo
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import microadam_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+import harness  # puts the checkout on sys.path
+import microadam_step
 
 
 def family(name: str) -> str:
@@ -125,10 +123,7 @@ def main(argv=None) -> dict:
             "kernels_per_step": len(events) // max(args.steps, 1),
             "by_family_ms": {k: v[0] / 1e3 for k, v in by_family.items()},
             "top_kernels_ms": {k: v[0] / 1e3 for k, v in top}}
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1)
-  return result
+  return harness.write_json(result, args.json, indent=1)
 
 
 if __name__ == "__main__":

@@ -11,19 +11,20 @@ element-wise control: lowered for ``"cuda"`` (which needs no GPU) and, on a
 GPU, run and checked against NumPy. The outcome (or the first line of the
 error) is printed and written as JSON.
 
-  python experiments/mosaic_gpu_probe.py --json mosaic_gpu_probe.json
+  PYTHONPATH=. python experiments/mosaic_gpu_probe.py --json probe.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from benchmarks import harness
 
 N = 128
 
@@ -99,10 +100,7 @@ def main(argv=None):
       print(f"| {semantics} | {name} | {outcome} |", flush=True)
   result = {"jax": jax.__version__, "device": str(jax.devices()[0]),
             "rows": rows}
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1)
-  return result
+  return harness.write_json(result, args.json, indent=1)
 
 
 if __name__ == "__main__":
