@@ -35,7 +35,7 @@ DEFAULT_BLOCK_SIZE = 4096
 #: ``static_args`` to :func:`optax.inject_hyperparams`.
 MICROADAM_STATIC_ARGS = (
     "window", "density", "topk_block_size", "quant_block_size", "error_bits",
-    "values_dtype", "implementation",
+    "values_dtype", "implementation", "kernel_config",
 )
 
 _IMPLEMENTATIONS = dispatch.IMPLEMENTATIONS
@@ -135,6 +135,7 @@ class _Hyper(NamedTuple):
   alpha: Any
   bits: int
   implementation: str
+  config: dispatch.KernelConfig = dispatch.DEFAULT_CONFIG
 
 
 def _leaf_update(g, idx_w, val_w, codes, lo, hi, count, lay: LeafLayout,
@@ -150,7 +151,7 @@ def _leaf_update(g, idx_w, val_w, codes, lo, hi, count, lay: LeafLayout,
   u, idx_w, val_w, codes, lo, hi = dispatch.leaf_step(
       g, idx_w, val_w, codes, lo, hi, count, layout=lay, b1=hp.b1, b2=hp.b2,
       eps=hp.eps, bits=hp.bits, out_dtype=jnp.float32 if dense else g.dtype,
-      implementation=hp.implementation)
+      implementation=hp.implementation, config=hp.config)
   if dense:
     # Densify: u += alpha * Q^{-1}(e_{t+1}); keep (1 - alpha) of the error.
     err = dispatch.dequantize_leaf(codes, lo, hi, lay, hp.bits)
@@ -355,6 +356,7 @@ def scale_by_microadam(
     values_dtype: Any = jnp.bfloat16,
     alpha: float = 0.0,
     implementation: str = "auto",
+    kernel_config: Optional[dispatch.KernelConfig] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by MicroAdam's compressed estimate of Adam's moments.
 
@@ -405,6 +407,9 @@ def scale_by_microadam(
       kernels in Pallas' interpreter). :mod:`pallas_kernels.dispatch`
       decides; layouts whose Top-K and quantization blocks differ, and
       8-bit codes, take the XLA path everywhere.
+    kernel_config: the kernels' tuning knobs, a
+      :class:`pallas_kernels.dispatch.KernelConfig` (``None``: its defaults),
+      among them how large a leaf the XLA path updates in one piece.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -437,6 +442,14 @@ def scale_by_microadam(
             quant_block_size=quant_block_size, error_bits=error_bits,
             values_dtype=values_dtype, alpha=alpha,
             implementation=implementation)
+  if kernel_config is None:
+    config = dispatch.DEFAULT_CONFIG
+  elif isinstance(kernel_config, dispatch.KernelConfig):
+    config = kernel_config
+  else:
+    raise ValueError(
+        f"kernel_config must be None or a pallas_kernels.dispatch."
+        f"KernelConfig, got {kernel_config!r}.")
   bsize = DEFAULT_BLOCK_SIZE if topk_block_size is None else topk_block_size
   qsize = bsize if quant_block_size is None else quant_block_size
   vdtype = jnp.dtype(values_dtype)
@@ -464,7 +477,7 @@ def scale_by_microadam(
     # lowering platform, so one traced update lowers to the Triton kernel
     # for GPU, the Mosaic kernels for TPU and XLA for CPU.
     hp = _Hyper(b1=b1, b2=b2, eps=eps, alpha=alpha, bits=error_bits,
-                implementation=implementation)
+                implementation=implementation, config=config)
     count = optax.safe_increment(state.count)
 
     def leaf(g, iw, vw, codes, lo, hi):
@@ -506,6 +519,7 @@ def microadam(
     values_dtype: Any = jnp.bfloat16,
     alpha: float = 0.0,
     implementation: str = "auto",
+    kernel_config: Optional[dispatch.KernelConfig] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MicroAdam with decoupled weight decay (AdamW-style).
 
@@ -528,6 +542,7 @@ def microadam(
     error_bits: see :func:`scale_by_microadam`.
     values_dtype: see :func:`scale_by_microadam`.
     alpha: see :func:`scale_by_microadam`.
+    kernel_config: see :func:`scale_by_microadam`.
     implementation: see :func:`scale_by_microadam`.
 
   Returns:
@@ -556,7 +571,7 @@ def microadam(
           b1=b1, b2=b2, eps=eps, window=window, density=density,
           topk_block_size=topk_block_size, quant_block_size=quant_block_size,
           error_bits=error_bits, values_dtype=values_dtype, alpha=alpha,
-          implementation=implementation),
+          implementation=implementation, kernel_config=kernel_config),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -64,9 +64,15 @@ class KernelConfig:
       :class:`pltpu.InterpretParams` (the TPU interpreter, which checks
       more of what a TPU would, but whose callbacks
       ``custom_partitioning`` does not accept).
+    xla_chunk_elements: the XLA path updates a leaf of more entries in
+      groups of about this many (whole blocks, a loop over the groups), so
+      that its temporaries stay the size of one group instead of the leaf's
+      (default ``2**24``: ~0.5 GB of temporaries). Results are the same:
+      blocks are independent.
   """
   gpu_num_warps: int | None = None
   tpu_interpret: Any = None
+  xla_chunk_elements: int = 1 << 24
 
   def __post_init__(self):
     w = self.gpu_num_warps
@@ -75,6 +81,10 @@ class KernelConfig:
       raise ValueError(
           f"gpu_num_warps must be None or a power of two in [1, 32], got "
           f"{w!r}.")
+    c = self.xla_chunk_elements
+    if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+      raise ValueError(
+          f"xla_chunk_elements must be a positive integer, got {c!r}.")
     if self.tpu_interpret is not None and not isinstance(
         self.tpu_interpret, pltpu.InterpretParams):
       raise ValueError(
@@ -162,6 +172,73 @@ def leaf_step_reference(grad, window_indices, window_values, codes, block_min,
   return u, window_indices, window_values, codes, block_min, block_max
 
 
+def _blocks_layout(layout, num_blocks: int, last: bool):
+  """The layout of ``num_blocks`` consecutive blocks of an aligned ``layout``
+  (``last``: they end with the leaf's last block)."""
+  b = layout.topk_block
+  size = (num_blocks - 1) * b + (layout.last_topk_length if last else b)
+  return dataclasses.replace(
+      layout, size=size, num_topk_blocks=num_blocks, num_quant_blocks=num_blocks,
+      last_topk_length=layout.last_topk_length if last else b,
+      last_k=layout.last_k if last else layout.k,
+      last_quant_length=layout.last_quant_length if last else b)
+
+
+def leaf_step_chunked(grad, window_indices, window_values, codes, block_min,
+                      block_max, count, *, layout, chunk_blocks: int,
+                      **kwargs):
+  """:func:`leaf_step_reference` over groups of ``chunk_blocks`` blocks.
+
+  A loop (:func:`jax.lax.fori_loop`) takes the leaf's whole groups one at a
+  time (dynamic slices in, dynamic updates of the carried outputs), then the
+  last, possibly shorter, group with the ragged last block: temporaries are
+  one group's, not the leaf's. Blocks are independent, so the results are
+  those of :func:`leaf_step_reference`. Needs an aligned layout.
+  """
+  lay = layout
+  nb, b = lay.num_topk_blocks, lay.topk_block
+  groups = (nb - 1) // chunk_blocks  # whole groups before the tail
+  tail = nb - groups * chunk_blocks
+  g = grad.reshape(-1)
+  u = jnp.zeros((lay.size,), kwargs["out_dtype"])
+  step = functools.partial(leaf_step_reference, **kwargs)
+  full = _blocks_layout(lay, chunk_blocks, last=False)
+
+  def body(i, carry):
+    u, iw, vw, c, lo, hi = carry
+    blk = i * chunk_blocks
+    out = step(
+        jax.lax.dynamic_slice_in_dim(g, blk * b, chunk_blocks * b),
+        jax.lax.dynamic_slice_in_dim(iw, blk, chunk_blocks, axis=1),
+        jax.lax.dynamic_slice_in_dim(vw, blk, chunk_blocks, axis=1),
+        jax.lax.dynamic_slice_in_dim(c, blk, chunk_blocks),
+        jax.lax.dynamic_slice_in_dim(lo, blk, chunk_blocks),
+        jax.lax.dynamic_slice_in_dim(hi, blk, chunk_blocks),
+        count, layout=full)
+    starts = (blk * b, blk, blk, blk, blk, blk)
+    axes = (0, 1, 1, 0, 0, 0)
+    return tuple(jax.lax.dynamic_update_slice_in_dim(x, y, s0, axis=a)
+                 for x, y, s0, a in zip(carry, out, starts, axes))
+
+  carry = (u, window_indices, window_values, codes, block_min, block_max)
+  if groups:
+    carry = jax.lax.fori_loop(0, groups, body, carry)
+  u, iw, vw, c, lo, hi = carry
+  start = groups * chunk_blocks
+  out = step(jax.lax.slice_in_dim(g, start * b, lay.size),
+             jax.lax.slice_in_dim(iw, start, nb, axis=1),
+             jax.lax.slice_in_dim(vw, start, nb, axis=1),
+             jax.lax.slice_in_dim(c, start, nb),
+             jax.lax.slice_in_dim(lo, start, nb),
+             jax.lax.slice_in_dim(hi, start, nb), count,
+             layout=_blocks_layout(lay, tail, last=True))
+  return tuple(jax.lax.dynamic_update_slice_in_dim(x, y, s0, axis=a)
+               for x, y, s0, a in zip(
+                   (u, iw, vw, c, lo, hi), out,
+                   (start * b, start, start, start, start, start),
+                   (0, 1, 1, 0, 0, 0)))
+
+
 def _write_row(window_indices, window_values, idx, vals, count):
   """The window with row ``(count - 1) mod m`` replaced by ``(idx, vals)``."""
   row = jnp.mod(jnp.asarray(count, jnp.int32) - 1, window_indices.shape[0])
@@ -236,7 +313,12 @@ def leaf_step(grad, window_indices, window_values, codes, block_min,
   args = (grad, window_indices, window_values, codes, block_min, block_max,
           jnp.asarray(count, jnp.int32))
   hyper = dict(layout=layout, b1=b1, b2=b2, eps=eps, out_dtype=out_dtype)
-  reference = functools.partial(leaf_step_reference, bits=bits, **hyper)
+  chunk_blocks = max(1, config.xla_chunk_elements // layout.topk_block)
+  if layout.aligned and layout.num_topk_blocks > chunk_blocks:
+    reference = functools.partial(leaf_step_chunked, bits=bits,
+                                  chunk_blocks=chunk_blocks, **hyper)
+  else:
+    reference = functools.partial(leaf_step_reference, bits=bits, **hyper)
   if implementation == "xla" or not has_kernels(layout, bits):
     return reference(*args)
   mosaic = functools.partial(_leaf_step_mosaic, **hyper)
@@ -258,4 +340,4 @@ def leaf_step(grad, window_indices, window_values, codes, block_min,
 
 
 __all__ = ["IMPLEMENTATIONS", "KernelConfig", "has_kernels", "leaf_step",
-           "leaf_step_reference"]
+           "leaf_step_chunked", "leaf_step_reference"]
