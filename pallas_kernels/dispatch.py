@@ -189,10 +189,10 @@ def leaf_step_chunked(grad, window_indices, window_values, codes, block_min,
                       **kwargs):
   """:func:`leaf_step_reference` over groups of ``chunk_blocks`` blocks.
 
-  A loop (:func:`jax.lax.fori_loop`) takes the leaf's whole groups one at a
-  time (dynamic slices in, dynamic updates of the carried outputs), then the
-  last, possibly shorter, group with the ragged last block: temporaries are
-  one group's, not the leaf's. Blocks are independent, so the results are
+  The last, possibly shorter, group (with the ragged last block) is updated
+  first, then a loop (:func:`jax.lax.fori_loop`) takes the leaf's whole
+  groups one at a time (dynamic slices in, dynamic updates of the carried
+  outputs): temporaries are one group's, not the leaf's. Blocks are independent, so the results are
   those of :func:`leaf_step_reference`. Needs an aligned layout.
   """
   lay = layout
@@ -204,39 +204,44 @@ def leaf_step_chunked(grad, window_indices, window_values, codes, block_min,
   step = functools.partial(leaf_step_reference, **kwargs)
   full = _blocks_layout(lay, chunk_blocks, last=False)
 
+  def update(carry, out, start):
+    return tuple(jax.lax.dynamic_update_slice_in_dim(x, y, s0, axis=a)
+                 for x, y, s0, a in zip(carry, out, (start * b,) + (start,) * 5,
+                                        (0, 1, 1, 0, 0, 0)))
+
   def body(i, carry):
-    u, iw, vw, c, lo, hi = carry
+    _, iw, vw, c, lo, hi = carry
     blk = i * chunk_blocks
+    # The barriers keep XLA from converting the whole gradient to float32
+    # before slicing it (a leaf-sized temporary).
+    piece = jax.lax.optimization_barrier(
+        jax.lax.dynamic_slice_in_dim(g, blk * b, chunk_blocks * b))
     out = step(
-        jax.lax.dynamic_slice_in_dim(g, blk * b, chunk_blocks * b),
+        piece,
         jax.lax.dynamic_slice_in_dim(iw, blk, chunk_blocks, axis=1),
         jax.lax.dynamic_slice_in_dim(vw, blk, chunk_blocks, axis=1),
         jax.lax.dynamic_slice_in_dim(c, blk, chunk_blocks),
         jax.lax.dynamic_slice_in_dim(lo, blk, chunk_blocks),
         jax.lax.dynamic_slice_in_dim(hi, blk, chunk_blocks),
         count, layout=full)
-    starts = (blk * b, blk, blk, blk, blk, blk)
-    axes = (0, 1, 1, 0, 0, 0)
-    return tuple(jax.lax.dynamic_update_slice_in_dim(x, y, s0, axis=a)
-                 for x, y, s0, a in zip(carry, out, starts, axes))
+    return update(carry, out, blk)
 
-  carry = (u, window_indices, window_values, codes, block_min, block_max)
+  # The last group (with the ragged last block) first, so that the loop is
+  # the last writer of every output (XLA then updates them in place).
+  start = groups * chunk_blocks
+  out = step(jax.lax.optimization_barrier(
+                 jax.lax.slice_in_dim(g, start * b, lay.size)),
+             jax.lax.slice_in_dim(window_indices, start, nb, axis=1),
+             jax.lax.slice_in_dim(window_values, start, nb, axis=1),
+             jax.lax.slice_in_dim(codes, start, nb),
+             jax.lax.slice_in_dim(block_min, start, nb),
+             jax.lax.slice_in_dim(block_max, start, nb), count,
+             layout=_blocks_layout(lay, tail, last=True))
+  carry = update((u, window_indices, window_values, codes, block_min,
+                  block_max), out, start)
   if groups:
     carry = jax.lax.fori_loop(0, groups, body, carry)
-  u, iw, vw, c, lo, hi = carry
-  start = groups * chunk_blocks
-  out = step(jax.lax.slice_in_dim(g, start * b, lay.size),
-             jax.lax.slice_in_dim(iw, start, nb, axis=1),
-             jax.lax.slice_in_dim(vw, start, nb, axis=1),
-             jax.lax.slice_in_dim(c, start, nb),
-             jax.lax.slice_in_dim(lo, start, nb),
-             jax.lax.slice_in_dim(hi, start, nb), count,
-             layout=_blocks_layout(lay, tail, last=True))
-  return tuple(jax.lax.dynamic_update_slice_in_dim(x, y, s0, axis=a)
-               for x, y, s0, a in zip(
-                   (u, iw, vw, c, lo, hi), out,
-                   (start * b, start, start, start, start, start),
-                   (0, 1, 1, 0, 0, 0)))
+  return carry
 
 
 def _write_row(window_indices, window_values, idx, vals, count):
