@@ -86,9 +86,9 @@ def error_feedback_mosaic(grad: jax.Array, codes: jax.Array,
   The wrapper splits the gradient into even and odd planes (one XLA
   transpose, which also pads to whole ``(8, 128)`` tiles) and widens the
   codes to int32, so that every kernel array is 2-D and 32-bit; the kernel
-  then selects the Top-K as :func:`pallas_kernels.topk.block_topk_pallas`
-  does on TPU (bisection over bit patterns, prefix counts by matmul, masked
-  reductions per slot) and re-quantizes the rest. ``interpret``: ``None``
+  then selects the Top-K with :func:`pallas_kernels.tpu._onchip.select_topk`
+  (bisection over bit patterns, prefix counts by matmul, masked reductions
+  per slot) and re-quantizes the rest. ``interpret``: ``None``
   (compile with Mosaic), ``True`` (Pallas' generic interpreter) or a
   :class:`pltpu.InterpretParams` (the TPU interpreter).
   """
