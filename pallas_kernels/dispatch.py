@@ -200,6 +200,15 @@ def leaf_step_chunked(grad, window_indices, window_values, codes, block_min,
   groups = (nb - 1) // chunk_blocks  # whole groups before the tail
   tail = nb - groups * chunk_blocks
   g = grad.reshape(-1)
+  # The gradient is sliced as unsigned integers of its width: XLA:CPU would
+  # otherwise convert a whole 16-bit float gradient to float32 once, before
+  # the loop (a leaf-sized temporary), to slice it.
+  bits = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}.get(g.dtype.itemsize)
+  g_bits = g if bits is None else jax.lax.bitcast_convert_type(g, bits)
+
+  def _from_bits(x):
+    return x if bits is None else jax.lax.bitcast_convert_type(x, g.dtype)
+
   u = jnp.zeros((lay.size,), kwargs["out_dtype"])
   step = functools.partial(leaf_step_reference, **kwargs)
   full = _blocks_layout(lay, chunk_blocks, last=False)
@@ -212,10 +221,8 @@ def leaf_step_chunked(grad, window_indices, window_values, codes, block_min,
   def body(i, carry):
     _, iw, vw, c, lo, hi = carry
     blk = i * chunk_blocks
-    # The barriers keep XLA from converting the whole gradient to float32
-    # before slicing it (a leaf-sized temporary).
-    piece = jax.lax.optimization_barrier(
-        jax.lax.dynamic_slice_in_dim(g, blk * b, chunk_blocks * b))
+    piece = _from_bits(jax.lax.dynamic_slice_in_dim(g_bits, blk * b,
+                                                    chunk_blocks * b))
     out = step(
         piece,
         jax.lax.dynamic_slice_in_dim(iw, blk, chunk_blocks, axis=1),
@@ -229,8 +236,7 @@ def leaf_step_chunked(grad, window_indices, window_values, codes, block_min,
   # The last group (with the ragged last block) first, so that the loop is
   # the last writer of every output (XLA then updates them in place).
   start = groups * chunk_blocks
-  out = step(jax.lax.optimization_barrier(
-                 jax.lax.slice_in_dim(g, start * b, lay.size)),
+  out = step(_from_bits(jax.lax.slice_in_dim(g_bits, start * b, lay.size)),
              jax.lax.slice_in_dim(window_indices, start, nb, axis=1),
              jax.lax.slice_in_dim(window_values, start, nb, axis=1),
              jax.lax.slice_in_dim(codes, start, nb),

@@ -5,10 +5,9 @@ Where no kernel runs (CPU, layouts without kernels) a leaf of more than
 blocks (:func:`pallas_kernels.dispatch.leaf_step_chunked`). The compiled
 step's temporaries (``compiled.memory_analysis()``) on a stacked ``[L, d, d]``
 leaf, L growing: the one-piece update's grow by ~17 bytes per added entry;
-in groups they grow by ~4 (XLA:CPU converts the whole bf16 gradient to
-float32 once, outside the loop over the groups, whatever the code's order:
-what is left to remove). The results must be those of the one-piece update,
-bit for bit.
+in groups by ~2-4 (copies XLA:CPU makes of the loop's leaf-sized operands,
+the gradient and the update: what is left to remove). The results must be
+those of the one-piece update, bit for bit.
 """
 
 from __future__ import annotations
@@ -39,8 +38,8 @@ def test_temporaries_grow_less_in_groups():
   small, large = _temp_bytes(4, CHUNKED), _temp_bytes(32, CHUNKED)
   whole_small, whole_large = _temp_bytes(4, WHOLE), _temp_bytes(32, WHOLE)
   added = (32 - 4) * 64 * 256  # entries added to the leaf
-  # Bytes of temporaries per added entry: ~17 in one piece, ~4 in groups
-  # (the float32 copy of the gradient).
+  # Bytes of temporaries per added entry: ~17 in one piece, ~2 in groups
+  # (a copy of the gradient into the loop's state).
   assert (whole_large - whole_small) / added > 10
   assert (large - small) / added < 5, (small, large)
   assert large < whole_large / 3
