@@ -319,6 +319,24 @@ def leaf_step(grad, window_indices, window_values, codes, block_min,
 
   Returns:
     As :func:`leaf_step_reference`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from microadam_optax._layout import leaf_layout
+    >>> from pallas_kernels import dispatch
+    >>> lay = leaf_layout(1000, topk_block_size=256, quant_block_size=256,
+    ...                   density=0.05, error_bits=4)
+    >>> m, nb, k = 3, lay.num_topk_blocks, lay.k
+    >>> state = (jnp.zeros((m, nb, k), jnp.int16),
+    ...          jnp.zeros((m, nb, k), jnp.bfloat16),
+    ...          jnp.zeros((nb, lay.code_bytes), jnp.uint8),
+    ...          jnp.zeros((nb,)), jnp.zeros((nb,)))
+    >>> g = jnp.linspace(-1.0, 1.0, 1000)
+    >>> u, *state = dispatch.leaf_step(g, *state, 1, layout=lay, b1=0.9,
+    ...                                b2=0.999, eps=1e-8, bits=4,
+    ...                                out_dtype=jnp.float32)
+    >>> int((u != 0).sum())  # 13 entries of each full block, 12 of the last
+    51
   """
   check_implementation(implementation)
   args = (grad, window_indices, window_values, codes, block_min, block_max,
