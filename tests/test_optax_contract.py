@@ -55,6 +55,11 @@ CASES = {
     "microadam_sparse": Case("microadam_sparse", mo.microadam,
                              {"density": 0.5, "window": 4},
                              mo.MICROADAM_STATIC_ARGS, lr=1e-3),
+    # MicroAdam on the leaves of at least 16 entries, dense Adam on the rest
+    # ("b"): both parts run on these small trees.
+    "microadam_mixed": Case("microadam_mixed", mo.microadam_mixed,
+                            {"density": 0.5, "window": 4, "min_size": 16},
+                            mo.MICROADAM_STATIC_ARGS, lr=1e-3),
 }
 ALL = sorted(CASES)
 # The compressing configuration runs where compression changes the code path
