@@ -9,12 +9,14 @@ dtypes and the code width:
 where                   what runs
 ======================  ==================================================
 GPU (``cuda``)          the fused Triton kernel
-                        (:func:`pallas_kernels.gpu_step.microadam_step_gpu`,
+                        (:func:`pallas_kernels.gpu.step.microadam_step_gpu`,
                         through jax-triton), any leaf size
 TPU                     the Mosaic TPU kernels: error feedback, then the
                         window (:mod:`pallas_kernels.tpu.error_feedback`,
                         :mod:`pallas_kernels.tpu.window`)
-CPU, ``"auto"``         the XLA reference, :func:`leaf_step_reference`
+CPU, ``"auto"``         the XLA reference, :func:`leaf_step_reference` (in
+                        groups of blocks for large leaves,
+                        :func:`leaf_step_chunked`)
 CPU, ``"pallas"``       the Mosaic TPU kernels in Pallas' interpreter
 anywhere, ``"xla"``     the XLA reference
 ======================  ==================================================
@@ -57,7 +59,7 @@ class KernelConfig:
   Attributes:
     gpu_num_warps: warps per program of the GPU kernel (``None``: one per
       512 entries of a block, see
-      :func:`pallas_kernels.gpu_step.default_num_warps`).
+      :func:`pallas_kernels.gpu.step.default_num_warps`).
     tpu_interpret: how ``implementation="pallas"`` runs the Mosaic kernels
       where there is no TPU: ``None`` (Pallas' generic interpreter, which
       also runs inside ``custom_partitioning`` and ``shard_map``) or a
