@@ -442,7 +442,8 @@ def adam_mini(
       leaf of rank >= 2 whose name rule (see :func:`adam_mini_partition`;
       the ``partition``'s rules when it is an :class:`AdamMiniRules`) is
       neither ``"bias"`` nor ``"norm"`` -- no decay on biases, norm scales
-      and other vectors, as the authors do.
+      and other vectors, as the authors do (unlike :func:`microadam` and
+      :func:`optax.adamw`, whose ``None`` decays every leaf).
     partition: see :func:`scale_by_adam_mini`.
     mu_dtype: see :func:`scale_by_adam_mini`.
 

@@ -534,7 +534,9 @@ def microadam(
     eps: added to the square root of the second moment.
     weight_decay: decoupled weight decay ``lambda``.
     mask: pytree (or callable returning one) of booleans selecting the leaves
-      that weight decay applies to, as in :func:`optax.adamw`.
+      that weight decay applies to, as in :func:`optax.adamw`. ``None``: every
+      leaf, as :func:`optax.adamw` does (unlike :func:`adam_mini`, whose
+      ``None`` skips biases and norm scales, as its authors do).
     window: see :func:`scale_by_microadam`.
     density: see :func:`scale_by_microadam`.
     topk_block_size: see :func:`scale_by_microadam`.

@@ -334,7 +334,8 @@ def microadam_mixed(
     eps: see :func:`scale_by_microadam_mixed`.
     weight_decay: decoupled weight decay ``lambda``.
     mask: pytree (or callable returning one) of booleans selecting the leaves
-      that weight decay applies to, as in :func:`optax.adamw`.
+      that weight decay applies to, as in :func:`optax.adamw`. ``None``: every
+      leaf, as :func:`microadam` and :func:`optax.adamw`.
     dense: see :func:`scale_by_microadam_mixed`.
     dense_b1: see :func:`scale_by_microadam_mixed`.
     dense_b2: see :func:`scale_by_microadam_mixed`.
