@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
+import time
 from typing import Any, Optional
 
 #: The repository root (the folder above ``benchmarks/``).
@@ -25,6 +27,25 @@ def memory_stats() -> dict[str, Any]:
   none (CPU)."""
   import jax  # pylint: disable=g-import-not-at-top
   return jax.devices()[0].memory_stats() or {}
+
+
+def copy_bandwidth(nbytes: int, iters: int = 20) -> float:
+  """The first device's copy bandwidth: bytes read plus written per second.
+
+  The median of ``iters`` synchronised runs of ``x + 1`` over a float32
+  buffer of ``nbytes`` bytes (after one compiling run).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  f = jax.jit(lambda a: a + 1.0)
+  jax.block_until_ready(f(x))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(x))
+    times.append(time.perf_counter() - t0)
+  return 2 * x.nbytes / statistics.median(times)
 
 
 def write_json(result: Any, path: Optional[str], indent: int = 2) -> Any:

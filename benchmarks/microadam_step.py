@@ -76,19 +76,6 @@ def optax_step(tx) -> Callable:
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def copy_bandwidth(nbytes: int, iters: int = 20) -> float:
-  """Device copy bandwidth: bytes read plus written per second (median)."""
-  x = jnp.ones((nbytes // 4,), jnp.float32)
-  f = jax.jit(lambda a: a + 1.0)
-  jax.block_until_ready(f(x))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(x))
-    times.append(time.perf_counter() - t0)
-  return 2 * x.nbytes / statistics.median(times)
-
-
 def floor_bytes(row: str, shapes: Any, state_bytes: int) -> int:
   """The fewest bytes one step of ``row`` moves through device memory."""
   params = mo.state_nbytes(shapes)  # bf16 parameters; gradients the same
@@ -221,7 +208,7 @@ def main(argv=None) -> dict:
     gc.collect()
     dump()
 
-  bw = copy_bandwidth(4 << 30 if jax.default_backend() == "gpu" else 1 << 26)
+  bw = harness.copy_bandwidth(4 << 30 if jax.default_backend() == "gpu" else 1 << 26)
   result["copy_bandwidth_GB_per_s"] = bw / 1e9
   print(f"copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
   for r in result["rows"]:

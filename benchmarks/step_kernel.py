@@ -162,19 +162,6 @@ def check_huge(seed: int, window: int = 2, d: int = 2**31 + 3 * 4096 + 1000
   return res
 
 
-def copy_bandwidth(nbytes: int, iters: int = 20) -> float:
-  """Device-to-device copy bandwidth, bytes read + written per second."""
-  x = jnp.ones((nbytes // 4,), jnp.float32)
-  f = jax.jit(lambda a: a + 1.0)
-  f(x).block_until_ready()
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    f(x).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * x.size * 4 / statistics.median(times)
-
-
 def time_kernel(rows: int, cols: int, *, window: int = 10, sets: int = 3,
                 iters: int = 30, num_warps=None) -> dict:
   """Median time of the fused kernel on one ``rows x cols`` bf16 leaf."""
@@ -243,7 +230,7 @@ def main(argv=None) -> dict:
   for check in checks:
     result["checks"].append(check())
     print(result["checks"][-1], flush=True)
-  bw = copy_bandwidth(1 << 30)
+  bw = harness.copy_bandwidth(1 << 30)
   result["copy_GB_per_s"] = bw / 1e9
   for w in [int(x) for x in args.warps.split(",")]:
     r = time_kernel(4096, 11008, iters=args.iters, num_warps=w)
