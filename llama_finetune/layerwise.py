@@ -18,7 +18,6 @@ accumulation).
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,16 +26,6 @@ from flax import nnx
 
 from llama_finetune import model as model_lib
 from llama_finetune import optim
-
-
-def _index(tree: Any, i: jax.Array) -> Any:
-  return jax.tree.map(
-      lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
-
-
-def _put(tree: Any, values: Any, i: jax.Array) -> Any:
-  return jax.tree.map(lambda x, v: jax.lax.dynamic_update_index_in_dim(
-      x, v.astype(x.dtype), i, 0), tree, values)
 
 
 def make_layerwise_step(graphdef: nnx.GraphDef, config: model_lib.LlamaConfig,
@@ -87,12 +76,13 @@ def make_layerwise_step(graphdef: nnx.GraphDef, config: model_lib.LlamaConfig,
     def backward(j, carry):
       dx, layers, s = carry
       i = num - 1 - j
-      p_i = _index(layers, i)
-      _, vjp = jax.vjp(layer_fn, p_i, _index(xs, i))
+      p_i = optim.layer_of(layers, i)
+      _, vjp = jax.vjp(layer_fn, p_i, optim.layer_of(xs, i))
       dp_i, dx = vjp(dx)
-      updates, s_i = tx.update(dp_i, _index(s, i), p_i)
-      return (dx, _put(layers, optax.apply_updates(p_i, updates), i),
-              _put(s, s_i, i))
+      updates, s_i = tx.update(dp_i, optim.layer_of(s, i), p_i)
+      new_p = optax.apply_updates(p_i, updates)
+      return (dx, optim.put_layer(layers, new_p, i),
+              optim.put_layer(s, s_i, i))
 
     dx, layers, s_layers = jax.lax.fori_loop(
         0, num, backward, (dx, layers, state.layers))

@@ -40,12 +40,15 @@ class PerLayerState(NamedTuple):
   rest: Any
 
 
-def _layer(tree: Any, i: jax.Array) -> Any:
+def layer_of(tree: Any, i: jax.Array) -> Any:
+  """Layer ``i`` of a stacked tree (every leaf indexed on its first axis)."""
   return jax.tree.map(
       lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), tree)
 
 
-def _put(tree: Any, values: Any, i: jax.Array) -> Any:
+def put_layer(tree: Any, values: Any, i: jax.Array) -> Any:
+  """The stacked ``tree`` with layer ``i`` replaced by ``values`` (cast to
+  each leaf's dtype)."""
   return jax.tree.map(lambda x, v: jax.lax.dynamic_update_index_in_dim(
       x, v.astype(x.dtype), i, 0), tree, values)
 
@@ -95,9 +98,9 @@ def per_layer(tx: optax.GradientTransformation, key: str = "layers"
     num = g_leaves[0].shape[0]
     zero = jnp.zeros((), jnp.int32)
     out_leaves = jax.tree.leaves(jax.eval_shape(
-        lambda u, s, p: tx.update(u, s, p)[0], _layer(u_layers, zero),
-        _layer(state.layers, zero),
-        None if p_layers is None else _layer(p_layers, zero)))
+        lambda u, s, p: tx.update(u, s, p)[0], layer_of(u_layers, zero),
+        layer_of(state.layers, zero),
+        None if p_layers is None else layer_of(p_layers, zero)))
     # Layer i's update overwrites its gradient where the dtypes agree; the
     # other updates go to buffers of their own dtype.
     same = [g.dtype == o.dtype for g, o in zip(g_leaves, out_leaves)]
@@ -106,18 +109,18 @@ def per_layer(tx: optax.GradientTransformation, key: str = "layers"
 
     def body(i, carry):
       grads, extra, s = carry
-      p = None if p_layers is None else _layer(p_layers, i)
-      new_u, new_s = tx.update(g_def.unflatten(_layer(grads, i)),
-                               _layer(s, i), p)
+      p = None if p_layers is None else layer_of(p_layers, i)
+      new_u, new_s = tx.update(g_def.unflatten(layer_of(grads, i)),
+                               layer_of(s, i), p)
       rest = iter(extra)
       grads_out, extra_out = [], []
       for g, u, sm in zip(grads, jax.tree.leaves(new_u), same):
         if sm:
-          grads_out.append(_put(g, u, i))
+          grads_out.append(put_layer(g, u, i))
         else:
           grads_out.append(g)
-          extra_out.append(_put(next(rest), u, i))
-      return grads_out, extra_out, _put(s, new_s, i)
+          extra_out.append(put_layer(next(rest), u, i))
+      return grads_out, extra_out, put_layer(s, new_s, i)
 
     grads, extra, s_layers = jax.lax.fori_loop(
         0, num, body, (g_leaves, extra, state.layers))
