@@ -38,9 +38,6 @@ MICROADAM_STATIC_ARGS = (
     "values_dtype", "implementation", "kernel_config",
 )
 
-_IMPLEMENTATIONS = dispatch.IMPLEMENTATIONS
-
-
 class MicroAdamState(NamedTuple):
   """State of :func:`scale_by_microadam`.
 
@@ -122,10 +119,7 @@ def _validate(*, b1, b2, eps, window, density, topk_block_size,
         f"values_dtype must be bfloat16, float16 or float32, got {vdt}.")
   if concrete(alpha) and not 0.0 <= float(alpha) < 1.0:
     raise ValueError(f"alpha must be in [0, 1), got {alpha!r}.")
-  if implementation not in _IMPLEMENTATIONS:
-    raise ValueError(
-        f"implementation must be one of {_IMPLEMENTATIONS}, got "
-        f"{implementation!r}.")
+  dispatch.check_implementation(implementation)
 
 
 class _Hyper(NamedTuple):
