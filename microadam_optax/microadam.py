@@ -38,7 +38,7 @@ MICROADAM_STATIC_ARGS = (
     "values_dtype", "implementation", "kernel_config",
 )
 
-class MicroAdamState(NamedTuple):
+class ScaleByMicroAdamState(NamedTuple):
   """State of :func:`scale_by_microadam`.
 
   Attributes:
@@ -407,7 +407,7 @@ def scale_by_microadam(
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` whose state is a
-    :class:`MicroAdamState`.
+    :class:`ScaleByMicroAdamState`.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -463,7 +463,7 @@ def scale_by_microadam(
     per_leaf = [_init_leaf(p, window=window, vdtype=vdtype, lay=layout(p))
                 for p in leaves]
     fields = [outer.unflatten([s[i] for s in per_leaf]) for i in range(5)]
-    return MicroAdamState(jnp.zeros([], jnp.int32), *fields)
+    return ScaleByMicroAdamState(jnp.zeros([], jnp.int32), *fields)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -491,7 +491,7 @@ def scale_by_microadam(
     fields = [state_tree.flatten_up_to(f) for f in state[1:]]
     outs = [leaf(g, *s) for g, *s in zip(grads, *fields)]
     updates = grads_tree.unflatten([r(o[0]) for r, o in zip(rewrap, outs)])
-    return updates, MicroAdamState(count, *(
+    return updates, ScaleByMicroAdamState(count, *(
         state_tree.unflatten([o[i] for o in outs]) for i in range(1, 6)))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -116,7 +116,7 @@ ranges. On a model this small the per-block overheads still show; the next
 cell measures real model shapes.
 """),
     ("code", '''
-micro_state = s[1][0]  # chain: (clip state, (MicroAdamState, decay, lr))
+micro_state = s[1][0]  # chain: (clip state, (ScaleByMicroAdamState, decay, lr))
 print(type(micro_state).__name__)
 for field in ("window_indices", "window_values", "error_codes", "error_min"):
   leaf = getattr(micro_state, field)["hidden"]["kernel"]

@@ -78,4 +78,4 @@ def test_linen_train_state_reduces_loss():
     state = step(state)
   last = float(loss_fn(state.params))
   assert last < 0.5 * first, (first, last)
-  assert isinstance(state.opt_state[0], mo.MicroAdamState)
+  assert isinstance(state.opt_state[0], mo.ScaleByMicroAdamState)

@@ -169,7 +169,7 @@ def test_state_bytes_per_param_on_llama2_7b_shapes():
   per_param = mo.state_nbytes(state) / mo.model_shapes.num_params(shapes)
   assert 0.85 <= per_param <= 0.91, per_param
   inner = state[0]
-  assert isinstance(inner, mo.MicroAdamState)
+  assert isinstance(inner, mo.ScaleByMicroAdamState)
   leaf = inner.window_indices["layers_0"]["self_attn"]["q_proj"]["kernel"]
   assert leaf.dtype == jnp.int16 and leaf.shape == (10, 4096, 41)
   codes = inner.error_codes["layers_0"]["self_attn"]["q_proj"]["kernel"]

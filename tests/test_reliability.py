@@ -67,6 +67,28 @@ def test_orbax_round_trip_keeps_dtypes_and_shapes(tmp_path):
   assert inner.count.dtype == jnp.int32
 
 
+def test_deprecated_state_name_is_the_same_class_and_restores(tmp_path):
+  with pytest.warns(DeprecationWarning, match="ScaleByMicroAdamState"):
+    old = mo.MicroAdamState
+  assert old is mo.ScaleByMicroAdamState
+  with pytest.warns(DeprecationWarning):
+    from microadam_optax import MicroAdamState  # pylint: disable=g-import-not-at-top
+  assert MicroAdamState is old
+  # A state written under the old name restores as the new one.
+  params = _params()
+  tx = mo.scale_by_microadam(density=0.1, topk_block_size=64)
+  state = old(*_random_state(tx, params))
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / "ckpt", state)
+  ckpt.wait_until_finished()
+  restored = ckpt.restore(tmp_path / "ckpt", jax.eval_shape(tx.init, params))
+  assert type(restored) is mo.ScaleByMicroAdamState
+  _assert_same_tree(state, restored)
+  assert "MicroAdamState" not in mo.__all__
+  with pytest.raises(AttributeError, match="no_such_name"):
+    mo.no_such_name  # pylint: disable=pointless-statement
+
+
 def test_flax_msgpack_round_trip():
   params = _params()
   tx = mo.microadam(1e-3, density=0.1, topk_block_size=64)
