@@ -76,8 +76,13 @@ def known_sharding(x: Any) -> Optional[NamedSharding]:
   return sharding if isinstance(sharding, NamedSharding) else None
 
 
-def _entry_axes(entry: Any) -> Optional[tuple[str, ...]]:
-  """Mesh axes named by one entry of a PartitionSpec; ``None``: unknown."""
+def entry_axes(entry: Any) -> Optional[tuple[str, ...]]:
+  """Names in one entry of a PartitionSpec; ``None``: not names.
+
+  An entry is ``None`` (no names), a name, or a tuple or list of names: mesh
+  axes in a sharding's spec, logical axis names in a parameter's.
+  ``P.UNCONSTRAINED`` and anything else give ``None``.
+  """
   if entry is None:
     return ()
   if isinstance(entry, str):
@@ -129,7 +134,7 @@ def shard_grid(sharding: NamedSharding, shape: tuple[int, ...]
   local = []
   even = True
   for size, entry in zip(shape, spec):
-    names = _entry_axes(entry)
+    names = entry_axes(entry)
     if names is None:
       return None
     parts = math.prod(sharding.mesh.shape[a] for a in names)

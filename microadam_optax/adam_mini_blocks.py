@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from microadam_optax import _trees
+from microadam_optax._sharding import entry_axes
 from microadam_optax._trees import path_keys as _path_keys
 
 __all__ = [
@@ -606,17 +607,6 @@ def _lift_stacked(spec: AdamMiniSpec, shape: tuple[int, ...],
   return AdamMiniSpec(spec.rule, axes, tuple(v_shape), segments)
 
 
-def _name_entry(entry: Any) -> Optional[tuple[str, ...]]:
-  if entry is None:
-    return ()
-  if isinstance(entry, str):
-    return (entry,)
-  if isinstance(entry, (tuple, list)) and all(isinstance(e, str)
-                                              for e in entry):
-    return tuple(entry)
-  return None
-
-
 def _check_names(names: Any, shape: tuple[int, ...], where: str
                  ) -> tuple[tuple[str, ...], ...]:
   """Validates one leaf's logical axis names; one tuple of names per axis."""
@@ -624,7 +614,7 @@ def _check_names(names: Any, shape: tuple[int, ...], where: str
   if isinstance(names, PartitionSpec):  # trailing axes may be left out
     names = tuple(names) + (None,) * (len(shape) - len(names))
   if isinstance(names, (tuple, list)) and not isinstance(names, str):
-    entries = [_name_entry(e) for e in names]
+    entries = [entry_axes(e) for e in names]
   if entries is None or any(e is None for e in entries) or len(
       entries) != len(shape):
     raise ValueError(
@@ -836,7 +826,7 @@ class AdamMiniRules:
     if all(roles[i] is None for i in rest):  # no names but stacked ones
       more = self._path_names(path, tuple(full[i] for i in rest), width)
       for i, n in zip(rest, more or ()):
-        roles[i] = self._role(_name_entry(n))
+        roles[i] = self._role(entry_axes(n))
     stacked = tuple(i for i, r in enumerate(roles) if r == "stacked")
     shape = tuple(d for i, d in enumerate(full) if i not in stacked)
     roles = tuple(r for i, r in enumerate(roles) if i not in stacked)
@@ -937,7 +927,7 @@ def _box_names(box: Any) -> Optional[tuple[Any, ...]]:
   if isinstance(names, PartitionSpec):
     return names
   if isinstance(names, (tuple, list)) and all(
-      _name_entry(n) is not None for n in names):
+      entry_axes(n) is not None for n in names):
     return tuple(names)
   return None
 
@@ -945,7 +935,7 @@ def _box_names(box: Any) -> Optional[tuple[Any, ...]]:
 def _is_names(x: Any) -> bool:
   return x is None or (isinstance(x, (tuple, list, PartitionSpec))
                        and not isinstance(x, AdamMiniSpec)
-                       and all(_name_entry(n) is not None for n in x))
+                       and all(entry_axes(n) is not None for n in x))
 
 
 def _leaf_names(params: Any, axis_names: Any, paths: list[tuple[str, ...]]
