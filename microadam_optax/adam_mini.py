@@ -42,15 +42,13 @@ from microadam_optax.adam_mini_blocks import _check_partition_arg
 from microadam_optax.adam_mini_blocks import _default_decay_mask
 from microadam_optax.adam_mini_blocks import _resolve
 
+# What this module defines; the partition's names (imported above, still
+# importable from here) are adam_mini_blocks'. The package's __all__ has both.
 __all__ = [
-    "ADAM_MINI_DEFAULT_RULES",
     "ADAM_MINI_STATIC_ARGS",
-    "AdamMiniRules",
     "AdamMiniSegments",
-    "AdamMiniSpec",
     "ScaleByAdamMiniState",
     "adam_mini",
-    "adam_mini_partition",
     "scale_by_adam_mini",
 ]
 
