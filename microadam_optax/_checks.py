@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from microadam_optax._sharding import is_traced
 
 
 def check_float_leaves(params: Any, optimizer: str) -> None:
@@ -36,3 +40,22 @@ def check_float_leaves(params: Any, optimizer: str) -> None:
         f"optax.set_to_zero).")
 
   jax.tree_util.tree_map_with_path(check, params)
+
+
+def check_learning_rate(learning_rate: Any) -> None:
+  """Raises ``ValueError`` unless ``learning_rate`` is a finite number.
+
+  A schedule (any callable) and a traced value (an injected
+  hyper-parameter, checked where it was a number) pass.
+  """
+  if callable(learning_rate) or is_traced(learning_rate):
+    return
+  try:
+    lr = float(np.asarray(learning_rate))
+  except (TypeError, ValueError):
+    raise ValueError(
+        f"learning_rate must be a real number or a schedule, got "
+        f"{learning_rate!r}.") from None
+  if not math.isfinite(lr):
+    raise ValueError(
+        f"learning_rate must be a finite number, got {learning_rate!r}.")

@@ -33,7 +33,9 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from microadam_optax import _sharding
+from microadam_optax._alias import decoupled_alias
 from microadam_optax._checks import check_float_leaves
+from microadam_optax._checks import check_learning_rate
 from microadam_optax.adam_mini_blocks import ADAM_MINI_DEFAULT_RULES
 from microadam_optax.adam_mini_blocks import AdamMiniRules
 from microadam_optax.adam_mini_blocks import AdamMiniSpec
@@ -468,22 +470,11 @@ def adam_mini(
     Zhang et al., `Adam-mini: Use Fewer Learning Rates To Gain More
     <https://arxiv.org/abs/2406.16793>`_, ICLR 2025.
   """
-  if not (callable(learning_rate) or _sharding.is_traced(learning_rate)):
-    try:
-      lr = float(np.asarray(learning_rate))
-    except (TypeError, ValueError):
-      raise ValueError(
-          f"learning_rate must be a real number or a schedule, got "
-          f"{learning_rate!r}.") from None
-    if not math.isfinite(lr):
-      raise ValueError(
-          f"learning_rate must be a finite number, got {learning_rate!r}.")
+  check_learning_rate(learning_rate)
   _check_hparams(weight_decay=weight_decay)
   if mask is None:
     mask = _default_decay_mask(partition)
-  return optax.chain(
+  return decoupled_alias(
       scale_by_adam_mini(b1=b1, b2=b2, eps=eps, partition=partition,
                          mu_dtype=mu_dtype),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+      learning_rate, weight_decay, mask)

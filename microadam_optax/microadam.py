@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from microadam_optax import _sharding
 from microadam_optax import _trees
+from microadam_optax._alias import decoupled_alias
 from microadam_optax._checks import check_float_leaves
 from microadam_optax._layout import LeafLayout, leaf_layout
 from pallas_kernels import dispatch
@@ -531,15 +532,9 @@ def microadam(
       that weight decay applies to, as in :func:`optax.adamw`. ``None``: every
       leaf, as :func:`optax.adamw` does (unlike :func:`adam_mini`, whose
       ``None`` skips biases and norm scales, as its authors do).
-    window: see :func:`scale_by_microadam`.
-    density: see :func:`scale_by_microadam`.
-    topk_block_size: see :func:`scale_by_microadam`.
-    quant_block_size: see :func:`scale_by_microadam`.
-    error_bits: see :func:`scale_by_microadam`.
-    values_dtype: see :func:`scale_by_microadam`.
-    alpha: see :func:`scale_by_microadam`.
-    kernel_config: see :func:`scale_by_microadam`.
-    implementation: see :func:`scale_by_microadam`.
+    window, density, topk_block_size, quant_block_size, error_bits,
+      values_dtype, alpha, implementation, kernel_config: see
+      :func:`scale_by_microadam`.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
@@ -562,12 +557,10 @@ def microadam(
     Overhead and Provable Convergence <https://arxiv.org/abs/2405.15593>`_,
     NeurIPS 2024.
   """
-  return optax.chain(
+  return decoupled_alias(
       scale_by_microadam(
           b1=b1, b2=b2, eps=eps, window=window, density=density,
           topk_block_size=topk_block_size, quant_block_size=quant_block_size,
           error_bits=error_bits, values_dtype=values_dtype, alpha=alpha,
           implementation=implementation, kernel_config=kernel_config),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+      learning_rate, weight_decay, mask)

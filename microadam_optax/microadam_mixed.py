@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from microadam_optax import _trees
+from microadam_optax._alias import decoupled_alias
 from microadam_optax.adam_mini import scale_by_adam_mini
 from microadam_optax.memory import state_nbytes
 from microadam_optax.microadam import scale_by_microadam
@@ -219,14 +220,9 @@ def scale_by_microadam_mixed(
     dense_names: see :func:`microadam_labels`.
     max_state_bytes_per_param: ``None``, or a budget: ``init`` raises
       ``ValueError`` when the state takes more bytes per parameter.
-    window: see :func:`scale_by_microadam`.
-    density: see :func:`scale_by_microadam`.
-    topk_block_size: see :func:`scale_by_microadam`.
-    quant_block_size: see :func:`scale_by_microadam`.
-    error_bits: see :func:`scale_by_microadam`.
-    values_dtype: see :func:`scale_by_microadam`.
-    alpha: see :func:`scale_by_microadam`.
-    implementation: see :func:`scale_by_microadam`.
+    window, density, topk_block_size, quant_block_size, error_bits,
+      values_dtype, alpha, implementation: MicroAdam's, see
+      :func:`scale_by_microadam`.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
@@ -329,29 +325,14 @@ def microadam_mixed(
 
   Args:
     learning_rate: a float or an optax schedule.
-    b1: see :func:`scale_by_microadam_mixed`.
-    b2: see :func:`scale_by_microadam_mixed`.
-    eps: see :func:`scale_by_microadam_mixed`.
     weight_decay: decoupled weight decay ``lambda``.
     mask: pytree (or callable returning one) of booleans selecting the leaves
       that weight decay applies to, as in :func:`optax.adamw`. ``None``: every
       leaf, as :func:`microadam` and :func:`optax.adamw`.
-    dense: see :func:`scale_by_microadam_mixed`.
-    dense_b1: see :func:`scale_by_microadam_mixed`.
-    dense_b2: see :func:`scale_by_microadam_mixed`.
-    dense_eps: see :func:`scale_by_microadam_mixed`.
-    dense_mu_dtype: see :func:`scale_by_microadam_mixed`.
-    min_size: see :func:`microadam_labels`.
-    dense_names: see :func:`microadam_labels`.
-    max_state_bytes_per_param: see :func:`scale_by_microadam_mixed`.
-    window: see :func:`scale_by_microadam`.
-    density: see :func:`scale_by_microadam`.
-    topk_block_size: see :func:`scale_by_microadam`.
-    quant_block_size: see :func:`scale_by_microadam`.
-    error_bits: see :func:`scale_by_microadam`.
-    values_dtype: see :func:`scale_by_microadam`.
-    alpha: see :func:`scale_by_microadam`.
-    implementation: see :func:`scale_by_microadam`.
+    b1, b2, eps, dense, dense_b1, dense_b2, dense_eps, dense_mu_dtype,
+      min_size, dense_names, max_state_bytes_per_param, window, density,
+      topk_block_size, quant_block_size, error_bits, values_dtype, alpha,
+      implementation: see :func:`scale_by_microadam_mixed`.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
@@ -379,7 +360,7 @@ def microadam_mixed(
     Overhead and Provable Convergence <https://arxiv.org/abs/2405.15593>`_,
     NeurIPS 2024.
   """
-  return optax.chain(
+  return decoupled_alias(
       scale_by_microadam_mixed(
           b1=b1, b2=b2, eps=eps, dense=dense, dense_b1=dense_b1,
           dense_b2=dense_b2, dense_eps=dense_eps,
@@ -390,6 +371,4 @@ def microadam_mixed(
           quant_block_size=quant_block_size, error_bits=error_bits,
           values_dtype=values_dtype, alpha=alpha,
           implementation=implementation),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+      learning_rate, weight_decay, mask)
