@@ -12,6 +12,8 @@ from typing import Any, Callable, Optional, Union
 
 import optax
 
+from microadam_optax._checks import check_learning_rate
+
 
 def decoupled_alias(
     direction: optax.GradientTransformation,
@@ -29,7 +31,12 @@ def decoupled_alias(
 
   Returns:
     ``optax.chain(direction, add_decayed_weights, scale_by_learning_rate)``.
+
+  Raises:
+    ValueError: for a ``learning_rate`` that is neither a finite number nor
+      a schedule.
   """
+  check_learning_rate(learning_rate)
   return optax.chain(
       direction,
       optax.add_decayed_weights(weight_decay, mask),

@@ -35,7 +35,6 @@ from jax.sharding import PartitionSpec as P
 from microadam_optax import _sharding
 from microadam_optax._alias import decoupled_alias
 from microadam_optax._checks import check_float_leaves
-from microadam_optax._checks import check_learning_rate
 from microadam_optax.adam_mini_blocks import ADAM_MINI_DEFAULT_RULES
 from microadam_optax.adam_mini_blocks import AdamMiniRules
 from microadam_optax.adam_mini_blocks import AdamMiniSpec
@@ -470,7 +469,6 @@ def adam_mini(
     Zhang et al., `Adam-mini: Use Fewer Learning Rates To Gain More
     <https://arxiv.org/abs/2406.16793>`_, ICLR 2025.
   """
-  check_learning_rate(learning_rate)
   _check_hparams(weight_decay=weight_decay)
   if mask is None:
     mask = _default_decay_mask(partition)

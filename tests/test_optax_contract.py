@@ -230,6 +230,17 @@ def test_learning_rate_schedule(name):
     _assert_trees_close(u1, u2)
 
 
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("learning_rate, match", [
+    ("fast", r"learning_rate must be a real number or a schedule, got 'fast'"),
+    (float("nan"), r"learning_rate must be a finite number, got nan"),
+    (float("inf"), r"learning_rate must be a finite number, got inf"),
+])
+def test_invalid_learning_rate_is_refused(name, learning_rate, match):
+  with pytest.raises(ValueError, match=match):
+    CASES[name].make(learning_rate)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("name", DENSE)
 def test_multisteps_accumulates(name, dtype):
