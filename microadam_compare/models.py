@@ -154,7 +154,34 @@ class Block(nnx.Module):
     return x + self.mlp(self.ln2(x))
 
 
-class GPT(nnx.Module):
+class _Backbone(nnx.Module):
+  """What :class:`GPT` and :class:`GPTClassifier` share, under the names of
+  :data:`BACKBONE`: token and position embeddings, blocks, a final
+  LayerNorm; its parameters are made first, in that order."""
+
+  def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    dtype = jnp.dtype(config.dtype)
+    self.embed = nnx.Embed(config.vocab_size, config.d_model,
+                           embedding_init=_normal(0.02), dtype=dtype, rngs=rngs)
+    self.pos_embed = nnx.Embed(config.seq_len, config.d_model,
+                               embedding_init=_normal(0.01), dtype=dtype,
+                               rngs=rngs)
+    self.blocks = nnx.List(
+        [Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.ln_f = nnx.LayerNorm(config.d_model, dtype=dtype, rngs=rngs)
+
+  def hidden_states(self, tokens: jax.Array) -> jax.Array:
+    """``int32`` tokens ``[batch, time]`` to the normalised final hidden
+    states ``[batch, time, d_model]``."""
+    t = tokens.shape[-1]
+    x = self.embed(tokens) + self.pos_embed(jnp.arange(t))
+    for block in self.blocks:
+      x = block(x)
+    return self.ln_f(x)
+
+
+class GPT(_Backbone):
   """A decoder-only transformer: token and position embeddings, blocks, an
   untied ``lm_head``. Maps ``int32`` tokens ``[batch, time]`` to logits
   ``[batch, time, vocab_size]``.
@@ -169,29 +196,16 @@ class GPT(nnx.Module):
   """
 
   def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
-    self.config = config
-    dtype = jnp.dtype(config.dtype)
-    self.embed = nnx.Embed(config.vocab_size, config.d_model,
-                           embedding_init=_normal(0.02), dtype=dtype, rngs=rngs)
-    self.pos_embed = nnx.Embed(config.seq_len, config.d_model,
-                               embedding_init=_normal(0.01), dtype=dtype,
-                               rngs=rngs)
-    self.blocks = nnx.List(
-        [Block(config, rngs=rngs) for _ in range(config.num_layers)])
-    self.ln_f = nnx.LayerNorm(config.d_model, dtype=dtype, rngs=rngs)
+    super().__init__(config, rngs=rngs)
     self.lm_head = nnx.Linear(config.d_model, config.vocab_size,
                               use_bias=False, kernel_init=_normal(0.02),
-                              dtype=dtype, rngs=rngs)
+                              dtype=jnp.dtype(config.dtype), rngs=rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    t = tokens.shape[-1]
-    x = self.embed(tokens) + self.pos_embed(jnp.arange(t))
-    for block in self.blocks:
-      x = block(x)
-    return self.lm_head(self.ln_f(x))
+    return self.lm_head(self.hidden_states(tokens))
 
 
-class GPTClassifier(nnx.Module):
+class GPTClassifier(_Backbone):
   """A :class:`GPT` backbone (``embed``, ``pos_embed``, ``blocks``,
   ``ln_f``) with a sequence-classification head (``output``) on the mean of
   the final hidden states. Maps ``int32`` tokens ``[batch, time]`` to logits
@@ -209,25 +223,13 @@ class GPTClassifier(nnx.Module):
   """
 
   def __init__(self, config: GPTConfig, num_classes: int, *, rngs: nnx.Rngs):
-    self.config = config
-    dtype = jnp.dtype(config.dtype)
-    self.embed = nnx.Embed(config.vocab_size, config.d_model,
-                           embedding_init=_normal(0.02), dtype=dtype, rngs=rngs)
-    self.pos_embed = nnx.Embed(config.seq_len, config.d_model,
-                               embedding_init=_normal(0.01), dtype=dtype,
-                               rngs=rngs)
-    self.blocks = nnx.List(
-        [Block(config, rngs=rngs) for _ in range(config.num_layers)])
-    self.ln_f = nnx.LayerNorm(config.d_model, dtype=dtype, rngs=rngs)
+    super().__init__(config, rngs=rngs)
     self.output = nnx.Linear(config.d_model, num_classes,
-                             kernel_init=_normal(0.02), dtype=dtype, rngs=rngs)
+                             kernel_init=_normal(0.02),
+                             dtype=jnp.dtype(config.dtype), rngs=rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    t = tokens.shape[-1]
-    x = self.embed(tokens) + self.pos_embed(jnp.arange(t))
-    for block in self.blocks:
-      x = block(x)
-    return self.output(jnp.mean(self.ln_f(x), axis=-2))
+    return self.output(jnp.mean(self.hidden_states(tokens), axis=-2))
 
 
 #: The parameters a :class:`GPTClassifier` takes from a pre-trained GPT.
