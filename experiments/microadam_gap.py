@@ -1,11 +1,12 @@
 """How far MicroAdam trails AdamW: density x window, windows, dense leaves.
 
-The gap table of issue 15. Every configuration runs through the comparison's
-own machinery (:func:`microadam_compare.compare.run_optimizer`): the same
-tasks, seeds, batches, warmup + cosine schedule, global-norm clipping at 1.0
-and full-length tuning of the learning rate (every rate of the grid as long
-as the reported run, the grid extended by half-decades while its best rate
-is at an end), the best rate rerun on the other seeds. Rows:
+The gap table of benchmarks/RESULTS.md ("MicroAdam's gap to AdamW"). Every
+configuration runs through the comparison's own machinery
+(:func:`microadam_compare.compare.run_optimizer`): the same tasks, seeds,
+batches, warmup + cosine schedule, global-norm clipping at 1.0 and
+full-length tuning of the learning rate (every rate of the grid as long as
+the reported run, the grid extended by half-decades while its best rate is
+at an end), the best rate rerun on the other seeds. Rows:
 
 * ``adamw``, ``adam_mini``: the comparison's entries (authors' recipes).
 * ``microadam_d{1,2,5}_w{10,20}``: the published MicroAdam (the authors'
@@ -102,7 +103,7 @@ SHORT_WINDOWS = ((0.02, 5), (0.03, 3), (0.05, 2), (0.1, 1))
 #: what those encodings could give (fp8 would also round the values).
 ENCODING_BOUND = ((0.16, 1), (0.2, 1))
 
-#: Goal of issue 15: state at most this many bytes per parameter, final loss
+#: The study's goal: state at most this many bytes per parameter, final loss
 #: within 2 % of AdamW's when fine-tuning and within 5 % from scratch.
 BUDGET_BYTES_PER_PARAM = 1.2
 GOAL = {"lm": 0.05, "digits": 0.05, "finetune": 0.02, "finetune_cls": 0.02}

@@ -9,12 +9,12 @@ parameters, so giving them dense Adam (or Adam-mini) costs little memory.
 :func:`optax.partition` over the two optimizers; the published MicroAdam is
 unchanged on the leaves labelled ``"microadam"``.
 
-Measured on the comparison's CPU tasks (``benchmarks/RESULTS.md``, issue 15):
-dense Adam-mini on norms, biases and embeddings takes MicroAdam's language
-model from +22 % to +6 % of AdamW's loss, and with the same bytes of window
-spent on one row of 10 % (``window=1, density=0.1``) instead of ten of 1 %,
-to -4.6 % at 1.05 byte per parameter (+0.3 %, a tie, at four times the
-length).
+Measured on the comparison's CPU tasks (``benchmarks/RESULTS.md``, the
+MicroAdam gap study): dense Adam-mini on norms, biases and embeddings takes
+MicroAdam's language model from +22 % to +6 % of AdamW's loss, and with the
+same bytes of window spent on one row of 10 % (``window=1, density=0.1``)
+instead of ten of 1 %, to -4.6 % at 1.05 byte per parameter (+0.3 %, a tie, at
+four times the length).
 """
 
 from __future__ import annotations

@@ -662,7 +662,7 @@ def test_update_on_another_tree_raises():
 
 
 # ----------------------------------------------------------------------------
-# Fused query/key/value kernels, GPT-2 names, classifier heads (issue 15)
+# Fused query/key/value kernels, GPT-2 names, classifier heads
 
 GD, GHD = 8, 4  # GPT-2-style width and head size: 2 heads
 
