@@ -67,14 +67,23 @@ class KernelConfig:
       more of what a TPU would, but whose callbacks
       ``custom_partitioning`` does not accept).
     xla_chunk_elements: the XLA path updates a leaf of more entries in
-      groups of about this many (whole blocks, a loop over the groups), so
-      that its temporaries stay the size of one group instead of the leaf's
-      (default ``2**24``: ~0.5 GB of temporaries). Results are the same:
-      blocks are independent.
+      groups of about this many (whole blocks, a loop over the groups,
+      :func:`leaf_step_chunked`), so that its temporaries are a few groups'
+      worth (default ``2**24``: ~0.4 GB), not the leaf's, with or without
+      donated gradients and state. Results are the same: blocks are
+      independent.
+    xla_16bit_in_place: whether that loop updates 16-bit float arrays (a
+      bf16 gradient and update, bf16 window values) in place. ``None``: on
+      every platform but CPU. XLA:CPU computes 16-bit floats in float32, so
+      there each group's update is a pass over the whole array (the step's
+      time grows with the square of the leaf); without it the arrays go
+      through the loop as integers, at the cost of one copy of each
+      (~2.2 bytes per entry of a bf16 leaf).
   """
   gpu_num_warps: int | None = None
   tpu_interpret: Any = None
   xla_chunk_elements: int = 1 << 24
+  xla_16bit_in_place: bool | None = None
 
   def __post_init__(self):
     w = self.gpu_num_warps
@@ -87,6 +96,11 @@ class KernelConfig:
     if isinstance(c, bool) or not isinstance(c, int) or c < 1:
       raise ValueError(
           f"xla_chunk_elements must be a positive integer, got {c!r}.")
+    if self.xla_16bit_in_place is not None and not isinstance(
+        self.xla_16bit_in_place, bool):
+      raise ValueError(
+          f"xla_16bit_in_place must be None, True or False, got "
+          f"{self.xla_16bit_in_place!r}.")
     if self.tpu_interpret is not None and not isinstance(
         self.tpu_interpret, pltpu.InterpretParams):
       raise ValueError(
@@ -188,68 +202,113 @@ def _blocks_layout(layout, num_blocks: int, last: bool):
 
 def leaf_step_chunked(grad, window_indices, window_values, codes, block_min,
                       block_max, count, *, layout, chunk_blocks: int,
-                      **kwargs):
+                      in_place_16bit: bool | None = None, **kwargs):
   """:func:`leaf_step_reference` over groups of ``chunk_blocks`` blocks.
 
+  Blocks are independent, so the results are those of
+  :func:`leaf_step_reference`, bit for bit; only the temporaries differ.
   The last, possibly shorter, group (with the ragged last block) is updated
-  first, then a loop (:func:`jax.lax.fori_loop`) takes the leaf's whole
-  groups one at a time (dynamic slices in, dynamic updates of the carried
-  outputs): temporaries are one group's, not the leaf's. Blocks are independent, so the results are
-  those of :func:`leaf_step_reference`. Needs an aligned layout.
+  first, then a loop (:func:`jax.lax.fori_loop`) takes the whole groups one
+  at a time. Each output is updated in place: ``u`` over the gradient where
+  their dtypes agree (else in a buffer of its own), the state over the
+  state's buffers. The temporaries are then a few groups' worth whatever
+  the leaf's size (~25 bytes per entry of a group on XLA:CPU), with or
+  without donation: a step whose gradients and state are donated
+  (``jax.jit(step, donate_argnums=...)``) needs no leaf-sized buffer beyond
+  them; without donation XLA copies the inputs into the outputs, once.
+  Needs an aligned layout.
+
+  XLA:CPU computes every operation on 16-bit floats in float32, in-place
+  updates included: the update of one group becomes a pass over the whole
+  array. So on CPU by default (``in_place_16bit=None``) 16-bit float arrays
+  (a bf16 gradient and ``u``, bf16 window values) go through the loop as
+  unsigned integers of their width: the time stays linear in the leaf, at
+  the cost of one copy of each array (XLA shares no buffer between element
+  types; ~2.2 bytes per entry of a bf16 leaf). Arrays of 32-bit floats and
+  integers are updated in place on every platform.
+
+  In-place updates need every read of a buffer ordered before its writes.
+  XLA orders by data dependences alone (``optimization_barrier`` is gone
+  before XLA:CPU inserts copies) and copies the whole buffer where it
+  cannot prove the order. So no group is read from a buffer after a write
+  that does not feed the read:
+
+  * the loop carries the next group's inputs, read at the end of each
+    iteration from the buffers that iteration wrote;
+  * the tail's results are written inside the loop, in every iteration
+    (the same values each time): the loop then depends on them, hence on
+    every read of the tail's inputs. Written before the loop, the tail's
+    reads of a donated buffer race with that write; written after it, with
+    the loop's first writes.
+
+  Args: as :func:`leaf_step_reference`, plus
+    chunk_blocks: blocks per group, at least 1.
+    in_place_16bit: whether 16-bit float arrays are updated in place as
+      floats; ``None``: on every platform but CPU
+      (:attr:`KernelConfig.xla_16bit_in_place`).
+
+  Returns:
+    As :func:`leaf_step_reference`.
   """
+  args = (grad, window_indices, window_values, codes, block_min, block_max,
+          count)
+  if in_place_16bit is None:
+    chunked = functools.partial(leaf_step_chunked, layout=layout,
+                                chunk_blocks=chunk_blocks, **kwargs)
+    return jax.lax.platform_dependent(
+        *args, cpu=functools.partial(chunked, in_place_16bit=False),
+        default=functools.partial(chunked, in_place_16bit=True))
   lay = layout
   nb, b = lay.num_topk_blocks, lay.topk_block
   groups = (nb - 1) // chunk_blocks  # whole groups before the tail
-  tail = nb - groups * chunk_blocks
+  tail = groups * chunk_blocks  # the tail's first block
   g = grad.reshape(-1)
-  # The gradient is sliced as unsigned integers of its width: XLA:CPU would
-  # otherwise convert a whole 16-bit float gradient to float32 once, before
-  # the loop (a leaf-sized temporary), to slice it.
-  bits = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}.get(g.dtype.itemsize)
-  g_bits = g if bits is None else jax.lax.bitcast_convert_type(g, bits)
+  out_dtype = jnp.dtype(kwargs["out_dtype"])
+  in_grad = out_dtype == g.dtype  # u written over the gradient
+  outs = (g if in_grad else jnp.zeros((lay.size,), out_dtype),
+          window_indices, window_values, codes, block_min, block_max)
+  dtypes = (g.dtype,) + tuple(x.dtype for x in outs[1:])  # of the inputs
 
-  def _from_bits(x):
-    return x if bits is None else jax.lax.bitcast_convert_type(x, g.dtype)
+  def carried(x):  # an array as the loop holds it
+    if in_place_16bit or x.dtype not in (jnp.bfloat16, jnp.float16):
+      return x
+    return jax.lax.bitcast_convert_type(x, jnp.uint16)
 
-  u = jnp.zeros((lay.size,), kwargs["out_dtype"])
-  step = functools.partial(leaf_step_reference, **kwargs)
+  outs = tuple(map(carried, outs))
+  grad_source = None if in_grad else carried(g)  # else read from outs[0]
+  step = functools.partial(leaf_step_reference, count=count, **kwargs)
+  # Per output: entries per block and the block axis.
+  per_block, axes = (b, 1, 1, 1, 1, 1), (0, 1, 1, 0, 0, 0)
+
+  def sources(outs):  # the arrays the step's inputs are read from
+    return (outs[0] if in_grad else grad_source,) + outs[1:]
+
+  def group(outs, blk):  # the step's inputs, blocks [blk, blk + chunk_blocks)
+    return tuple(jax.lax.bitcast_convert_type(
+        jax.lax.dynamic_slice_in_dim(x, blk * n, chunk_blocks * n, a), t)
+                 for x, n, a, t in zip(sources(outs), per_block, axes, dtypes))
+
+  def put(outs, pieces, blk):
+    return tuple(jax.lax.dynamic_update_slice_in_dim(x, carried(y), blk * n, a)
+                 for x, y, n, a in zip(outs, pieces, per_block, axes))
+
+  tail_in = (jax.lax.bitcast_convert_type(
+      jax.lax.slice_in_dim(x, tail * n, x.shape[a], axis=a), t)
+             for x, n, a, t in zip(sources(outs), per_block, axes, dtypes))
+  tail_out = step(*tail_in, layout=_blocks_layout(lay, nb - tail, last=True))
+  if not groups:
+    return tail_out
   full = _blocks_layout(lay, chunk_blocks, last=False)
 
-  def update(carry, out, start):
-    return tuple(jax.lax.dynamic_update_slice_in_dim(x, y, s0, axis=a)
-                 for x, y, s0, a in zip(carry, out, (start * b,) + (start,) * 5,
-                                        (0, 1, 1, 0, 0, 0)))
-
   def body(i, carry):
-    _, iw, vw, c, lo, hi = carry
+    outs, pieces = carry
     blk = i * chunk_blocks
-    piece = _from_bits(jax.lax.dynamic_slice_in_dim(g_bits, blk * b,
-                                                    chunk_blocks * b))
-    out = step(
-        piece,
-        jax.lax.dynamic_slice_in_dim(iw, blk, chunk_blocks, axis=1),
-        jax.lax.dynamic_slice_in_dim(vw, blk, chunk_blocks, axis=1),
-        jax.lax.dynamic_slice_in_dim(c, blk, chunk_blocks),
-        jax.lax.dynamic_slice_in_dim(lo, blk, chunk_blocks),
-        jax.lax.dynamic_slice_in_dim(hi, blk, chunk_blocks),
-        count, layout=full)
-    return update(carry, out, blk)
+    outs = put(put(outs, tail_out, tail), step(*pieces, layout=full), blk)
+    return outs, group(outs, blk + chunk_blocks)
 
-  # The last group (with the ragged last block) first, so that the loop is
-  # the last writer of every output (XLA then updates them in place).
-  start = groups * chunk_blocks
-  out = step(_from_bits(jax.lax.slice_in_dim(g_bits, start * b, lay.size)),
-             jax.lax.slice_in_dim(window_indices, start, nb, axis=1),
-             jax.lax.slice_in_dim(window_values, start, nb, axis=1),
-             jax.lax.slice_in_dim(codes, start, nb),
-             jax.lax.slice_in_dim(block_min, start, nb),
-             jax.lax.slice_in_dim(block_max, start, nb), count,
-             layout=_blocks_layout(lay, tail, last=True))
-  carry = update((u, window_indices, window_values, codes, block_min,
-                  block_max), out, start)
-  if groups:
-    carry = jax.lax.fori_loop(0, groups, body, carry)
-  return carry
+  outs, _ = jax.lax.fori_loop(0, groups, body, (outs, group(outs, 0)))
+  return tuple(jax.lax.bitcast_convert_type(x, t)
+               for x, t in zip(outs, (out_dtype,) + dtypes[1:]))
 
 
 def _write_row(window_indices, window_values, idx, vals, count):
@@ -346,8 +405,9 @@ def leaf_step(grad, window_indices, window_values, codes, block_min,
   hyper = dict(layout=layout, b1=b1, b2=b2, eps=eps, out_dtype=out_dtype)
   chunk_blocks = max(1, config.xla_chunk_elements // layout.topk_block)
   if layout.aligned and layout.num_topk_blocks > chunk_blocks:
-    reference = functools.partial(leaf_step_chunked, bits=bits,
-                                  chunk_blocks=chunk_blocks, **hyper)
+    reference = functools.partial(
+        leaf_step_chunked, bits=bits, chunk_blocks=chunk_blocks,
+        in_place_16bit=config.xla_16bit_in_place, **hyper)
   else:
     reference = functools.partial(leaf_step_reference, bits=bits, **hyper)
   if implementation == "xla" or not has_kernels(layout, bits):
