@@ -15,10 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from microadam_optax import _per_shard
 from microadam_optax import _sharding
 from microadam_optax import _trees
 from microadam_optax._alias import decoupled_alias
@@ -172,6 +171,8 @@ def _leaf_update(g, idx_w, val_w, codes, lo, hi, count, lay: LeafLayout,
 # unsharded run's blocks, so the results are bit-identical to it. Leaves whose
 # shards do not hold whole blocks (a bias split 8 ways, uneven shardings) keep
 # a replicated state and are gathered for their update, with a warning.
+# :mod:`microadam_optax._per_shard` runs the update per shard; what is
+# MicroAdam's (the test of a shard grid, the state's specs) is here.
 
 
 def _holds_whole_blocks(lay: LeafLayout, grid: _sharding.ShardGrid) -> bool:
@@ -201,181 +202,6 @@ def _warn_gather(shape: tuple[int, ...], spec: Any, lay: LeafLayout) -> None:
       f"or pick block sizes that divide each shard's size.", stacklevel=5)
 
 
-# ----------------------------------------------------------------------------
-# Generic per-shard machinery: run a per-leaf function on each device's shard.
-#
-# Where the sharding is known while tracing (concrete arrays; Explicit mesh
-# axes) the local update is a ``jax.shard_map``; where only the compiler knows
-# it (``jit`` on a mesh with Auto axes) it is a ``custom_partitioning`` op,
-# whose partitioning callback sees the gradient's sharding and makes the same
-# choice. Both run the unmodified per-leaf update, Pallas kernels included, on
-# local arrays: XLA never sees a pallas_call it would have to replicate.
-
-
-def _local_ok(grid: Optional[_sharding.ShardGrid],
-              shard_ok: Callable[[_sharding.ShardGrid], bool]) -> bool:
-  """Whether each shard of ``grid`` can be updated alone.
-
-  ``shard_ok`` is the caller's test of an even grid of several shards.
-  """
-  if grid is None or not grid.even:
-    return False
-  if grid.num_shards == 1:
-    return True
-  return shard_ok(grid)
-
-
-class _Plan(NamedTuple):
-  """How one leaf is updated: ``mode`` and, for a known sharding, its grid.
-
-  Modes: ``"global"`` (no mesh: the caller's function runs on the whole
-  leaf), ``"local"`` (per shard, ``shard_map``; on a replicated leaf each
-  device updates its replica), ``"gather"`` (sharded, but its shards cannot
-  be updated alone: gathered, state replicated), ``"deferred"`` (traced on a
-  mesh with Auto axes: decided by ``custom_partitioning`` when compiling).
-  """
-  mode: str
-  sharding: Optional[NamedSharding] = None
-  grid: Optional[_sharding.ShardGrid] = None
-
-
-def _plan(x: Any, shard_ok: Callable[[_sharding.ShardGrid], bool]) -> _Plan:
-  """The :class:`_Plan` of leaf ``x``; ``shard_ok`` as in :func:`_local_ok`."""
-  sharding = _sharding.known_sharding(x)
-  if sharding is None:
-    deferred = _is_traced(x) and jnp.ndim(x) > 0
-    return _Plan("deferred" if deferred else "global")
-  grid = _sharding.shard_grid(sharding, tuple(jnp.shape(x)))
-  if _local_ok(grid, shard_ok):
-    return _Plan("local", sharding, grid)
-  return _Plan("gather", sharding, grid)
-
-
-def _split_traced(hp: Any, names: tuple[str, ...]
-                  ) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
-  """Moves the traced fields ``names`` of NamedTuple ``hp`` into one array.
-
-  Python numbers stay static (a per-leaf function may branch on them while
-  tracing); the others (``optax.inject_hyperparams``) travel as a float32
-  vector, an operand of the per-shard function, which unpacks it with the
-  returned ``rebuild``.
-  """
-  names = [n for n in names if not isinstance(getattr(hp, n), (int, float))]
-  values = [jnp.asarray(getattr(hp, n), jnp.float32) for n in names]
-  dyn = jnp.stack(values) if values else jnp.zeros((1,), jnp.float32)
-
-  def rebuild(dyn: jax.Array) -> Any:
-    return hp._replace(**{n: dyn[i] for i, n in enumerate(names)})
-
-  return dyn, rebuild
-
-
-def _run_per_shard(fn: Callable[..., tuple], plan: _Plan, x: jax.Array,
-                   state: tuple, operands: tuple, *,
-                   shard_ok: Callable[[_sharding.ShardGrid], bool],
-                   state_specs: Callable[[Any], tuple[P, ...]],
-                   state_factors: tuple[str, ...],
-                   on_gather: Callable[[tuple[int, ...], Any], None]):
-  """``fn(x, *state, *operands) -> (y, *new_state)`` on ``x``'s shards.
-
-  Args:
-    fn: the per-leaf function, run on local arrays: the shard of ``x``, the
-      matching shards of the state, the whole operands. ``y`` is shaped like
-      its ``x``, each new state array like its old one.
-    plan: ``_plan(x, shard_ok)``, of mode ``"local"``, ``"gather"`` or
-      ``"deferred"`` (for ``"global"`` the caller runs ``fn`` itself).
-    x: the leaf.
-    state: the leaf's state arrays, shaped by ``x``'s global shape alone;
-      split by ``state_specs(grid.axes_entry)`` where the shards are updated
-      alone, replicated otherwise.
-    operands: arrays of rank >= 1 given whole to every shard.
-    shard_ok: see :func:`_local_ok`.
-    state_specs: from a PartitionSpec entry (mesh axes, or ``None``) to the
-      PartitionSpecs of the state arrays split over it.
-    state_factors: the state arrays' dimensions as the factors of a
-      ``custom_partitioning`` sharding rule (``"w n k"``; names neither
-      ``d<i>`` nor ``r<i>_<j>``, which name ``x``'s and the operands').
-    on_gather: called with ``x``'s shape and spec when ``x`` is gathered.
-
-  Returns:
-    ``(y, *new_state)``, ``y`` sharded like ``x``, the state like ``state``.
-  """
-  if plan.mode == "deferred":
-    return _deferred(fn, x, state, operands, shard_ok=shard_ok,
-                     state_specs=state_specs, state_factors=state_factors,
-                     on_gather=on_gather)
-  if plan.mode not in ("local", "gather"):
-    raise ValueError(
-        f"plan.mode must be 'local', 'gather' or 'deferred', got "
-        f"{plan.mode!r}.")
-  mesh = plan.sharding.mesh
-  rep = (P(),) * len(operands)
-
-  def on_mesh(xspec, entry, *args):
-    specs = state_specs(entry)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(xspec, *specs, *rep),
-                         out_specs=(xspec, *specs), check_vma=False)(*args)
-
-  if plan.mode == "local":
-    return on_mesh(plan.sharding.spec, plan.grid.axes_entry, x, *state,
-                   *operands)
-  # "gather": the whole leaf on every device, then the update re-sharded.
-  on_gather(x.shape, plan.sharding.spec)
-  out = on_mesh(P(), None, *(_sharding.place(a, mesh, P())
-                             for a in (x, *state)), *operands)
-  return (_sharding.place(out[0], mesh, plan.sharding.spec), *out[1:])
-
-
-def _deferred(fn: Callable[..., tuple], x: jax.Array, state: tuple,
-              operands: tuple, *,
-              shard_ok: Callable[[_sharding.ShardGrid], bool],
-              state_specs: Callable[[Any], tuple[P, ...]],
-              state_factors: tuple[str, ...],
-              on_gather: Callable[[tuple[int, ...], Any], None]):
-  """:func:`_run_per_shard` as a ``custom_partitioning`` op (Auto axes).
-
-  Under ``jit`` on a mesh with Auto axes the leaf's sharding is chosen by
-  the compiler, after tracing. The op's partitioning callback receives it
-  and returns the per-shard function (state split like the leaf) when each
-  shard can be updated alone, else the function of the gathered leaf. On
-  one device the op is inlined.
-  """
-  shape = x.shape
-  num_state, num_args = len(state), 1 + len(state) + len(operands)
-
-  @custom_partitioning
-  def op(*args):
-    return fn(*args)
-
-  def partition(mesh, arg_shapes, result_shape):
-    del result_shape
-    sharding = arg_shapes[0].sharding
-    grid = (_sharding.shard_grid(sharding, shape)
-            if isinstance(sharding, NamedSharding) else None)
-    rep = NamedSharding(mesh, P())
-    if _local_ok(grid, shard_ok):
-      xsh = NamedSharding(mesh, sharding.spec)
-      specs = [NamedSharding(mesh, s) for s in state_specs(grid.axes_entry)]
-      return (mesh, fn, (xsh, *specs),
-              (xsh, *specs, *(rep,) * len(operands)))
-    on_gather(shape, getattr(sharding, "spec", sharding))
-    return mesh, fn, (rep,) * (1 + num_state), (rep,) * num_args
-
-  dims = " ".join(f"d{i}" for i in range(len(shape)))
-  rest = [" ".join(f"r{i}_{j}" for j in range(jnp.ndim(a)))
-          for i, a in enumerate(operands)]
-  results = ", ".join((dims, *state_factors))
-  rule = f"{', '.join((dims, *state_factors, *rest))} -> {results}"
-  op.def_partition(partition=partition, sharding_rule=rule,
-                   infer_sharding_from_operands=lambda mesh, args, res: tuple(
-                       a.sharding for a in args[:1 + num_state]))
-  return op(x, *state, *operands)
-
-
-# ----------------------------------------------------------------------------
-# MicroAdam's state and update on sharded leaves.
-
-
 def _init_leaf(p: Any, *, window: int, vdtype: Any, lay: LeafLayout
                ) -> tuple[jax.Array, ...]:
   """The zero state of one leaf, placed like the plan of its parameter."""
@@ -384,7 +210,7 @@ def _init_leaf(p: Any, *, window: int, vdtype: Any, lay: LeafLayout
             (lay.num_quant_blocks, lay.code_bytes),
             (lay.num_quant_blocks,), (lay.num_quant_blocks,))
   dtypes = (lay.index_dtype, vdtype, jnp.uint8, jnp.float32, jnp.float32)
-  plan = _plan(p, functools.partial(_holds_whole_blocks, lay))
+  plan = _per_shard.plan(p, functools.partial(_holds_whole_blocks, lay))
   if plan.sharding is None:
     return tuple(jnp.zeros(s, d) for s, d in zip(shapes, dtypes))
   entry = plan.grid.axes_entry if plan.mode == "local" else None
@@ -397,16 +223,16 @@ def _distributed_leaf_update(g, state: tuple, count, layout: Callable[
   """:func:`_leaf_update` for one leaf, on its local shards where sharded."""
   lay = layout(g)
   shard_ok = functools.partial(_holds_whole_blocks, lay)
-  plan = _plan(g, shard_ok)
+  plan = _per_shard.plan(g, shard_ok)
   if plan.mode == "global":
     return _leaf_update(g, *state, count, lay, hp)
-  dyn, rebuild = _split_traced(hp, ("b1", "b2", "eps", "alpha"))
+  dyn, rebuild = _per_shard.split_traced(hp, ("b1", "b2", "eps", "alpha"))
 
   def per_shard(g, iw, vw, codes, lo, hi, count1, dyn):
     return _leaf_update(g, iw, vw, codes, lo, hi, count1[0], layout(g),
                         rebuild(dyn))
 
-  return _run_per_shard(
+  return _per_shard.run(
       per_shard, plan, g, state, (jnp.reshape(count, (1,)), dyn),
       shard_ok=shard_ok, state_specs=_state_specs,
       state_factors=_STATE_FACTORS,
