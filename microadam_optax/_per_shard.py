@@ -118,6 +118,27 @@ def run(fn: Callable[..., tuple], plan: Plan, x: jax.Array, state: tuple,
 
   Returns:
     ``(y, *new_state)``, ``y`` sharded like ``x``, the state like ``state``.
+
+  Example:
+    A per-shard function whose state is one sum per shard:
+
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> from microadam_optax import _per_shard
+    >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
+    >>> x = jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P("x")))
+    >>> sums = jax.device_put(jnp.zeros(1), NamedSharding(mesh, P("x")))
+    >>> def fn(x, sums, scale):  # on local arrays
+    ...   return scale * x, sums + jnp.sum(x)
+    >>> def whole_pairs(grid):  # shards of whole pairs of entries
+    ...   return grid.local_shape[0] % 2 == 0
+    >>> plan = _per_shard.plan(x, whole_pairs)
+    >>> y, sums = _per_shard.run(
+    ...     fn, plan, x, (sums,), (jnp.full((1,), 2.0),),
+    ...     shard_ok=whole_pairs, state_specs=lambda entry: (P(entry),),
+    ...     state_factors=("s",), on_gather=print)
+    >>> plan.mode, float(y[3]), float(sums[0])
+    ('local', 6.0, 28.0)
   """
   if plan.mode == "deferred":
     return _deferred(fn, x, state, operands, shard_ok=shard_ok,
