@@ -62,6 +62,35 @@ class ScaleByMicroAdamState(NamedTuple):
   error_max: Any
 
 
+# Old names kept for user code and pickles. Checkpoints store no class names
+# (Orbax and flax.serialization restore into the state that ``init`` makes);
+# a pickle names its class by module and name, so an old name resolves here
+# as well as in the package.
+_DEPRECATED_ALIASES = {"MicroAdamState": "ScaleByMicroAdamState"}
+
+
+def deprecated_alias(module: str, name: str) -> Any:
+  """What the old ``name`` of ``module`` is, with a ``DeprecationWarning``.
+
+  The body of the ``__getattr__`` of this module and of the package.
+
+  Raises:
+    AttributeError: when ``name`` is not an old name.
+  """
+  if name not in _DEPRECATED_ALIASES:
+    raise AttributeError(f"module {module!r} has no attribute {name!r}")
+  new_name = _DEPRECATED_ALIASES[name]
+  warnings.warn(
+      f"{module}.{name} is deprecated: it is {module}.{new_name} (the optax "
+      f"naming of states, as optax.ScaleByAdamState), the same class.",
+      DeprecationWarning, stacklevel=3)
+  return globals()[new_name]
+
+
+def __getattr__(name: str) -> Any:
+  return deprecated_alias(__name__, name)
+
+
 _is_traced = _sharding.is_traced
 
 
