@@ -9,8 +9,6 @@
 * :func:`collectives` -- the collectives a compiled (sharded) step holds.
 """
 
-import warnings
-
 from microadam_optax import model_shapes
 from microadam_optax.adam_mini import ADAM_MINI_STATIC_ARGS
 from microadam_optax.adam_mini import AdamMiniSegments
@@ -36,6 +34,7 @@ from microadam_optax.memory import state_nbytes
 from microadam_optax.microadam import DEFAULT_BLOCK_SIZE
 from microadam_optax.microadam import MICROADAM_STATIC_ARGS
 from microadam_optax.microadam import ScaleByMicroAdamState
+from microadam_optax.microadam import deprecated_alias as _deprecated_alias
 from microadam_optax.microadam import microadam
 from microadam_optax.microadam import scale_by_microadam
 from microadam_optax.microadam_mixed import DENSE_LABEL
@@ -48,23 +47,10 @@ from microadam_optax.microadam_mixed import state_bytes_per_param
 
 __version__ = "0.1.0"
 
-# Old names kept for user code (checkpoints store no class names: Orbax and
-# flax.serialization restore into the state that ``init`` makes).
-_DEPRECATED_ALIASES = {
-    "MicroAdamState": ("ScaleByMicroAdamState", ScaleByMicroAdamState),
-}
-
 
 def __getattr__(name: str):
-  if name in _DEPRECATED_ALIASES:
-    new_name, value = _DEPRECATED_ALIASES[name]
-    warnings.warn(
-        f"microadam_optax.{name} is deprecated: it is "
-        f"microadam_optax.{new_name} (the optax naming of states, as "
-        f"optax.ScaleByAdamState), the same class.", DeprecationWarning,
-        stacklevel=2)
-    return value
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  # Old names (MicroAdamState), with a DeprecationWarning.
+  return _deprecated_alias(__name__, name)
 
 
 __all__ = [

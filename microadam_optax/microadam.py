@@ -6,6 +6,7 @@ Overhead and Provable Convergence*, NeurIPS 2024, arXiv:2405.15593.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional, Union
 import warnings
@@ -14,10 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from microadam_optax import _per_shard
 from microadam_optax import _sharding
 from microadam_optax import _trees
 from microadam_optax._alias import decoupled_alias
@@ -60,6 +60,35 @@ class ScaleByMicroAdamState(NamedTuple):
   error_codes: Any
   error_min: Any
   error_max: Any
+
+
+# Old names kept for user code and pickles. Checkpoints store no class names
+# (Orbax and flax.serialization restore into the state that ``init`` makes);
+# a pickle names its class by module and name, so an old name resolves here
+# as well as in the package.
+_DEPRECATED_ALIASES = {"MicroAdamState": "ScaleByMicroAdamState"}
+
+
+def deprecated_alias(module: str, name: str) -> Any:
+  """What the old ``name`` of ``module`` is, with a ``DeprecationWarning``.
+
+  The body of the ``__getattr__`` of this module and of the package.
+
+  Raises:
+    AttributeError: when ``name`` is not an old name.
+  """
+  if name not in _DEPRECATED_ALIASES:
+    raise AttributeError(f"module {module!r} has no attribute {name!r}")
+  new_name = _DEPRECATED_ALIASES[name]
+  warnings.warn(
+      f"{module}.{name} is deprecated: it is {module}.{new_name} (the optax "
+      f"naming of states, as optax.ScaleByAdamState), the same class.",
+      DeprecationWarning, stacklevel=3)
+  return globals()[new_name]
+
+
+def __getattr__(name: str) -> Any:
+  return deprecated_alias(__name__, name)
 
 
 _is_traced = _sharding.is_traced
@@ -171,21 +200,12 @@ def _leaf_update(g, idx_w, val_w, codes, lo, hi, count, lay: LeafLayout,
 # unsharded run's blocks, so the results are bit-identical to it. Leaves whose
 # shards do not hold whole blocks (a bias split 8 ways, uneven shardings) keep
 # a replicated state and are gathered for their update, with a warning.
-#
-# Where the sharding is known while tracing (concrete arrays; Explicit mesh
-# axes) the local update is a ``jax.shard_map``; where only the compiler knows
-# it (``jit`` on a mesh with Auto axes) it is a ``custom_partitioning`` op,
-# whose partitioning callback sees the gradient's sharding and makes the same
-# choice. Both run the unmodified per-leaf update, Pallas kernels included, on
-# local arrays: XLA never sees a pallas_call it would have to replicate.
+# :mod:`microadam_optax._per_shard` runs the update per shard; what is
+# MicroAdam's (the test of a shard grid, the state's specs) is here.
 
 
-def _local_ok(lay: LeafLayout, grid: Optional[_sharding.ShardGrid]) -> bool:
-  """Whether ``grid``'s shards each hold whole blocks of ``lay``."""
-  if grid is None or not grid.even:
-    return False
-  if grid.num_shards == 1:
-    return True
+def _holds_whole_blocks(lay: LeafLayout, grid: _sharding.ShardGrid) -> bool:
+  """Whether each shard of ``grid`` holds whole blocks of ``lay``."""
   local = math.prod(grid.local_shape)
   return local % lay.topk_block == 0 and local % lay.quant_block == 0
 
@@ -196,29 +216,10 @@ def _state_specs(axes_entry: Any) -> tuple[P, ...]:
           P(axes_entry, None), P(axes_entry), P(axes_entry))
 
 
-class _Plan(NamedTuple):
-  """How one leaf is updated: ``mode`` and, for a known sharding, its grid.
-
-  Modes: ``"global"`` (no mesh), ``"local"`` (per shard, ``shard_map``;
-  on a replicated leaf each device updates its replica), ``"gather"``
-  (sharded without whole blocks per shard: gathered, state replicated),
-  ``"deferred"`` (traced on a mesh with Auto axes: decided by
-  ``custom_partitioning`` when compiling).
-  """
-  mode: str
-  sharding: Optional[NamedSharding] = None
-  grid: Optional[_sharding.ShardGrid] = None
-
-
-def _plan(x: Any, lay: LeafLayout) -> _Plan:
-  sharding = _sharding.known_sharding(x)
-  if sharding is None:
-    deferred = _is_traced(x) and jnp.ndim(x) > 0
-    return _Plan("deferred" if deferred else "global")
-  grid = _sharding.shard_grid(sharding, tuple(jnp.shape(x)))
-  if _local_ok(lay, grid):
-    return _Plan("local", sharding, grid)
-  return _Plan("gather", sharding, grid)
+#: The state's dimensions as sharding-rule factors (window, Top-K blocks, k;
+#: quantization blocks, code bytes): the indices and values share theirs, as
+#: do the codes and their scales.
+_STATE_FACTORS = ("w n k", "w n k", "q c", "q", "q")
 
 
 def _warn_gather(shape: tuple[int, ...], spec: Any, lay: LeafLayout) -> None:
@@ -227,26 +228,7 @@ def _warn_gather(shape: tuple[int, ...], spec: Any, lay: LeafLayout) -> None:
       f"hold whole blocks on each shard (Top-K block {lay.topk_block}, "
       f"quantization block {lay.quant_block} elements): it is gathered for "
       f"its update and its state is replicated. Replicate such small leaves, "
-      f"or pick block sizes that divide each shard's size.", stacklevel=3)
-
-
-def _split_hyper(hp: _Hyper) -> tuple[jax.Array, Callable[[jax.Array],
-                                                          _Hyper]]:
-  """Moves traced hyper-parameters into one array operand.
-
-  Python numbers stay static (``alpha == 0`` must be seen while tracing);
-  traced ones (``optax.inject_hyperparams``) travel as a float32 vector that
-  the per-shard function unpacks.
-  """
-  names = [n for n in ("b1", "b2", "eps", "alpha")
-           if not isinstance(getattr(hp, n), (int, float))]
-  values = [jnp.asarray(getattr(hp, n), jnp.float32) for n in names]
-  dyn = jnp.stack(values) if values else jnp.zeros((1,), jnp.float32)
-
-  def rebuild(dyn: jax.Array) -> _Hyper:
-    return hp._replace(**{n: dyn[i] for i, n in enumerate(names)})
-
-  return dyn, rebuild
+      f"or pick block sizes that divide each shard's size.", stacklevel=5)
 
 
 def _init_leaf(p: Any, *, window: int, vdtype: Any, lay: LeafLayout
@@ -257,7 +239,7 @@ def _init_leaf(p: Any, *, window: int, vdtype: Any, lay: LeafLayout
             (lay.num_quant_blocks, lay.code_bytes),
             (lay.num_quant_blocks,), (lay.num_quant_blocks,))
   dtypes = (lay.index_dtype, vdtype, jnp.uint8, jnp.float32, jnp.float32)
-  plan = _plan(p, lay)
+  plan = _per_shard.plan(p, functools.partial(_holds_whole_blocks, lay))
   if plan.sharding is None:
     return tuple(jnp.zeros(s, d) for s, d in zip(shapes, dtypes))
   entry = plan.grid.axes_entry if plan.mode == "local" else None
@@ -269,73 +251,21 @@ def _distributed_leaf_update(g, state: tuple, count, layout: Callable[
     [Any], LeafLayout], hp: _Hyper):
   """:func:`_leaf_update` for one leaf, on its local shards where sharded."""
   lay = layout(g)
-  plan = _plan(g, lay)
+  shard_ok = functools.partial(_holds_whole_blocks, lay)
+  plan = _per_shard.plan(g, shard_ok)
   if plan.mode == "global":
     return _leaf_update(g, *state, count, lay, hp)
-  dyn, rebuild = _split_hyper(hp)
-  count1 = jnp.reshape(count, (1,))
+  dyn, rebuild = _per_shard.split_traced(hp, ("b1", "b2", "eps", "alpha"))
 
   def per_shard(g, iw, vw, codes, lo, hi, count1, dyn):
     return _leaf_update(g, iw, vw, codes, lo, hi, count1[0], layout(g),
                         rebuild(dyn))
 
-  if plan.mode == "deferred":
-    return _deferred_update(per_shard, lay, g, state, count1, dyn)
-  mesh = plan.sharding.mesh
-
-  def on_mesh(gspec, entry, *args):
-    specs = _state_specs(entry)
-    return jax.shard_map(per_shard, mesh=mesh,
-                         in_specs=(gspec, *specs, P(), P()),
-                         out_specs=(gspec, *specs), check_vma=False)(*args)
-
-  if plan.mode == "local":
-    return on_mesh(plan.sharding.spec, plan.grid.axes_entry, g, *state,
-                   count1, dyn)
-  # "gather": the whole leaf on every device, then the update re-sharded.
-  _warn_gather(g.shape, plan.sharding.spec, lay)
-  out = on_mesh(P(), None, *(_sharding.place(x, mesh, P())
-                             for x in (g, *state)), count1, dyn)
-  return (_sharding.place(out[0], mesh, plan.sharding.spec), *out[1:])
-
-
-def _deferred_update(per_shard: Callable[..., tuple], lay: LeafLayout, g,
-                     state: tuple, count1, dyn):
-  """The leaf update as a ``custom_partitioning`` op (Auto mesh axes).
-
-  Under ``jit`` on a mesh with Auto axes the gradient's sharding is chosen
-  by the compiler, after tracing. The op's partitioning callback receives it
-  and returns the per-shard update (state split like the gradient) when each
-  shard holds whole blocks, else the update of the gathered leaf. On one
-  device the op is inlined.
-  """
-  shape = g.shape
-
-  @custom_partitioning
-  def op(g, iw, vw, codes, lo, hi, count1, dyn):
-    return per_shard(g, iw, vw, codes, lo, hi, count1, dyn)
-
-  def partition(mesh, arg_shapes, result_shape):
-    del result_shape
-    sharding = arg_shapes[0].sharding
-    grid = (_sharding.shard_grid(sharding, shape)
-            if isinstance(sharding, NamedSharding) else None)
-    rep = NamedSharding(mesh, P())
-    if _local_ok(lay, grid):
-      gsh = NamedSharding(mesh, sharding.spec)
-      specs = [NamedSharding(mesh, s)
-               for s in _state_specs(grid.axes_entry)]
-      return mesh, per_shard, (gsh, *specs), (gsh, *specs, rep, rep)
-    _warn_gather(shape, getattr(sharding, "spec", sharding), lay)
-    return mesh, per_shard, (rep,) * 6, (rep,) * 8
-
-  dims = " ".join(f"d{i}" for i in range(len(shape)))
-  rule = (f"{dims}, w n k, w n k, q c, q, q, s, h -> "
-          f"{dims}, w n k, w n k, q c, q, q")
-  op.def_partition(partition=partition, sharding_rule=rule,
-                   infer_sharding_from_operands=lambda mesh, args, res: (
-                       args[0].sharding, *(a.sharding for a in args[1:6])))
-  return op(g, *state, count1, dyn)
+  return _per_shard.run(
+      per_shard, plan, g, state, (jnp.reshape(count, (1,)), dyn),
+      shard_ok=shard_ok, state_specs=_state_specs,
+      state_factors=_STATE_FACTORS,
+      on_gather=lambda shape, spec: _warn_gather(shape, spec, lay))
 
 
 def scale_by_microadam(

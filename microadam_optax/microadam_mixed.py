@@ -33,6 +33,7 @@ from microadam_optax._alias import decoupled_alias
 from microadam_optax.adam_mini import scale_by_adam_mini
 from microadam_optax.memory import state_nbytes
 from microadam_optax.microadam import scale_by_microadam
+from pallas_kernels import dispatch
 
 #: Label of the leaves given to MicroAdam.
 MICROADAM_LABEL = "microadam"
@@ -192,6 +193,7 @@ def scale_by_microadam_mixed(
     values_dtype: Any = jnp.bfloat16,
     alpha: float = 0.0,
     implementation: str = "auto",
+    kernel_config: Optional[dispatch.KernelConfig] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MicroAdam's direction on the large tensors, Adam's on the others.
 
@@ -221,7 +223,7 @@ def scale_by_microadam_mixed(
     max_state_bytes_per_param: ``None``, or a budget: ``init`` raises
       ``ValueError`` when the state takes more bytes per parameter.
     window, density, topk_block_size, quant_block_size, error_bits,
-      values_dtype, alpha, implementation: MicroAdam's, see
+      values_dtype, alpha, implementation, kernel_config: MicroAdam's, see
       :func:`scale_by_microadam`.
 
   Returns:
@@ -261,7 +263,7 @@ def scale_by_microadam_mixed(
           b1=b1, b2=b2, eps=eps, window=window, density=density,
           topk_block_size=topk_block_size, quant_block_size=quant_block_size,
           error_bits=error_bits, values_dtype=values_dtype, alpha=alpha,
-          implementation=implementation),
+          implementation=implementation, kernel_config=kernel_config),
        DENSE_LABEL: _dense_transform(
            dense, b1 if dense_b1 is None else dense_b1,
            b2 if dense_b2 is None else dense_b2,
@@ -316,6 +318,7 @@ def microadam_mixed(
     values_dtype: Any = jnp.bfloat16,
     alpha: float = 0.0,
     implementation: str = "auto",
+    kernel_config: Optional[dispatch.KernelConfig] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MicroAdam on the large tensors, dense Adam on the rest, with weight decay.
 
@@ -332,7 +335,7 @@ def microadam_mixed(
     b1, b2, eps, dense, dense_b1, dense_b2, dense_eps, dense_mu_dtype,
       min_size, dense_names, max_state_bytes_per_param, window, density,
       topk_block_size, quant_block_size, error_bits, values_dtype, alpha,
-      implementation: see :func:`scale_by_microadam_mixed`.
+      implementation, kernel_config: see :func:`scale_by_microadam_mixed`.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs`.
@@ -370,5 +373,5 @@ def microadam_mixed(
           window=window, density=density, topk_block_size=topk_block_size,
           quant_block_size=quant_block_size, error_bits=error_bits,
           values_dtype=values_dtype, alpha=alpha,
-          implementation=implementation),
+          implementation=implementation, kernel_config=kernel_config),
       learning_rate, weight_decay, mask)

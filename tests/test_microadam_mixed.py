@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 
 import microadam_optax as mo
+from pallas_kernels import dispatch
 
 D, M = "dense", "microadam"
 
@@ -299,6 +300,42 @@ def test_budget_is_checked_at_init():
   assert "17,408 of 82,944 parameters on dense adam" in str(e.value)
   with pytest.raises(ValueError, match="exceeded"):
     jax.jit(over.init)(params)  # shapes are static: also under jit
+
+
+def test_kernel_config_reaches_the_microadam_leaves():
+  """A kernel_config whose XLA groups are smaller than the MicroAdam leaf
+  makes that leaf's update a loop over groups (a scan in the traced step,
+  absent with the default config) with the one-piece results, bit for bit;
+  an invalid kernel_config is refused by both functions."""
+  rng = _rng("kernel-config")
+  params = {"w": jnp.asarray(rng.standard_normal((64, 256)), jnp.float32),
+            "b": jnp.asarray(rng.standard_normal((64,)), jnp.float32)}
+  configs = {"groups": dispatch.KernelConfig(xla_chunk_elements=4 * 256),
+             "default": None}
+  txs = {c: mo.microadam_mixed(1e-2, window=2, density=0.05,
+                               topk_block_size=256, implementation="xla",
+                               kernel_config=cfg)
+         for c, cfg in configs.items()}
+  assert mo.microadam_labels(params) == {"w": M, "b": D}
+  states = {c: tx.init(params) for c, tx in txs.items()}
+  for c, tx in txs.items():
+    jaxpr = str(jax.make_jaxpr(tx.update)(params, states[c], params))
+    assert ("scan[" in jaxpr) == (c == "groups"), c
+  steps = {c: jax.jit(tx.update) for c, tx in txs.items()}
+  for _ in range(3):
+    grads = jax.tree.map(
+        lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+    out = {}
+    for c in txs:
+      out[c], states[c] = steps[c](grads, states[c], params)
+    assert float(jnp.abs(out["groups"]["w"]).max()) > 0
+    for a, b in zip(jax.tree.leaves((out["groups"], states["groups"])),
+                    jax.tree.leaves((out["default"], states["default"]))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for make in (mo.scale_by_microadam_mixed,
+               lambda **kw: mo.microadam_mixed(1e-3, **kw)):
+    with pytest.raises(ValueError, match="kernel_config must be None or"):
+      make(kernel_config={"xla_chunk_elements": 256})
 
 
 def test_nnx_optimizer_trains_with_dense_norms():

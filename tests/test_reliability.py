@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import pathlib
+import pickle
 import subprocess
 import sys
+import warnings
 
 import flax.serialization
 import hypothesis
@@ -87,6 +90,40 @@ def test_deprecated_state_name_is_the_same_class_and_restores(tmp_path):
   assert "MicroAdamState" not in mo.__all__
   with pytest.raises(AttributeError, match="no_such_name"):
     mo.no_such_name  # pylint: disable=pointless-statement
+
+
+def test_pickle_naming_the_old_state_class_loads():
+  """A pickle written before the rename names the class
+  ``microadam_optax.microadam.MicroAdamState``: it loads, as the new class,
+  with a DeprecationWarning."""
+  module = importlib.import_module("microadam_optax.microadam")
+  cls = mo.ScaleByMicroAdamState
+  tx = mo.scale_by_microadam(density=0.1, topk_block_size=64)
+  state = cls(*jax.tree.map(np.asarray, tuple(_random_state(tx, _params()))))
+  # Bytes as the old class wrote them: its name, in the same module.
+  module.MicroAdamState, cls.__qualname__ = cls, "MicroAdamState"
+  try:
+    old_bytes = pickle.dumps(state)
+  finally:
+    del module.MicroAdamState
+    cls.__qualname__ = "ScaleByMicroAdamState"
+  assert "MicroAdamState" not in vars(module)
+  assert b"microadam_optax.microadam" in old_bytes
+  assert b"MicroAdamState" in old_bytes and b"ScaleBy" not in old_bytes
+  with pytest.warns(DeprecationWarning,
+                    match=r"microadam\.MicroAdamState is deprecated"):
+    restored = pickle.loads(old_bytes)
+  assert type(restored) is cls
+  _assert_same_tree(state, restored)
+  with pytest.warns(DeprecationWarning):
+    from microadam_optax.microadam import MicroAdamState  # pylint: disable=g-import-not-at-top
+  assert MicroAdamState is cls
+  with pytest.raises(AttributeError, match="no_such_name"):
+    module.no_such_name  # pylint: disable=pointless-statement
+  # The new name pickles and loads without a warning.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    _assert_same_tree(state, pickle.loads(pickle.dumps(state)))
 
 
 def test_flax_msgpack_round_trip():
