@@ -1,10 +1,9 @@
 """What a parameter's sharding tells an optimizer that works per shard.
 
 MicroAdam cuts each flattened parameter into blocks. On a mesh it runs on each
-device's local shard (``jax.shard_map`` where the sharding is known while
-tracing, ``custom_partitioning`` where only the compiler knows it), so this
-module answers one question in one place: given a leaf, which mesh axes split
-it, into how many shards, and what shape each shard has.
+device's local shard (how: :mod:`microadam_optax._per_shard`), so this module
+answers one question in one place: given a leaf, which mesh axes split it,
+into how many shards, and what shape each shard has.
 
 Where the sharding is known:
 
