@@ -26,6 +26,7 @@ from pallas_kernels import quantize as quant_lib
 from pallas_kernels import window as window_lib
 from pallas_kernels.tpu import error_feedback as tpu_ef
 from pallas_kernels.tpu import window as tpu_window
+from trajectories import assert_same_steps
 
 TPU = pltpu.InterpretParams()
 
@@ -201,14 +202,4 @@ def test_auto_on_cpu_is_the_xla_path(request):
                                      topk_block_size=256,
                                      implementation=impl)
          for impl in ("xla", "auto")}
-  states = {impl: tx.init(params) for impl, tx in txs.items()}
-  updates = {impl: jax.jit(tx.update) for impl, tx in txs.items()}
-  for _ in range(3):
-    grads = jax.tree.map(
-        lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
-    out = {}
-    for impl in txs:
-      out[impl], states[impl] = updates[impl](grads, states[impl])
-    for a, b in zip(jax.tree.leaves((out["auto"], states["auto"])),
-                    jax.tree.leaves((out["xla"], states["xla"]))):
-      np.testing.assert_array_equal(a, b)
+  assert_same_steps(txs, params, rng)

@@ -21,6 +21,7 @@ from flax import nnx
 
 import microadam_optax as mo
 from pallas_kernels import dispatch
+from trajectories import assert_same_steps
 
 D, M = "dense", "microadam"
 
@@ -321,17 +322,8 @@ def test_kernel_config_reaches_the_microadam_leaves():
   for c, tx in txs.items():
     jaxpr = str(jax.make_jaxpr(tx.update)(params, states[c], params))
     assert ("scan[" in jaxpr) == (c == "groups"), c
-  steps = {c: jax.jit(tx.update) for c, tx in txs.items()}
-  for _ in range(3):
-    grads = jax.tree.map(
-        lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
-    out = {}
-    for c in txs:
-      out[c], states[c] = steps[c](grads, states[c], params)
-    assert float(jnp.abs(out["groups"]["w"]).max()) > 0
-    for a, b in zip(jax.tree.leaves((out["groups"], states["groups"])),
-                    jax.tree.leaves((out["default"], states["default"]))):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  out = assert_same_steps(txs, params, rng, with_params=True)
+  assert float(jnp.abs(out["groups"]["w"]).max()) > 0
   for make in (mo.scale_by_microadam_mixed,
                lambda **kw: mo.microadam_mixed(1e-3, **kw)):
     with pytest.raises(ValueError, match="kernel_config must be None or"):
