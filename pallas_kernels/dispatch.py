@@ -235,11 +235,11 @@ def leaf_step_chunked(grad, window_indices, window_values, codes, block_min,
 
   * the loop carries the next group's inputs, read at the end of each
     iteration from the buffers that iteration wrote;
-  * the tail's results are written inside the loop, in every iteration
-    (the same values each time): the loop then depends on them, hence on
-    every read of the tail's inputs. Written before the loop, the tail's
-    reads of a donated buffer race with that write; written after it, with
-    the loop's first writes.
+  * the tail's results are written inside the loop, in its first iteration
+    (a :func:`jax.lax.cond`): the loop then depends on them, hence on every
+    read of the tail's inputs. Written before the loop, the tail's reads of
+    a donated buffer race with that write; written after it, with the
+    loop's first writes.
 
   Args: as :func:`leaf_step_reference`, plus
     chunk_blocks: blocks per group, at least 1.
@@ -303,7 +303,9 @@ def leaf_step_chunked(grad, window_indices, window_values, codes, block_min,
   def body(i, carry):
     outs, pieces = carry
     blk = i * chunk_blocks
-    outs = put(put(outs, tail_out, tail), step(*pieces, layout=full), blk)
+    outs = jax.lax.cond(i == 0, lambda o: put(o, tail_out, tail),
+                        lambda o: o, outs)
+    outs = put(outs, step(*pieces, layout=full), blk)
     return outs, group(outs, blk + chunk_blocks)
 
   outs, _ = jax.lax.fori_loop(0, groups, body, (outs, group(outs, 0)))
