@@ -50,6 +50,30 @@ def available() -> bool:
 
 
 
+def kernel_constants(size: int, *, block_size: int, k: int,
+                     last_block_k: int, window: int) -> dict[str, Any]:
+  """The step kernel's compile-time constants for a leaf of ``size`` entries.
+
+  Args:
+    size: entries of the flattened leaf.
+    block_size: ``B``, entries per block.
+    k: entries kept per full block.
+    last_block_k: entries kept in the last block.
+    window: ``m``, the window's rows.
+
+  Returns:
+    The keyword arguments ``B ... WIDE_KEYS`` of
+    :func:`pallas_kernels.gpu.step_kernel.microadam_step_kernel`.
+  """
+  num_blocks = -(-size // block_size)
+  entries_tile = next_pow2(window * k)
+  return dict(
+      B=block_size, TILE=next_pow2(block_size), NB=num_blocks,
+      LAST_LEN=size - (num_blocks - 1) * block_size, K=k,
+      LAST_K=last_block_k, KP=next_pow2(k), M=window, E=window * k,
+      EP=entries_tile, WIDE_KEYS=block_size * entries_tile >= 2**31)
+
+
 def default_num_warps(block_size: int) -> int:
   """Warps per program: one per 512 entries of the block, 1 to 16.
 
@@ -100,10 +124,12 @@ def microadam_step_gpu(grad: jax.Array, codes: jax.Array, block_min: jax.Array,
   d = grad.size
   num_blocks = codes.shape[0]
   m = window_indices.shape[0]
-  last_len = d - (num_blocks - 1) * block_size
-  tile = next_pow2(block_size)
-  entries = m * k
-  entries_tile = next_pow2(entries)
+  constants = kernel_constants(d, block_size=block_size, k=k,
+                               last_block_k=last_block_k, window=m)
+  if constants["NB"] != num_blocks:
+    raise ValueError(
+        f"codes must hold one row per block of {block_size} entries "
+        f"({constants['NB']} for {d} entries), got {num_blocks}.")
   count = jnp.asarray(count, jnp.int32)
   w1, w2 = window_lib.row_weights(count, m, b1, b2)
   row = jnp.mod(count - 1, m).astype(jnp.int32).reshape(1)
@@ -125,8 +151,5 @@ def microadam_step_gpu(grad: jax.Array, codes: jax.Array, block_min: jax.Array,
       grid=(num_blocks,),
       input_output_aliases={1: 0, 2: 1, 3: 2, 4: 3, 5: 4},
       num_warps=int(num_warps or default_num_warps(block_size)),
-      num_stages=1,
-      B=block_size, TILE=tile, NB=num_blocks, LAST_LEN=last_len, K=k,
-      LAST_K=last_block_k, KP=next_pow2(k), M=m, E=entries,
-      EP=entries_tile, WIDE_KEYS=block_size * entries_tile >= 2**31)
+      num_stages=1, **constants)
   return u, idx_w, val_w, codes, lo, hi
