@@ -3,7 +3,8 @@
 A study, not a benchmark: it times MicroAdam's per-leaf Triton kernel
 (``pallas_kernels/gpu/step_kernel.py``) and variants of it made by editing
 its source text (a stage left out, another warp count), each on one
-4096 x 11008 leaf (4096-entry blocks, density 1 %, window 10), launched
+4096 x 11008 leaf (4096-entry blocks, density 1 %: 41 entries kept per
+block, as the optimizer keeps; window 10), launched
 from PyTorch with ``triton.testing.do_bench`` (no JAX in the loop), and
 prints for each: time, GB/s of the bytes the real kernel must move, the
 compiler's registers per thread and spills, shared memory, and how many
@@ -11,9 +12,11 @@ programs fit on one SM by registers. A left-out stage's cost is the
 difference to the whole kernel (the variants compute wrong results; only
 the whole kernel is checked, elsewhere: ``benchmarks/step_kernel.py``).
 
-  python3 experiments/step_kernel_variants.py --json variants.json
+  PYTHONPATH=. python3 experiments/step_kernel_variants.py --json variants.json
 
-Needs a CUDA GPU, PyTorch and Triton (not JAX).
+Needs a CUDA GPU, PyTorch and Triton; JAX only for the optimizer's block
+geometry and the kernel's constants (``leaf_layout``,
+``pallas_kernels.gpu.step.kernel_constants``), not in the timed loop.
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ import pathlib
 import sys
 import tempfile
 
+from microadam_optax._layout import leaf_layout
+from pallas_kernels.gpu import step as gpu_step
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KERNEL = ROOT / "pallas_kernels" / "gpu" / "step_kernel.py"
 
 SEARCH = "  at_least, tie, need = _kth_search(mag, k_b, length)\n"
-RANK = "  slot = _flat_exclusive_rank(seli)\n"
+RANK = "  rank = _flat_exclusive_rank(above.to(RANK_T)\n"
 U_WINDOW_START = "  eps = tl.load(eps_ptr)\n"
 
 # name: list of (old, new) source edits; None as new cuts from old to the end.
@@ -39,11 +45,11 @@ EDITS = {
     "whole": [],
     "no_search": [(SEARCH, "  at_least = tl.max(mag)\n"
                            "  tie = at_least\n  need = 0\n")],
-    "no_rank": [(RANK, "  slot = pos % K\n")],
+    "no_rank": [(RANK, "  rank = (above.to(RANK_T)\n")],
     "no_u_window": [(U_WINDOW_START, None)],
     "loads_stores": [(SEARCH, "  at_least = tl.max(mag)\n"
                               "  tie = at_least\n  need = 0\n"),
-                     (RANK, "  slot = pos % K\n"),
+                     (RANK, "  rank = (above.to(RANK_T)\n"),
                      (U_WINDOW_START, None)],
 }
 
@@ -88,22 +94,22 @@ def main() -> None:
 
   dev = "cuda"
   d = args.rows * args.cols
-  B, m = args.block, args.window
-  nb = -(-d // B)
-  last_len = d - (nb - 1) * B
-  k = max(1, int(B * args.density))
-  last_k = max(1, int(last_len * args.density))
-  kp = 1 << (k - 1).bit_length()
-  e = m * k
-  ep = 1 << (e - 1).bit_length()
-  tile = 1 << (B - 1).bit_length()
+  m = args.window
+  # The optimizer's own block geometry and kernel constants.
+  lay = leaf_layout(d, topk_block_size=args.block,
+                    quant_block_size=args.block, density=args.density,
+                    error_bits=4)
+  B, nb, k = lay.topk_block, lay.num_topk_blocks, lay.k
+  constants = gpu_step.kernel_constants(d, block_size=B, k=k,
+                                        last_block_k=lay.last_k, window=m)
   # Three gradients in turn (one gradient again and again makes the error
   # feedback grow and the blocks' distributions drift).
   grads = [torch.randn(d, device=dev, dtype=torch.bfloat16) for _ in range(3)]
   codes = torch.zeros((nb, B // 2), device=dev, dtype=torch.uint8)
   lo = torch.zeros(nb, device=dev, dtype=torch.float32)
   hi = torch.zeros(nb, device=dev, dtype=torch.float32)
-  widx = torch.zeros((m, nb, k), device=dev, dtype=torch.int16)
+  widx = torch.zeros((m, nb, k), device=dev,
+                     dtype=getattr(torch, lay.index_dtype.name))
   wval = torch.zeros((m, nb, k), device=dev, dtype=torch.bfloat16)
   w1 = torch.full((m,), 0.1, device=dev, dtype=torch.float32)
   w2 = torch.full((m,), 0.001, device=dev, dtype=torch.float32)
@@ -140,9 +146,7 @@ def main() -> None:
         return fn[grid](
             g, codes, lo, hi, widx, wval, w1, w2, row, eps,
             codes, lo, hi, widx, wval, u,
-            B=B, TILE=tile, NB=nb, LAST_LEN=last_len, K=k, LAST_K=last_k,
-            KP=kp, M=m, E=e, EP=ep, WIDE_KEYS=B * ep >= 2**31,
-            num_warps=warps, num_stages=1, **extra)
+            num_warps=warps, num_stages=1, **constants, **extra)
       for _ in range(m + 3):  # fill the window with real entries
         compiled = launch(True)
       torch.cuda.synchronize()
