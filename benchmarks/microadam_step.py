@@ -7,7 +7,7 @@ layers; ``--model tiny`` is a few small tensors, for CPUs):
 * ``optax.adamw`` with ``mu_dtype=bf16`` (bf16 parameters give bf16 ``nu`` as
   well: the "bf16 states" reference row);
 * ``microadam_optax.microadam`` with ``implementation="auto"`` (the kernels:
-  on GPU one Triton kernel per leaf, through jax-triton) and ``"xla"``.
+  on GPU two Triton kernels per leaf, through jax-triton) and ``"xla"``.
 
 Also measured in the same process: the device copy bandwidth (bytes read
 plus written per second) and, from it, each row's bandwidth floor: the

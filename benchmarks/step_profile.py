@@ -33,8 +33,8 @@ import microadam_step
 def family(name: str) -> str:
   """A kernel's family from its name."""
   low = name.lower()
-  for key in ("error_feedback", "window", "block_topk", "quantize",
-              "dequantize"):
+  for key in ("microadam_topk", "microadam_u", "error_feedback", "window",
+              "block_topk", "quantize", "dequantize"):
     if key in low:
       return key
   for key in ("copy", "dynamic_update_slice", "dynamic-update-slice",
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
                       choices=[*mo.model_shapes.MODEL_NAMES, "tiny"])
   parser.add_argument("--layers", type=int, default=None)
   parser.add_argument("--optimizer", default="pallas",
-                      choices=["pallas", "xla", "adamw"])
+                      choices=["auto", "pallas", "xla", "adamw"])
   parser.add_argument("--steps", type=int, default=2)
   parser.add_argument("--json", default=None)
   args = parser.parse_args(argv)

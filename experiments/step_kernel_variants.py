@@ -1,8 +1,9 @@
 """Where the GPU step kernel's time goes: variants timed with Triton alone.
 
-A study, not a benchmark: it times MicroAdam's per-leaf Triton kernel
-(``pallas_kernels/gpu/step_kernel.py``) and variants of it made by editing
-its source text (a stage left out, another warp count), each on one
+A study, not a benchmark: it times MicroAdam's per-leaf Triton kernels
+(``pallas_kernels/gpu/step_kernel.py``: the Top-K kernel, then the ``u``
+kernel) and variants of them made by editing
+their source text (a stage left out, another warp count), each on one
 4096 x 11008 leaf (4096-entry blocks, density 1 %: 41 entries kept per
 block, as the optimizer keeps; window 10), launched
 from PyTorch with ``triton.testing.do_bench`` (no JAX in the loop), and
@@ -34,29 +35,41 @@ from pallas_kernels.gpu import step as gpu_step
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KERNEL = ROOT / "pallas_kernels" / "gpu" / "step_kernel.py"
 
-SEARCH = "  at_least, tie, need = _kth_search(mag, k_b, length)\n"
-RANK = "  rank = _flat_exclusive_rank(above.to(RANK_T)\n"
-U_WINDOW_START = "  eps = tl.load(eps_ptr)\n"
+SEARCH = "  at_least, tie, need = _kth_search(a, k_b, length)\n"
+SCATTER = ("    tl.store(widx_ptr + row_base + slot, "
+           "pos_t.to(widx_ptr.dtype.element_ty),\n")
+SCATTER_END = "             mask=sel)\n    rest = "
 
-# name: list of (old, new) source edits; None as new cuts from old to the end.
-# Without the search only the block's largest magnitude is selected (the
-# stores stay inside the row).
+# name: list of (old, new) source edits. Without the search only the
+# entries at the block's largest magnitude are selected (the stores stay
+# inside the row).
 EDITS = {
     "whole": [],
-    "no_search": [(SEARCH, "  at_least = tl.max(mag)\n"
-                           "  tie = at_least\n  need = 0\n")],
-    "no_rank": [(RANK, "  rank = (above.to(RANK_T)\n")],
-    "no_u_window": [(U_WINDOW_START, None)],
-    "loads_stores": [(SEARCH, "  at_least = tl.max(mag)\n"
-                              "  tie = at_least\n  need = 0\n"),
-                     (RANK, "  rank = (above.to(RANK_T)\n"),
-                     (U_WINDOW_START, None)],
+    "no_u": [],
+    "no_search": [(SEARCH, "  at_least = tl.max(bits & 0x7FFFFFFF)\n"
+                           "  tie = at_least\n  need = at_least * 0\n")],
+    "no_scatter": [],
 }
 
 
-def variant(name: str, edits, kernel: pathlib.Path = KERNEL) -> object:
-  """The kernel function of ``kernel``'s source with ``edits`` applied."""
+def _cut(src: str, start: str, end: str) -> str:
+  """``src`` without the text from ``start`` up to (not including) the
+  ``rest = `` that follows ``end``."""
+  i = src.index(start)
+  j = src.index(end, i) + len("             mask=sel)\n")
+  return src[:i] + src[j:]
+
+
+#: Variants that launch the Top-K kernel alone (no ``u`` kernel).
+NO_U = frozenset({"no_u", "no_search", "no_scatter"})
+
+
+def variant(name: str, edits, kernel: pathlib.Path = KERNEL) -> tuple:
+  """The two kernel functions of ``kernel``'s source with ``edits``
+  applied."""
   src = kernel.read_text()
+  if name == "no_scatter":
+    src = _cut(src, SCATTER, SCATTER_END)
   for old, new in edits:
     assert src.count(old) == 1, (name, old)
     if new is None:
@@ -69,7 +82,7 @@ def variant(name: str, edits, kernel: pathlib.Path = KERNEL) -> object:
   mod = importlib.util.module_from_spec(spec)
   sys.modules[path.stem] = mod
   spec.loader.exec_module(mod)
-  return mod.microadam_step_kernel
+  return mod.microadam_topk_kernel, mod.microadam_u_kernel
 
 
 def main() -> None:
@@ -83,12 +96,16 @@ def main() -> None:
   p.add_argument("--density", type=float, default=0.01)
   p.add_argument("--window", type=int, default=10)
   p.add_argument("--variants", default=",".join(EDITS))
-  p.add_argument("--warps", default="8")
+  p.add_argument("--warps", default="1",
+                 help="comma list of the Top-K kernel's warps")
+  p.add_argument("--sub", default=str(gpu_step.SUB_PER_THREAD),
+                 help="comma list of the Top-K kernel's entries per thread "
+                 "in its sub-tiles")
+  p.add_argument("--u-warps", default=None,
+                 help="comma list of the u kernel's warps (default: its "
+                 "default)")
   p.add_argument("--kernel", default=str(KERNEL),
                  help="the kernel's source file (a candidate to compare)")
-  p.add_argument("--groups", default=None,
-                 help="comma list of blocks per program (a kernel with a G "
-                 "parameter)")
   p.add_argument("--json", default=None)
   args = p.parse_args()
 
@@ -130,23 +147,31 @@ def main() -> None:
   regs_per_sm = 65536
   rows = []
   for name in args.variants.split(","):
-    fn = variant(name, EDITS[name], pathlib.Path(args.kernel))
-    groups = ([None] if args.groups is None
-              else [int(x) for x in args.groups.split(",")])
-    for warps, group in [(int(w), gr) for w in args.warps.split(",")
-                         for gr in groups]:
-      extra = {} if group is None else {"G": group}
-      grid = (nb,) if group is None else (-(-nb // group),)
+    topk_fn, u_fn = variant(name, EDITS[name], pathlib.Path(args.kernel))
+    u_constants = gpu_step.constants_of(u_fn, constants)
+    u_warps_list = ([gpu_step.default_u_num_warps(constants["EP"])]
+                    if args.u_warps is None
+                    else [int(w) for w in args.u_warps.split(",")])
+    configs = [(int(w), int(sp), int(uw)) for w in args.warps.split(",")
+               for sp in args.sub.split(",") for uw in u_warps_list]
+    for warps, sub, u_warps in configs:
+      topk_constants = gpu_step.constants_of(topk_fn, gpu_step.kernel_constants(
+          d, block_size=B, k=k, last_block_k=lay.last_k, window=m,
+          num_warps=warps, sub_per_thread=sub))
 
-      def launch(fill: bool, warps=warps, extra=extra, grid=grid, t=[0]):
+      def launch(fill: bool, warps=warps, with_u=name not in NO_U, t=[0],
+                 topk_constants=topk_constants, u_warps=u_warps):
         t[0] += 1
         g = grads[t[0] % len(grads)]
         if fill:
           row.fill_(t[0] % m)
-        return fn[grid](
-            g, codes, lo, hi, widx, wval, w1, w2, row, eps,
-            codes, lo, hi, widx, wval, u,
-            num_warps=warps, num_stages=1, **constants, **extra)
+        compiled = topk_fn[(nb,)](
+            g, codes, lo, hi, widx, wval, row, codes, lo, hi, widx, wval,
+            num_warps=warps, num_stages=1, **topk_constants)
+        if with_u:
+          u_fn[(nb,)](widx, wval, w1, w2, row, eps, u, num_warps=u_warps,
+                      num_stages=1, **u_constants)
+        return compiled
       for _ in range(m + 3):  # fill the window with real entries
         compiled = launch(True)
       torch.cuda.synchronize()
@@ -158,15 +183,18 @@ def main() -> None:
       shared = compiled.metadata.shared
       by_smem = (props.shared_memory_per_multiprocessor // shared
                  if shared else 32)
-      r = dict(variant=name, warps=warps, group=group, ms=ms, gbs=moved / ms / 1e6,
+      r = dict(variant=name, warps=warps, sub_per_thread=sub,
+               u_warps=u_warps, ms=ms,
+               gbs=moved / ms / 1e6,
                pct_copy=100 * moved / ms / 1e6 / copy_gbs, regs=regs,
                spills=compiled.n_spills, shared=shared,
-               programs_per_sm=min(by_regs, by_smem, 2048 // threads))
+               programs_per_sm=min(by_regs, by_smem, 2048 // threads, 32))
       rows.append(r)
-      print(f"{name:14s} warps {warps:2d} G {group}: {ms:.3f} ms {r['gbs']:6.0f} GB/s "
-            f"({r['pct_copy']:.1f} % of copy) regs {regs} spills "
-            f"{r['spills']} smem {shared} B, {r['programs_per_sm']} "
-            f"programs/SM", flush=True)
+      print(f"{name:14s} warps {warps:2d} sub {sub:2d} u_warps {u_warps}: "
+            f"{ms:.3f} ms {r['gbs']:6.0f} GB/s "
+            f"({r['pct_copy']:.1f} % of copy) Top-K kernel: regs {regs} "
+            f"spills {r['spills']} smem {shared} B, "
+            f"{r['programs_per_sm']} programs/SM", flush=True)
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(dict(
         device=props.name, copy_gbs=copy_gbs, moved_bytes=moved, d=d,

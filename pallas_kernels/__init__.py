@@ -15,7 +15,7 @@ module                 what it holds
 ``topk``, ``quantize``,  the references of each stage (the XLA path)
 ``error_feedback``,
 ``window``
-``gpu.step``           the GPU kernel: the whole step in one Triton kernel
+``gpu.step``           the GPU kernels: the whole step in two Triton kernels
                        (official Triton through ``jax-triton``), any leaf
                        size
 ``tpu.error_feedback``,  the Mosaic TPU kernels (error feedback; window)

@@ -8,7 +8,7 @@ dtypes and the code width:
 ======================  ==================================================
 where                   what runs
 ======================  ==================================================
-GPU (``cuda``)          the fused Triton kernel
+GPU (``cuda``)          the two Triton kernels
                         (:func:`pallas_kernels.gpu.step.microadam_step_gpu`,
                         through jax-triton), any leaf size
 TPU                     the Mosaic TPU kernels: error feedback, then the
@@ -57,9 +57,13 @@ class KernelConfig:
   """Tuning knobs of MicroAdam's kernels.
 
   Attributes:
-    gpu_num_warps: warps per program of the GPU kernel (``None``: one per
-      512 entries of a block, see
+    gpu_num_warps: warps per program of the GPU's Top-K kernel (``None``:
+      one per 1024 entries of a block, see
       :func:`pallas_kernels.gpu.step.default_num_warps`).
+    gpu_sub_per_thread: entries per thread in the sub-tiles of the GPU's
+      Top-K kernel (a power of two in [1, 64]; default
+      :data:`pallas_kernels.gpu.step.SUB_PER_THREAD`, 8): fewer mean fewer
+      registers, so more programs per SM, and more passes over the block.
     tpu_interpret: how ``implementation="pallas"`` runs the Mosaic kernels
       where there is no TPU: ``None`` (Pallas' generic interpreter, which
       also runs inside ``custom_partitioning`` and ``shard_map``) or a
@@ -81,6 +85,7 @@ class KernelConfig:
       (~2.2 bytes per entry of a bf16 leaf).
   """
   gpu_num_warps: int | None = None
+  gpu_sub_per_thread: int = gpu_step.SUB_PER_THREAD
   tpu_interpret: Any = None
   xla_chunk_elements: int = 1 << 24
   xla_16bit_in_place: bool | None = None
@@ -92,6 +97,12 @@ class KernelConfig:
       raise ValueError(
           f"gpu_num_warps must be None or a power of two in [1, 32], got "
           f"{w!r}.")
+    sp = self.gpu_sub_per_thread
+    if (isinstance(sp, bool) or not isinstance(sp, int) or sp < 1
+        or sp & (sp - 1) or sp > 64):
+      raise ValueError(
+          f"gpu_sub_per_thread must be a power of two in [1, 64], got "
+          f"{sp!r}.")
     c = self.xla_chunk_elements
     if isinstance(c, bool) or not isinstance(c, int) or c < 1:
       raise ValueError(
@@ -344,14 +355,15 @@ def _leaf_step_mosaic(grad, window_indices, window_values, codes, block_min,
 
 def _leaf_step_gpu(grad, window_indices, window_values, codes, block_min,
                    block_max, count, *, layout, b1, b2, eps, out_dtype,
-                   num_warps):
-  """The step with the fused Triton kernel."""
+                   num_warps, sub_per_thread):
+  """The step with the GPU's Triton kernels."""
   lay = layout
   u, window_indices, window_values, codes, block_min, block_max = (
       gpu_step.microadam_step_gpu(
           grad, codes, block_min, block_max, window_indices, window_values,
           count, block_size=lay.topk_block, k=lay.k, last_block_k=lay.last_k,
-          b1=b1, b2=b2, eps=eps, out_dtype=out_dtype, num_warps=num_warps))
+          b1=b1, b2=b2, eps=eps, out_dtype=out_dtype, num_warps=num_warps,
+          sub_per_thread=sub_per_thread))
   return u, window_indices, window_values, codes, block_min, block_max
 
 
@@ -417,7 +429,9 @@ def leaf_step(grad, window_indices, window_values, codes, block_min,
   mosaic = functools.partial(_leaf_step_mosaic, **hyper)
   if gpu_step.available():
     gpu: Callable = functools.partial(_leaf_step_gpu,
-                                      num_warps=config.gpu_num_warps, **hyper)
+                                      num_warps=config.gpu_num_warps,
+                                      sub_per_thread=config.gpu_sub_per_thread,
+                                      **hyper)
   else:
     _warn_no_triton()
     gpu = reference

@@ -1,7 +1,7 @@
 """MicroAdam's GPU kernel compiled on a GPU, against the XLA reference (GPU only).
 
-The checks of ``benchmarks/step_kernel.py`` as tests: the fused Triton
-kernel (:mod:`pallas_kernels.gpu.step`), compiled, against
+The checks of ``benchmarks/step_kernel.py`` as tests: the two Triton
+kernels (:mod:`pallas_kernels.gpu.step`), compiled, against
 :func:`pallas_kernels.dispatch.leaf_step_reference` on fresh random state of
 awkward sizes, all-zero state and gradients (ties everywhere), a leaf of
 more than 2**31 entries, and ``mo.microadam`` with the kernels against the

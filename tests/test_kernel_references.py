@@ -115,6 +115,10 @@ def test_kernel_config_is_checked():
   for bad in (3, 0, 64, True, 4.0):
     with pytest.raises(ValueError, match="gpu_num_warps"):
       dispatch.KernelConfig(gpu_num_warps=bad)
+  assert dispatch.KernelConfig(gpu_sub_per_thread=4).gpu_sub_per_thread == 4
+  for bad in (3, 0, 128, True, 8.0):
+    with pytest.raises(ValueError, match="gpu_sub_per_thread"):
+      dispatch.KernelConfig(gpu_sub_per_thread=bad)
   with pytest.raises(ValueError, match="tpu_interpret"):
     dispatch.KernelConfig(tpu_interpret="yes")
   with pytest.raises(ValueError, match="implementation"):

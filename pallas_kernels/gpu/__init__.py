@@ -1,1 +1,1 @@
-"""MicroAdam's GPU kernel: the per-leaf step in one Triton kernel (jax-triton)."""
+"""MicroAdam's GPU kernels: the per-leaf step in two Triton kernels (jax-triton)."""

@@ -1,4 +1,4 @@
-"""MicroAdam's whole per-leaf step on GPU: one Triton kernel through jax-triton.
+"""MicroAdam's whole per-leaf step on GPU: two Triton kernels through jax-triton.
 
 The GPU kernel is written in the official Triton language
 (:mod:`pallas_kernels.gpu.step_kernel`) and called through
@@ -9,10 +9,11 @@ gather, scatter, sort or histogram inside a kernel, which the exact block
 Top-K and the window's scatter need (``experiments/mosaic_gpu_probe.py``
 records the errors).
 
-One kernel program per block of ``B`` entries does steps 1-4 of MicroAdam
-(error feedback, Top-K, re-quantization, the window's new row and the
-update direction ``u``), reading the gradient, the codes and the window
-once and writing ``u``, the codes and one window row once; the state is
+Per block of ``B`` entries one program of the first kernel does steps 1-3
+of MicroAdam (error feedback, Top-K, re-quantization, the window's new row),
+reading the gradient and the codes once and writing the codes and one window
+row once; one program of the second computes the update direction ``u``
+from the block's window (read once) and writes ``u`` once. The state is
 updated in place (``input_output_aliases``). Offsets are 64-bit, so leaves of
 any size run here.
 
@@ -50,9 +51,17 @@ def available() -> bool:
 
 
 
+#: Entries per thread in the Top-K kernel's sub-tiles (its passes B and C):
+#: few, so that the kernel needs few registers and many programs share an
+#: SM (64 registers per thread at 4 warps, eight programs per SM).
+SUB_PER_THREAD = 8
+
+
 def kernel_constants(size: int, *, block_size: int, k: int,
-                     last_block_k: int, window: int) -> dict[str, Any]:
-  """The step kernel's compile-time constants for a leaf of ``size`` entries.
+                     last_block_k: int, window: int,
+                     num_warps: int | None = None,
+                     sub_per_thread: int = SUB_PER_THREAD) -> dict[str, Any]:
+  """The step kernels' compile-time constants for a leaf of ``size`` entries.
 
   Args:
     size: entries of the flattened leaf.
@@ -60,28 +69,54 @@ def kernel_constants(size: int, *, block_size: int, k: int,
     k: entries kept per full block.
     last_block_k: entries kept in the last block.
     window: ``m``, the window's rows.
+    num_warps: warps per program of the Top-K kernel (default
+      :func:`default_num_warps`).
+    sub_per_thread: entries per thread in the Top-K kernel's sub-tiles (a
+      power of two).
 
   Returns:
-    The keyword arguments ``B ... WIDE_KEYS`` of
-    :func:`pallas_kernels.gpu.step_kernel.microadam_step_kernel`.
+    The compile-time constants ``B ... SUB`` of both kernels of
+    :mod:`pallas_kernels.gpu.step_kernel` (each takes those it declares:
+    :func:`constants_of`).
   """
   num_blocks = -(-size // block_size)
   entries_tile = next_pow2(window * k)
+  tile = next_pow2(block_size)
+  warps = int(num_warps or default_num_warps(block_size))
   return dict(
-      B=block_size, TILE=next_pow2(block_size), NB=num_blocks,
+      B=block_size, TILE=tile, NB=num_blocks,
       LAST_LEN=size - (num_blocks - 1) * block_size, K=k,
       LAST_K=last_block_k, KP=next_pow2(k), M=window, E=window * k,
-      EP=entries_tile, WIDE_KEYS=block_size * entries_tile >= 2**31)
+      EP=entries_tile, WIDE_KEYS=block_size * entries_tile >= 2**31,
+      RW=min(8, tile), SUB=min(tile, 32 * warps * next_pow2(sub_per_thread)))
+
+
+def constants_of(kernel: Any, constants: dict[str, Any]) -> dict[str, Any]:
+  """The entries of ``constants`` that ``kernel`` (a Triton function) takes."""
+  return {n: v for n, v in constants.items() if n in kernel.arg_names}
 
 
 def default_num_warps(block_size: int) -> int:
-  """Warps per program: one per 512 entries of the block, 1 to 16.
+  """Warps per program of the Top-K kernel: one per 1024 entries, 1 to 16.
 
-  Measured on an H200 (4096-entry blocks, one 4096 x 11008 leaf): 8 warps
-  0.82 ms, 4 warps 1.05 ms, 2 warps 1.26 ms (fewer registers per thread,
-  more warps to hide the loads' latency).
+  At 4 warps a 4096-entry block holds 32 entries per thread in the
+  threshold search and 8 in the sub-tiles: 64 registers per thread, eight
+  programs per SM (see :mod:`pallas_kernels.gpu.step_kernel`). Measured on
+  an H100 (one 4096 x 11008 leaf, the Top-K kernel alone): 2 warps
+  0.196 ms, 4 warps 0.191 ms, 8 warps 0.245 ms; 1 warp (the whole block in
+  one warp's registers, 253 per thread) 0.390 ms in an earlier build.
   """
-  return max(1, min(16, next_pow2(block_size) // 512))
+  return max(1, min(16, next_pow2(block_size) // 1024))
+
+
+def default_u_num_warps(window_entries: int) -> int:
+  """Warps per program of the ``u`` kernel: one per 512 window entries of a
+  block (``m k``, rounded up to a power of two), 1 to 16.
+
+  Measured on an H200 (410 entries, one 4096 x 11008 leaf, the pair of
+  kernels): 1 warp 0.360 ms, 2 warps 0.413 ms, 4 warps 0.403 ms.
+  """
+  return max(1, min(16, next_pow2(window_entries) // 512))
 
 
 def microadam_step_gpu(grad: jax.Array, codes: jax.Array, block_min: jax.Array,
@@ -89,8 +124,9 @@ def microadam_step_gpu(grad: jax.Array, codes: jax.Array, block_min: jax.Array,
                        window_values: jax.Array, count: jax.Array, *,
                        block_size: int, k: int, last_block_k: int,
                        b1: Any, b2: Any, eps: Any, out_dtype: Any,
-                       num_warps: int | None = None):
-  """One MicroAdam step of one flattened leaf, as one Triton kernel.
+                       num_warps: int | None = None,
+                       sub_per_thread: int = SUB_PER_THREAD):
+  """One MicroAdam step of one flattened leaf, as two Triton kernels.
 
   Computes what :func:`pallas_kernels.dispatch.leaf_step_reference` computes:
 
@@ -113,7 +149,10 @@ def microadam_step_gpu(grad: jax.Array, codes: jax.Array, block_min: jax.Array,
     last_block_k: entries kept in the last block.
     b1, b2, eps: Adam's hyper-parameters (may be traced).
     out_dtype: dtype of ``u``.
-    num_warps: warps per program (default :func:`default_num_warps`).
+    num_warps: warps per program of the Top-K kernel (default
+      :func:`default_num_warps`); the ``u`` kernel's are
+      :func:`default_u_num_warps`'s.
+    sub_per_thread: entries per thread in the Top-K kernel's sub-tiles.
 
   Returns:
     ``(u (d,) out_dtype, window_indices, window_values, codes, block_min,
@@ -124,8 +163,11 @@ def microadam_step_gpu(grad: jax.Array, codes: jax.Array, block_min: jax.Array,
   d = grad.size
   num_blocks = codes.shape[0]
   m = window_indices.shape[0]
+  num_warps = int(num_warps or default_num_warps(block_size))
   constants = kernel_constants(d, block_size=block_size, k=k,
-                               last_block_k=last_block_k, window=m)
+                               last_block_k=last_block_k, window=m,
+                               num_warps=num_warps,
+                               sub_per_thread=sub_per_thread)
   if constants["NB"] != num_blocks:
     raise ValueError(
         f"codes must hold one row per block of {block_size} entries "
@@ -134,22 +176,29 @@ def microadam_step_gpu(grad: jax.Array, codes: jax.Array, block_min: jax.Array,
   w1, w2 = window_lib.row_weights(count, m, b1, b2)
   row = jnp.mod(count - 1, m).astype(jnp.int32).reshape(1)
   eps = jnp.asarray(eps, jnp.float32).reshape(1)
-  out_shape = [
+  topk_shapes = [
       jax.ShapeDtypeStruct(codes.shape, codes.dtype),
       jax.ShapeDtypeStruct(block_min.shape, jnp.float32),
       jax.ShapeDtypeStruct(block_max.shape, jnp.float32),
       jax.ShapeDtypeStruct(window_indices.shape, window_indices.dtype),
       jax.ShapeDtypeStruct(window_values.shape, window_values.dtype),
-      jax.ShapeDtypeStruct((d,), out_dtype),
   ]
-  codes, lo, hi, idx_w, val_w, u = jt.triton_call(
+  codes, lo, hi, idx_w, val_w = jt.triton_call(
       grad.reshape(-1), codes, block_min.astype(jnp.float32),
-      block_max.astype(jnp.float32), window_indices, window_values, w1, w2,
-      row, eps,
-      kernel=kernel_lib.microadam_step_kernel,
-      out_shape=out_shape,
+      block_max.astype(jnp.float32), window_indices, window_values, row,
+      kernel=kernel_lib.microadam_topk_kernel,
+      out_shape=topk_shapes,
       grid=(num_blocks,),
       input_output_aliases={1: 0, 2: 1, 3: 2, 4: 3, 5: 4},
-      num_warps=int(num_warps or default_num_warps(block_size)),
-      num_stages=1, **constants)
+      num_warps=num_warps,
+      num_stages=1,
+      **constants_of(kernel_lib.microadam_topk_kernel, constants))
+  u = jt.triton_call(
+      idx_w, val_w, w1, w2, row, eps,
+      kernel=kernel_lib.microadam_u_kernel,
+      out_shape=jax.ShapeDtypeStruct((d,), out_dtype),
+      grid=(num_blocks,),
+      num_warps=default_u_num_warps(constants["EP"]),
+      num_stages=1,
+      **constants_of(kernel_lib.microadam_u_kernel, constants))
   return u, idx_w, val_w, codes, lo, hi

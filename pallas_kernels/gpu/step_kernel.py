@@ -1,26 +1,44 @@
-"""MicroAdam's whole per-leaf step as one Triton kernel (official Triton).
+"""MicroAdam's whole per-leaf step as two Triton kernels (official Triton).
 
-The kernel body only: it imports :mod:`triton` at the top, so it is imported
-only where a GPU step is traced (see :mod:`pallas_kernels.gpu.step`, the
-JAX wrapper called through ``jax-triton``). One program handles one block of
-``B`` entries of the flattened gradient (Top-K and quantization blocks
-coincide) and moves its bytes once:
+The kernel bodies only: this module imports :mod:`triton` at the top, so it
+is imported only where a GPU step is traced (see
+:mod:`pallas_kernels.gpu.step`, the JAX wrapper called through
+``jax-triton``). In both kernels one program handles one block of ``B``
+entries of the flattened gradient (Top-K and quantization blocks coincide).
 
-1. ``a = g + Q^{-1}(e)``: the gradient and the block's packed 4-bit codes are
-   read once and held in registers;
+:func:`microadam_topk_kernel` reads the gradient and the codes from memory
+once and writes the codes and one window row once:
+
+1. ``a = g + Q^{-1}(e)``: the block is held as rows of 8 consecutive
+   entries, so that each thread reads the gradient in 16-byte vectors and
+   unpacks its rows' codes itself;
 2. Top-K of ``|a|``: the exact threshold by an interpolating count search
-   on the float32 bit patterns (6-10 counting passes over registers), then
-   the selected entries (ties at the threshold taken by position) compacted
-   in position order by one prefix count and written as the window's new
-   row in place;
-3. ``e' = Q(a with the selection zeroed)``: new min/max and codes written;
+   (6-10 counting passes over registers, each a float compare and a float
+   add per entry and one reduction); then, sub-tile by sub-tile, the
+   selected entries (ties at the threshold taken by position) compacted in
+   position order by a prefix count and written as the window's new row in
+   place;
+3. ``e' = Q(a with the selection zeroed)``: new min/max and codes written.
+
+The sub-tiles re-read the block from the L1 cache (the program read it a
+moment before) rather than hold it in registers: 64 registers per thread
+let eight 4-warp programs share an SM, where a block held through the
+whole step took 254 registers and two programs (on an H100, one 4096 x
+11008 leaf: 0.191 ms against 0.316 ms for that build;
+``benchmarks/NOTES_kernels.md``).
+
+:func:`microadam_u_kernel` then computes
+
 4. ``u = m_hat / (sqrt(v_hat) + eps)`` for the block: zeros written
-   densely, then the window's ``m k`` entries of the block (the new row read
-   back after a barrier of the program: same-CTA ordering) sorted by index
+   densely, then the window's ``m k`` entries of the block sorted by index
    (``tl.sort`` of ``index * E + entry`` keys), summed per index by a
    segmented scan, and ``u`` computed and stored for each distinct index
    only (one division and square root per entry of the window, not per
    entry of the block).
+
+Two kernels, not one: step 4 reads only the window, which step 3's kernel
+has already written, so splitting costs no bytes, and each kernel runs at its
+own warps and registers (the ``u`` kernel is fastest at one warp).
 
 Offsets are 64-bit (the program's block index is widened before it is
 multiplied), so a leaf of any size runs here: no leaf falls back to the XLA
@@ -49,30 +67,39 @@ def _log_count(c):
 
 
 @triton.jit
-def _count_at_least(mag, probe):
-  """How many entries have ``mag >= probe`` (``probe >= 1``): one subtract
-  and a sign-bit add per entry."""
-  below = (probe - 1) - mag
-  return tl.sum((below.to(tl.uint32, bitcast=True) >> 31).to(tl.int32))
+def _count_at_least(a, probe):
+  """How many entries have ``|a| >= probe`` (``probe >= 1``, a float32 bit
+  pattern): per entry one float compare of ``|a|`` (an operand modifier)
+  that yields 1.0 or 0.0, and one float add, both on the float pipes, which
+  issue twice as fast as the integer ones (the sum is exact: at most
+  ``2^24`` entries). The compares are IEEE (no flush to zero), so they
+  order magnitudes as their bit patterns do, subnormals included.
+  """
+  p = probe.to(tl.float32, bitcast=True)
+  return tl.sum(tl.where(tl.abs(a) >= p, 1.0, 0.0)).to(tl.int32)
 
 
 @triton.jit
-def _kth_search(mag, k, nvalid):
-  """Threshold of the ``k`` largest ``mag`` by an interpolating count search.
+def _kth_search(a, k, nvalid):
+  """Threshold of the ``k`` largest ``|a|`` by an interpolating count search.
 
-  Keeps a bracket ``[lo, hi)`` of bit patterns with ``count(mag >= lo) >= k
-  > count(mag >= hi)``; each pass counts the entries at or above one probe.
+  Magnitudes compare as the bit patterns of ``|a|`` (monotone). Keeps a
+  bracket ``[lo, hi)`` of patterns with ``count(|a| >= lo) >= k >
+  count(|a| >= hi)``; each pass counts the entries at or above one probe.
   While no lower end is known the probes step down from the largest
   magnitude by 1, 2, 4, ... octaves; then they interpolate between the ends
   in bit patterns (~ log |x|) against the counts' bit patterns (~ log
   count), with a bisection after any probe that did not halve the bracket.
-  6-10 passes on gradient-like blocks.
+  6-10 passes on gradient-like blocks (``a`` 0 for padding, which no probe
+  counts).
 
   Returns:
-    ``(at_least, tie, need)``: select every entry with ``mag >= at_least``
-    and the first ``need`` (by position) with ``mag == tie``.
+    ``(at_least, tie, need)``: select every entry with ``|a| >= at_least``
+    and the first ``need`` (by position) with ``|a| == tie``, in bit
+    patterns.
   """
-  top = tl.max(mag)
+  top = tl.minimum(tl.max(a.to(tl.int32, bitcast=True) & 0x7FFFFFFF),
+                   0x7FFFFFFE)
   zero = k * 0
   lo = zero
   clo = nvalid + zero
@@ -91,7 +118,7 @@ def _kth_search(mag, k, nvalid):
     probe = tl.where(gallop, step_down,
                      tl.where(bisect == 1, lo + width // 2, guess))
     probe = tl.minimum(tl.maximum(probe, lo + 1), hi - 1)
-    c = _count_at_least(mag, probe)
+    c = _count_at_least(a, probe)
     up = c >= k
     lo = tl.where(up, probe, lo)
     clo = tl.where(up, c, clo)
@@ -107,102 +134,194 @@ def _kth_search(mag, k, nvalid):
 
 
 @triton.jit
-def _flat_exclusive_rank(flag):
-  """Exclusive prefix count of ``flag`` ``(H, 2)`` in element order ``2j + c``
-  (one scan of the flattened tile)."""
-  flat = tl.reshape(flag, [flag.shape[0] * 2])
-  return tl.reshape(tl.cumsum(flat, 0) - flat, [flag.shape[0], 2])
+def _load_a(g_ptr, codes_ptr, pid, row0, length, lo, scale,
+            B: tl.constexpr, ROWS: tl.constexpr, RW: tl.constexpr):
+  """``a = g + Q^{-1}(e)`` for rows ``[row0, row0 + ROWS)`` of block ``pid``.
+
+  The block is held as rows of ``RW`` consecutive entries (entry ``[r, n]``
+  at position ``RW r + n``): each thread holds whole rows, so the gradient
+  is read in 16-byte vectors, a row's packed codes (``RW / 2`` bytes, byte
+  ``j`` holding entries ``2 j`` and ``2 j + 1``) unpack inside the thread,
+  and prefix counts in position order run mostly inside the thread.
+
+  Returns:
+    ``(a, pos, valid)``, each ``(ROWS, RW)``: ``a`` float32 (0 past the
+    block's ``length``), the entries' positions in the block, and
+    ``pos < length``.
+  """
+  HW: tl.constexpr = RW // 2
+  r = row0 + tl.arange(0, ROWS)
+  pos = RW * r[:, None] + tl.arange(0, RW)[None, :]
+  valid = pos < length
+  g = tl.load(g_ptr + pid * B + pos, mask=valid, other=0.0).to(tl.float32)
+  byte_at = HW * r[:, None] + tl.arange(0, HW)[None, :]
+  byte = tl.load(codes_ptr + pid * (B // 2) + byte_at, mask=byte_at < B // 2,
+                 other=0).to(tl.int32)
+  code = tl.reshape(tl.join(byte & 15, byte >> 4), [ROWS, RW])
+  a = tl.where(valid, g + (code.to(tl.float32) * scale + lo), 0.0)
+  return a, pos, valid
 
 
 @triton.jit
-def microadam_step_kernel(
-    g_ptr, codes_in, lo_in, hi_in, widx_in, wval_in, w1_ptr, w2_ptr,
-    row_ptr, eps_ptr,
-    codes_ptr, lo_ptr, hi_ptr, widx_ptr, wval_ptr, u_ptr,
+def _row_and_codes(g_ptr, codes_ptr, widx_ptr, wval_ptr, pid, length, lo,
+                   scale, row_base, at_least, tie, need, new_lo, new_scale,
+                   inv, B: tl.constexpr, TILE: tl.constexpr,
+                   SUB: tl.constexpr, RW: tl.constexpr, TIES: tl.constexpr):
+  """Pass C of :func:`microadam_topk_kernel`, sub-tile by sub-tile: ``a``
+  recomputed from the cached gradient and codes, the selection (``|a| >=
+  at_least``, and with ``TIES`` the first ``need`` entries with ``|a| ==
+  tie`` by position), its slots in the window's new row (a prefix count,
+  carried across sub-tiles; with ``TIES`` the entries above the threshold
+  and the tied ones counted in one scan, as the two halves of one word),
+  the row's entries written, then the codes of ``a`` with the selection
+  zeroed."""
+  SUB_ROWS: tl.constexpr = SUB // RW
+  HW: tl.constexpr = RW // 2
+  RANK_T: tl.constexpr = tl.uint32 if TILE < 65536 else tl.uint64
+  RANK_SHIFT: tl.constexpr = 16 if TILE < 65536 else 32
+  carry = tl.zeros([1], RANK_T).sum()
+  for t in range(TILE // SUB):
+    a_t, pos_t, valid_t = _load_a(g_ptr, codes_ptr, pid, t * SUB_ROWS,
+                                  length, lo, scale, B, SUB_ROWS, RW)
+    mag_t = a_t.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    above = valid_t & (mag_t >= at_least)
+    if TIES:
+      tied = valid_t & (mag_t == tie) & (~above)
+      word = tl.reshape(above.to(RANK_T) + (tied.to(RANK_T) << RANK_SHIFT),
+                        [SUB])
+      rank = tl.reshape(tl.cumsum(word, 0) - word, [SUB_ROWS, RW]) + carry
+      carry += tl.sum(word)
+      tie_rank = (rank >> RANK_SHIFT).to(tl.int32)
+      sel = above | (tied & (tie_rank < need))
+      slot = ((rank & ((1 << RANK_SHIFT) - 1)).to(tl.int32)
+              + tl.minimum(tie_rank, need))
+    else:
+      word = tl.reshape(above.to(RANK_T), [SUB])
+      rank = tl.reshape(tl.cumsum(word, 0) - word, [SUB_ROWS, RW]) + carry
+      carry += tl.sum(word)
+      sel = above
+      slot = rank.to(tl.int32)
+    tl.store(widx_ptr + row_base + slot, pos_t.to(widx_ptr.dtype.element_ty),
+             mask=sel)
+    tl.store(wval_ptr + row_base + slot, a_t.to(wval_ptr.dtype.element_ty),
+             mask=sel)
+    rest = tl.where(sel, 0.0, a_t)
+    c = tl.floor((rest - new_lo) * inv + 0.5)
+    c = tl.minimum(tl.maximum(c, 0.0), 15.0)
+    c = tl.where(valid_t, tl.where(new_scale > 0, c, 0.0), 0.0).to(tl.int32)
+    c0, c1 = tl.split(tl.reshape(c, [SUB_ROWS, HW, 2]))
+    byte_at = (HW * (t * SUB_ROWS + tl.arange(0, SUB_ROWS))[:, None]
+               + tl.arange(0, HW)[None, :])
+    tl.store(codes_ptr + pid * (B // 2) + byte_at,
+             (c0 | (c1 << 4)).to(tl.uint8), mask=byte_at < B // 2)
+
+
+@triton.jit
+def microadam_topk_kernel(
+    g_ptr, codes_in, lo_in, hi_in, widx_in, wval_in, row_ptr,
+    codes_ptr, lo_ptr, hi_ptr, widx_ptr, wval_ptr,
     B: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
     LAST_LEN: tl.constexpr,
     K: tl.constexpr, LAST_K: tl.constexpr, KP: tl.constexpr,
-    M: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
-    WIDE_KEYS: tl.constexpr):
-  """One MicroAdam step of one block (see the module docstring).
+    RW: tl.constexpr, SUB: tl.constexpr):
+  """Steps 1-3 of one block: error feedback, Top-K, the new row, the codes.
 
-  The block is held as ``(TILE / 2, 2)`` pairs, element ``2 j + c`` at
-  ``[j, c]``: the layout of the packed codes (byte ``j`` holds elements
-  ``2 j`` and ``2 j + 1``), so that unpacking and packing stay inside each
-  thread. Inputs ``codes_in`` ... ``wval_in`` are aliased to the outputs
+  Three passes over the block, which stays in the L1 cache between them:
+
+  A. the block read from memory, ``a`` held in registers for the threshold
+     search (every pass a count over registers and one reduction), then
+     the new min/max of the block's error ``a`` with the selection zeroed
+     (the entries below the threshold, and 0 for the selected ones);
+  B. only where entries tie at the threshold: the tied entries left out
+     (all but the first ``need`` by position) join the min/max;
+  C. in sub-tiles of ``SUB`` entries, ``a`` recomputed from the cached
+     gradient and codes: the selection, its slots in the window's new row
+     by one prefix count carried from sub-tile to sub-tile, the row's
+     entries written, then the codes of ``a`` with the selection zeroed
+     (:func:`_row_and_codes`).
+
+  Few registers (64 per thread at 4 warps and 8 entries per thread in the
+  sub-tiles) let eight programs share an SM; re-reading the block from the
+  L1 cache costs less than holding it in registers through pass C.
+
+  Inputs ``codes_in`` ... ``wval_in`` are aliased to the outputs
   ``codes_ptr`` ... ``wval_ptr`` (the state is updated in place); the kernel
   reads and writes them through the output pointers.
 
   Args:
     g_ptr: the flattened gradient ``(d,)`` (any float dtype).
     codes_in, lo_in, hi_in, widx_in, wval_in: aliases of the outputs.
-    w1_ptr, w2_ptr: the rows' moment weights ``(M,)`` float32 (0 for rows
-      not written yet).
     row_ptr: int32 ``(1,)``, the window row the new entries go to.
-    eps_ptr: float32 ``(1,)``, added to ``sqrt(v_hat)``.
     codes_ptr: packed 4-bit codes ``(NB, B // 2)`` uint8, in place.
     lo_ptr, hi_ptr: per-block min/max ``(NB,)`` float32, in place.
-    widx_ptr, wval_ptr: the window ``(M, NB, K)``, in place.
-    u_ptr: the update direction ``(d,)``.
+    widx_ptr, wval_ptr: the window ``(M, NB, K)``, in place (only row
+      ``row`` is written).
     B: entries per block (even).
     TILE: next power of two of ``B`` (the program's tile).
     NB: number of blocks; LAST_LEN: entries of the last block.
     K: entries kept per block; LAST_K: in the last block; KP: next power of
       two of ``K``.
-    M: window rows; E: entries of the window of one block, ``M * K``; EP:
-      next power of two of ``E``.
-    WIDE_KEYS: sort keys in int64 (``B * EP >= 2**31``).
+    RW: entries per row of the tile, ``min(8, TILE)``.
+    SUB: entries per sub-tile of pass C (a power of two dividing ``TILE``).
   """
-  H: tl.constexpr = TILE // 2
-  RANK_T: tl.constexpr = tl.uint32 if TILE < 65536 else tl.uint64
-  RANK_SHIFT: tl.constexpr = 16 if TILE < 65536 else 32
+  ROWS: tl.constexpr = TILE // RW
+  SUB_ROWS: tl.constexpr = SUB // RW
   pid = tl.program_id(0).to(tl.int64)
-  base = pid * B
   is_last = pid == NB - 1
   length = tl.where(is_last, LAST_LEN, B)
   k_b = tl.where(is_last, LAST_K, K)
-  pair = tl.arange(0, H)
-  col = tl.arange(0, 2)
-  pos = 2 * pair[:, None] + col[None, :]
-  valid = pos < length
-
-  # 1. a = g + Q^{-1}(e).
-  g = tl.load(g_ptr + base + pos, mask=valid, other=0.0).to(tl.float32)
-  byte = tl.load(codes_ptr + pid * (B // 2) + pair, mask=pair < B // 2,
-                 other=0).to(tl.int32)
-  code = (byte[:, None] >> (4 * col[None, :])) & 15
   lo = tl.load(lo_ptr + pid)
   hi = tl.load(hi_ptr + pid)
   scale = tl.div_rn(hi - lo, 15.0)
-  a = tl.where(valid, g + (code.to(tl.float32) * scale + lo), 0.0)
 
-  # 2. Top-K of |a| on its float32 bit patterns (monotone; -1: padding).
-  mag = tl.where(valid,
-                 tl.minimum(a.to(tl.int32, bitcast=True) & 0x7FFFFFFF,
-                            0x7FFFFFFE), -1)
-  at_least, tie, need = _kth_search(mag, k_b, length)
-  # Entries above the threshold, and ties at it (the first `need` of them
-  # by position are selected): both prefix counts in one scan, as the low
-  # and high halves of one word (no branch; 126-128 registers per thread at
-  # 8 warps, where two scans and a branch for ties took 147: two programs
-  # per SM instead of one).
-  above = (mag >= at_least) & (k_b > 0)
-  tied = (mag == tie) & (~above) & (need > 0)
-  rank = _flat_exclusive_rank(above.to(RANK_T)
-                              + (tied.to(RANK_T) << RANK_SHIFT))
-  tie_rank = (rank >> RANK_SHIFT).to(tl.int32)
-  sel = above | (tied & (tie_rank < need))
-  slot = ((rank & ((1 << RANK_SHIFT) - 1)).to(tl.int32)
-          + tl.minimum(tie_rank, need))
+  # A. The threshold, then the min/max of the entries it leaves.
+  a, _, _ = _load_a(g_ptr, codes_ptr, pid, 0, length, lo, scale, B, ROWS,
+                    RW)
+  bits = a.to(tl.int32, bitcast=True)
+  at_least, tie, need = _kth_search(a, k_b, length)
+  # Below the threshold (or below the tie when entries tie at it). Every
+  # block keeps at least one entry (k >= 1), zeroed in the error: 0 is
+  # among the values quantized, so the padding's zeros change nothing (and
+  # no block-sized mask lives across the search).
+  floor = tl.where(need > 0, tie, at_least)
+  below = (bits & 0x7FFFFFFF) < floor
+  new_lo = tl.minimum(tl.min(tl.where(below, a, float("inf"))), 0.0)
+  new_hi = tl.maximum(tl.max(tl.where(below, a, -float("inf"))), 0.0)
 
-  # The new window row, in position order; empty slots of the last block
-  # hold (0, 0).
+  # B. Ties at the threshold: the tied entries past the first `need` (by
+  # position) stay in the error.
+  if need > 0:
+    ties_before = need * 0
+    for t in range(TILE // SUB):
+      a_t, pos_t, valid_t = _load_a(g_ptr, codes_ptr, pid, t * SUB_ROWS,
+                                    length, lo, scale, B, SUB_ROWS, RW)
+      tied = valid_t & ((a_t.to(tl.int32, bitcast=True) & 0x7FFFFFFF) == tie)
+      flat = tl.reshape(tied.to(tl.int32), [SUB])
+      rank = (tl.reshape(tl.cumsum(flat, 0) - flat, [SUB_ROWS, RW])
+              + ties_before)
+      left = tied & (rank >= need)
+      new_lo = tl.minimum(new_lo, tl.min(tl.where(left, a_t, float("inf"))))
+      new_hi = tl.maximum(new_hi, tl.max(tl.where(left, a_t, -float("inf"))))
+      ties_before += tl.sum(flat)
+
+  new_scale = tl.div_rn(new_hi - new_lo, 15.0)
+  # One division per block; per entry a multiply (XLA divides per entry:
+  # a one-ulp difference moves an entry at a .5 boundary by one level).
+  inv = tl.div_rn(1.0, tl.where(new_scale > 0, new_scale, 1.0))
+
+  # C. Per sub-tile: the selection, its slots in the new row, the row's
+  # entries, the codes (with the tie bookkeeping only where entries tie).
   row = tl.load(row_ptr)
   row_base = (row.to(tl.int64) * NB + pid) * K
-  vals = a.to(wval_ptr.dtype.element_ty)
-  tl.store(widx_ptr + row_base + slot, pos.to(widx_ptr.dtype.element_ty),
-           mask=sel)
-  tl.store(wval_ptr + row_base + slot, vals, mask=sel)
+  if need > 0:
+    _row_and_codes(g_ptr, codes_ptr, widx_ptr, wval_ptr, pid, length, lo,
+                   scale, row_base, at_least, tie, need, new_lo, new_scale,
+                   inv, B, TILE, SUB, RW, True)
+  else:
+    _row_and_codes(g_ptr, codes_ptr, widx_ptr, wval_ptr, pid, length, lo,
+                   scale, row_base, at_least, tie, need, new_lo, new_scale,
+                   inv, B, TILE, SUB, RW, False)
+  # The last block's empty slots hold (0, 0).
   if k_b < K:
     slots = tl.arange(0, KP)
     empty = (slots >= k_b) & (slots < K)
@@ -210,31 +329,43 @@ def microadam_step_kernel(
              tl.zeros([KP], widx_ptr.dtype.element_ty), mask=empty)
     tl.store(wval_ptr + row_base + slots,
              tl.zeros([KP], wval_ptr.dtype.element_ty), mask=empty)
-
-  # 3. e' = Q(a with the selection zeroed), min/max over the block's entries.
-  rest = tl.where(sel, 0.0, a)
-  new_lo = tl.min(tl.where(valid, rest, float("inf")))
-  new_hi = tl.max(tl.where(valid, rest, -float("inf")))
-  new_scale = tl.div_rn(new_hi - new_lo, 15.0)
-  # One division per block; per entry a multiply (XLA divides per entry:
-  # a one-ulp difference moves an entry at a .5 boundary by one level).
-  inv = tl.div_rn(1.0, tl.where(new_scale > 0, new_scale, 1.0))
-  c = tl.floor((rest - new_lo) * inv + 0.5)
-  c = tl.minimum(tl.maximum(c, 0.0), 15.0)
-  c = tl.where(valid, tl.where(new_scale > 0, c, 0.0), 0.0).to(tl.int32)
-  packed = tl.sum(c << (4 * col[None, :]), axis=1)
-  tl.store(codes_ptr + pid * (B // 2) + pair, packed.to(tl.uint8),
-           mask=pair < B // 2)
   tl.store(lo_ptr + pid, new_lo)
   tl.store(hi_ptr + pid, new_hi)
 
-  # 4. u from the window: 0 where no row holds an entry, written densely;
-  # then every row's entries (the new row read back after a barrier of the
-  # program) sorted by index, summed per index, and their u stored over it.
-  tl.store(u_ptr + base + pos, tl.zeros([H, 2], u_ptr.dtype.element_ty),
-           mask=valid)
+
+@triton.jit
+def microadam_u_kernel(
+    widx_ptr, wval_ptr, w1_ptr, w2_ptr, row_ptr, eps_ptr, u_ptr,
+    B: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
+    LAST_LEN: tl.constexpr, K: tl.constexpr,
+    M: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
+    WIDE_KEYS: tl.constexpr):
+  """Step 4 of one block: ``u`` from the window (after
+  :func:`microadam_topk_kernel` wrote the new row).
+
+  Args:
+    widx_ptr, wval_ptr: the window ``(M, NB, K)``, read only.
+    w1_ptr, w2_ptr: the rows' moment weights ``(M,)`` float32 (0 for rows
+      not written yet).
+    row_ptr: int32 ``(1,)``, the window row written last.
+    eps_ptr: float32 ``(1,)``, added to ``sqrt(v_hat)``.
+    u_ptr: the update direction ``(d,)``, written whole.
+    B, TILE, NB, LAST_LEN, K: as in :func:`microadam_topk_kernel`.
+    M: window rows; E: entries of the window of one block, ``M * K``; EP:
+      next power of two of ``E``.
+    WIDE_KEYS: sort keys in int64 (``B * EP >= 2**31``).
+  """
+  pid = tl.program_id(0).to(tl.int64)
+  base = pid * B
+  is_last = pid == NB - 1
+  length = tl.where(is_last, LAST_LEN, B)
+  pos = tl.arange(0, TILE)
+  row = tl.load(row_ptr)
+  # 0 where no row holds an entry, written densely; then every row's
+  # entries sorted by index, summed per index, and their u stored over it.
+  tl.store(u_ptr + base + pos, tl.zeros([TILE], u_ptr.dtype.element_ty),
+           mask=pos < length)
   eps = tl.load(eps_ptr)
-  tl.debug_barrier()
   ent = tl.arange(0, EP)
   real = ent < E
   old = (row + 1 + ent // K) % M
