@@ -1,4 +1,4 @@
-"""MicroAdam's whole per-leaf step on GPU: two Triton kernels through jax-triton.
+"""MicroAdam's whole per-leaf step on GPU: two Triton kernels via jax-triton.
 
 The GPU kernel is written in the official Triton language
 (:mod:`pallas_kernels.gpu.step_kernel`) and called through
