@@ -163,6 +163,16 @@ def _load_a(g_ptr, codes_ptr, pid, row0, length, lo, scale,
 
 
 @triton.jit
+def _exclusive_count(word, before, ROWS: tl.constexpr, RW: tl.constexpr):
+  """Per entry of a ``(ROWS, RW)`` sub-tile, the sum of ``word`` over the
+  entries before it in position order, plus ``before`` (the sum over the
+  earlier sub-tiles); and ``before`` plus this sub-tile's sum."""
+  flat = tl.reshape(word, [ROWS * RW])
+  rank = tl.reshape(tl.cumsum(flat, 0) - flat, [ROWS, RW]) + before
+  return rank, before + tl.sum(flat)
+
+
+@triton.jit
 def _row_and_codes(g_ptr, codes_ptr, widx_ptr, wval_ptr, pid, length, lo,
                    scale, row_base, at_least, tie, need, new_lo, new_scale,
                    inv, B: tl.constexpr, TILE: tl.constexpr,
@@ -187,18 +197,15 @@ def _row_and_codes(g_ptr, codes_ptr, widx_ptr, wval_ptr, pid, length, lo,
     above = valid_t & (mag_t >= at_least)
     if TIES:
       tied = valid_t & (mag_t == tie) & (~above)
-      word = tl.reshape(above.to(RANK_T) + (tied.to(RANK_T) << RANK_SHIFT),
-                        [SUB])
-      rank = tl.reshape(tl.cumsum(word, 0) - word, [SUB_ROWS, RW]) + carry
-      carry += tl.sum(word)
+      rank, carry = _exclusive_count(
+          above.to(RANK_T) + (tied.to(RANK_T) << RANK_SHIFT), carry,
+          SUB_ROWS, RW)
       tie_rank = (rank >> RANK_SHIFT).to(tl.int32)
       sel = above | (tied & (tie_rank < need))
       slot = ((rank & ((1 << RANK_SHIFT) - 1)).to(tl.int32)
               + tl.minimum(tie_rank, need))
     else:
-      word = tl.reshape(above.to(RANK_T), [SUB])
-      rank = tl.reshape(tl.cumsum(word, 0) - word, [SUB_ROWS, RW]) + carry
-      carry += tl.sum(word)
+      rank, carry = _exclusive_count(above.to(RANK_T), carry, SUB_ROWS, RW)
       sel = above
       slot = rank.to(tl.int32)
     tl.store(widx_ptr + row_base + slot, pos_t.to(widx_ptr.dtype.element_ty),
@@ -296,13 +303,11 @@ def microadam_topk_kernel(
       a_t, pos_t, valid_t = _load_a(g_ptr, codes_ptr, pid, t * SUB_ROWS,
                                     length, lo, scale, B, SUB_ROWS, RW)
       tied = valid_t & ((a_t.to(tl.int32, bitcast=True) & 0x7FFFFFFF) == tie)
-      flat = tl.reshape(tied.to(tl.int32), [SUB])
-      rank = (tl.reshape(tl.cumsum(flat, 0) - flat, [SUB_ROWS, RW])
-              + ties_before)
+      rank, ties_before = _exclusive_count(tied.to(tl.int32), ties_before,
+                                           SUB_ROWS, RW)
       left = tied & (rank >= need)
       new_lo = tl.minimum(new_lo, tl.min(tl.where(left, a_t, float("inf"))))
       new_hi = tl.maximum(new_hi, tl.max(tl.where(left, a_t, -float("inf"))))
-      ties_before += tl.sum(flat)
 
   new_scale = tl.div_rn(new_hi - new_lo, 15.0)
   # One division per block; per entry a multiply (XLA divides per entry:
