@@ -52,6 +52,13 @@ from pallas_kernels.tpu import window as tpu_window
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 
+def _power_of_two_up_to(value: Any, high: int) -> bool:
+  """Whether ``value`` is an int (not a bool) that is a power of two in
+  ``[1, high]``."""
+  return (isinstance(value, int) and not isinstance(value, bool)
+          and 1 <= value <= high and not value & (value - 1))
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
   """Tuning knobs of MicroAdam's kernels.
@@ -92,17 +99,14 @@ class KernelConfig:
 
   def __post_init__(self):
     w = self.gpu_num_warps
-    if w is not None and (isinstance(w, bool) or not isinstance(w, int)
-                          or w < 1 or w & (w - 1) or w > 32):
+    if w is not None and not _power_of_two_up_to(w, 32):
       raise ValueError(
           f"gpu_num_warps must be None or a power of two in [1, 32], got "
           f"{w!r}.")
-    sp = self.gpu_sub_per_thread
-    if (isinstance(sp, bool) or not isinstance(sp, int) or sp < 1
-        or sp & (sp - 1) or sp > 64):
+    if not _power_of_two_up_to(self.gpu_sub_per_thread, 64):
       raise ValueError(
           f"gpu_sub_per_thread must be a power of two in [1, 64], got "
-          f"{sp!r}.")
+          f"{self.gpu_sub_per_thread!r}.")
     c = self.xla_chunk_elements
     if isinstance(c, bool) or not isinstance(c, int) or c < 1:
       raise ValueError(
