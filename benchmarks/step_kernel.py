@@ -6,10 +6,12 @@ those blocks alone) that the kernel of :mod:`pallas_kernels.gpu.step`
 computes what :func:`pallas_kernels.dispatch.leaf_step_reference` computes:
 the same codes (up to a few codes flipped by one-ulp differences of the
 dequantized error), min/max within 1e-6, the same window row (as a set per
-block), ``u`` within bf16 rounding. Then times the kernel on one
-4096 x 11008 tensor (Llama-2-7B's MLP) with device-side timing (median of
-``--iters`` calls over rotating inputs), against a device copy of the same
-tensor's bytes, and reports its share of the copy bandwidth.
+block), ``u`` within bf16 rounding; with the parameter's update fused into
+the second kernel, the new bf16 parameter within one bf16 step of the
+reference's. Then times the kernels on one 4096 x 11008 tensor (Llama-2-7B's
+MLP), writing ``u`` or updating the parameter, with device-side timing
+(median of ``--iters`` calls over rotating inputs), against a device copy of
+the same tensor's bytes, and reports their share of the copy bandwidth.
 
   python3 benchmarks/step_kernel.py --json step_kernel.json          # GPU
 """
@@ -33,6 +35,7 @@ except ImportError:  # imported as benchmarks.step_kernel (the GPU tests)
 from microadam_optax._layout import leaf_layout
 from pallas_kernels import dispatch
 from pallas_kernels import quantize as quant_lib
+from pallas_kernels import window as window_lib
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 
@@ -116,6 +119,49 @@ def check_case(seed: int, d: int, block: int, density: float, window: int,
   return res
 
 
+def check_apply_case(seed: int, d: int, block: int, density: float,
+                     window: int, count: int, *, weight_decay: float,
+                     learning_rate: float = 0.5) -> dict:
+  """The kernels with the parameter's update fused (``param=``) against
+  :func:`pallas_kernels.dispatch.apply_update` of the reference ``u`` of the
+  kernel's own new window: the new bf16 parameter within one bf16 step of
+  the larger of the old and new magnitudes; the state as in
+  :func:`check_case`."""
+  rng = np.random.default_rng(seed)
+  lay = leaf_layout(d, topk_block_size=block, quant_block_size=block,
+                    density=density, error_bits=4)
+  state = random_state(rng, lay, window)
+  g = jnp.asarray(rng.standard_normal(d), jnp.bfloat16)
+  p = jnp.asarray(rng.standard_normal(d), jnp.bfloat16)
+  kw = dict(layout=lay, b1=B1, b2=B2, eps=EPS, bits=4, out_dtype=jnp.bfloat16)
+  fused = jax.jit(lambda g, p, *s: dispatch.leaf_step(
+      g, *s, jnp.int32(count), implementation="auto", param=p,
+      learning_rate=learning_rate, weight_decay=weight_decay, **kw))
+  _, reference = step_fns(lay)
+  ref = reference(g, *state, jnp.int32(count))
+  new_p, *new_state = fused(g, p, *[jnp.array(x) for x in state])
+  u = window_lib.window_update_reference(
+      new_state[0], new_state[1], jnp.int32(count), block_size=block, b1=B1,
+      b2=B2, eps=EPS).reshape(-1)[:d]
+  want = np.asarray(dispatch.apply_update(p, u, learning_rate, weight_decay),
+                    np.float32)
+  got = np.asarray(new_p, np.float32)
+  old = np.asarray(p, np.float32)
+  ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.maximum(np.abs(want),
+                                                       np.abs(old)),
+                                            1e-30))) - 7)
+  res = compare((u.astype(jnp.bfloat16), *new_state), ref, lay)
+  res.update(d=d, block=block, weight_decay=weight_decay,
+             param_max_steps=float(np.max(np.abs(got - want) / ulp)),
+             param_equal_fraction=float(np.mean(got == want)),
+             param_changed=int(np.sum(got != old)),
+             param_dtype=str(new_p.dtype))
+  res["ok"] = bool(res["ok"] and res["param_max_steps"] <= 1.0
+                   and res["param_equal_fraction"] >= 0.99
+                   and new_p.dtype == jnp.bfloat16)
+  return res
+
+
 def check_huge(seed: int, window: int = 2, d: int = 2**31 + 3 * 4096 + 1000
                ) -> dict:
   """A leaf of more than 2**31 entries: its last blocks against the reference."""
@@ -163,19 +209,34 @@ def check_huge(seed: int, window: int = 2, d: int = 2**31 + 3 * 4096 + 1000
 
 
 def time_kernel(rows: int, cols: int, *, window: int = 10, sets: int = 3,
-                iters: int = 30, num_warps=None) -> dict:
-  """Median time of the fused kernel on one ``rows x cols`` bf16 leaf."""
+                iters: int = 30, num_warps=None,
+                weight_decay: float | None = None) -> dict:
+  """Median time of the kernels on one ``rows x cols`` bf16 leaf: the step
+  writing ``u`` or, given ``weight_decay``, the step with the parameter's
+  update fused (``param=``, updated in place)."""
   d = rows * cols
   lay = leaf_layout(d, topk_block_size=4096, quant_block_size=4096,
                     density=0.01, error_bits=4)
   rng = np.random.default_rng(0)
-  kernel, _ = step_fns(lay, num_warps=num_warps)
-  kernel = jax.jit(kernel, donate_argnums=(1, 2, 3, 4, 5))
+  if weight_decay is None:
+    kernel, _ = step_fns(lay, num_warps=num_warps)
+    out = jnp.zeros((d,), jnp.bfloat16)  # u, not read
+  else:
+    kernel = lambda g, p, *s: dispatch.leaf_step(
+        g, *s, layout=lay, b1=B1, b2=B2, eps=EPS, bits=4,
+        out_dtype=jnp.bfloat16, implementation="auto",
+        config=dispatch.KernelConfig(gpu_num_warps=num_warps), param=p,
+        learning_rate=1e-4, weight_decay=weight_decay)
+    out = jnp.asarray(rng.standard_normal(d), jnp.bfloat16)  # the param
+  fused = weight_decay is not None
+  # (grad, out, *state, count) -> (out, *state); out donated too.
+  call = jax.jit(lambda g, o, *a: kernel(g, o, *a) if fused else kernel(
+      g, *a), donate_argnums=(1, 2, 3, 4, 5, 6) if fused else (2, 3, 4, 5, 6))
   grads = [jnp.asarray(rng.standard_normal(d), jnp.bfloat16)
            for _ in range(sets)]
   state = random_state(rng, lay, window)
   for i in range(3):
-    u, *state = kernel(grads[i % sets], *state, jnp.int32(11 + i))
+    out, *state = call(grads[i % sets], out, *state, jnp.int32(11 + i))
   jax.block_until_ready(state)
   # Each timing: 10 calls back to back (each depends on the last one's
   # state, so they run in order; the host dispatches ahead), one sync.
@@ -183,17 +244,21 @@ def time_kernel(rows: int, cols: int, *, window: int = 10, sets: int = 3,
   for i in range(iters):
     t0 = time.perf_counter()
     for j in range(10):
-      u, *state = kernel(grads[(i + j) % sets], *state, jnp.int32(20 + j))
-    jax.block_until_ready((u, state))
+      out, *state = call(grads[(i + j) % sets], out, *state,
+                         jnp.int32(20 + j))
+    jax.block_until_ready((out, state))
     times.append((time.perf_counter() - t0) / 10)
   # Bytes it must move: gradient, codes in and out, min/max, the window's
-  # other rows in, one row out, u out.
+  # other rows in, one row out; u out, or the parameter in and out (with
+  # weight decay; without, only at the window's entries: not counted).
   entry = jnp.dtype(lay.index_dtype).itemsize + 2
+  last = {None: d * 2, 0.0: 0}.get(weight_decay, d * 4)
   nbytes = (d * 2 + 2 * lay.num_topk_blocks * lay.code_bytes
             + 4 * 4 * lay.num_topk_blocks
-            + window * lay.num_topk_blocks * lay.k * entry + d * 2)
+            + window * lay.num_topk_blocks * lay.k * entry + last)
   t = statistics.median(times)
-  return {"shape": [rows, cols], "num_warps": num_warps, "median_s": t,
+  return {"shape": [rows, cols], "num_warps": num_warps,
+          "weight_decay": weight_decay, "median_s": t,
           "min_s": min(times), "bytes": nbytes, "GB_per_s": nbytes / t / 1e9}
 
 
@@ -214,7 +279,12 @@ def main(argv=None) -> dict:
   parser.add_argument("--no-huge", action="store_true")
   parser.add_argument("--no-checks", action="store_true",
                       help="only time (the checks are tests/test_gpu_kernels.py)")
-  parser.add_argument("--warps", default="4,8")
+  parser.add_argument("--warps", default="4",
+                      help="warps of the Top-K kernel, comma list")
+  parser.add_argument("--apply", default="none,0,1e-4",
+                      help="comma list of the second kernel's variants: "
+                      "none (u written) or a weight decay (the parameter "
+                      "updated in place)")
   args = parser.parse_args(argv)
   result = {"device": str(jax.devices()[0]), "jax": jax.__version__,
             "checks": [], "timings": []}
@@ -222,7 +292,9 @@ def main(argv=None) -> dict:
       functools.partial(check_case, 6, 3 * 4096, 4096, 0.01, 4, 1, zero=True,
                         grad_zero=True),
       functools.partial(check_case, 7, 3 * 4096, 4096, 0.01, 4, 2,
-                        zero=True)]
+                        zero=True)] + [
+      functools.partial(check_apply_case, *case, weight_decay=wd)
+      for case in CASES for wd in (0.0, 0.1)]
   if not args.no_huge:
     checks.append(functools.partial(check_huge, 8))
   if args.no_checks:
@@ -233,20 +305,31 @@ def main(argv=None) -> dict:
   bw = harness.copy_bandwidth(1 << 30)
   result["copy_GB_per_s"] = bw / 1e9
   for w in [int(x) for x in args.warps.split(",")]:
-    r = time_kernel(4096, 11008, iters=args.iters, num_warps=w)
-    r["copy_fraction"] = r["GB_per_s"] * 1e9 / bw
-    result["timings"].append(r)
-    print(f"warps {w}: {r['median_s'] * 1e3:.3f} ms", flush=True)
+    for a in args.apply.split(","):
+      wd = None if a == "none" else float(a)
+      r = time_kernel(4096, 11008, iters=args.iters, num_warps=w,
+                      weight_decay=wd)
+      r["copy_fraction"] = r["GB_per_s"] * 1e9 / bw
+      result["timings"].append(r)
+      print(f"warps {w}, apply {a}: {r['median_s'] * 1e3:.3f} ms", flush=True)
   harness.write_json(result, args.json, indent=1)
   print(f"\ncopy bandwidth {bw / 1e9:.0f} GB/s")
   print("| check | d | block | ok | codes differing | u rel err |")
   for c in result["checks"]:
+    if "param_max_steps" in c:
+      print(f"| apply wd {c['weight_decay']:g} | {c['d']} | {c['block']} | "
+            f"{c['ok']} | param max {c['param_max_steps']:.1f} bf16 steps, "
+            f"{100 * c['param_equal_fraction']:.2f} % equal | "
+            f"{c['u_rel_err']:.2e} |")
+      continue
     print(f"| {'huge' if c.get('huge') else 'case'} | {c['d']} | {c['block']} "
           f"| {c['ok']} | {c['codes_differing']}/{c['codes_total']} "
           f"| {c['u_rel_err']:.2e} |")
-  print("| kernel 4096x11008 | warps | median ms | GB/s | % of copy |")
+  print("| kernels, 4096x11008 | warps | median ms | GB/s | % of copy |")
   for r in result["timings"]:
-    print(f"| fused step | {r['num_warps']} | {r['median_s'] * 1e3:.3f} | "
+    what = ("step, u written" if r["weight_decay"] is None else
+            f"step, parameter updated (wd {r['weight_decay']:g})")
+    print(f"| {what} | {r['num_warps']} | {r['median_s'] * 1e3:.3f} | "
           f"{r['GB_per_s']:.0f} | {100 * r['copy_fraction']:.1f} % |")
   return result
 

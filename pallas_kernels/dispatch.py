@@ -10,7 +10,8 @@ where                   what runs
 ======================  ==================================================
 GPU (``cuda``)          the two Triton kernels
                         (:func:`pallas_kernels.gpu.step.microadam_step_gpu`,
-                        through jax-triton), any leaf size
+                        through jax-triton), any leaf size; given the
+                        parameter, its update fused into the second
 TPU                     the Mosaic TPU kernels: error feedback, then the
                         window (:mod:`pallas_kernels.tpu.error_feedback`,
                         :mod:`pallas_kernels.tpu.window`)
@@ -158,16 +159,47 @@ def quantize_leaf(x: jax.Array, layout, bits: int):
   return quant_lib.quantize_reference(x2, bits, layout.last_quant_length)
 
 
+def apply_update(param, u, learning_rate, weight_decay):
+  """The parameter after one step: :math:`\\theta - \\eta (u + \\lambda
+  \\theta)`.
+
+  Computed in float32 from the float32 ``u`` and rounded once to
+  ``param``'s dtype, as the GPU kernel does (where ``optax.apply_updates``
+  after :func:`optax.scale_by_learning_rate` rounds the update itself to the
+  gradient's dtype first).
+
+  Args:
+    param: the parameter, any shape.
+    u: the update direction, ``param.size`` elements, any float dtype.
+    learning_rate: :math:`\\eta` (positive; may be traced).
+    weight_decay: :math:`\\lambda` (may be traced).
+
+  Returns:
+    The new parameter, shaped and typed like ``param``.
+  """
+  p = param.astype(jnp.float32)
+  u = u.reshape(p.shape).astype(jnp.float32)
+  lr = jnp.asarray(learning_rate, jnp.float32)
+  if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+    return (p - lr * u).astype(param.dtype)
+  wd = jnp.asarray(weight_decay, jnp.float32)
+  return (p - lr * (u + wd * p)).astype(param.dtype)
+
+
 def leaf_step_reference(grad, window_indices, window_values, codes, block_min,
                         block_max, count, *, layout, b1, b2, eps, bits: int,
-                        out_dtype):
+                        out_dtype, param=None, learning_rate=None,
+                        weight_decay=0.0):
   """MicroAdam's per-leaf step (Algorithm 1, steps 1-5) in plain XLA.
 
   .. math::
 
     a = g + Q^{-1}(e), \\quad (I, V) = \\mathrm{TopK}_B(|a|), \\quad
     e' = Q(a - a[I]), \\quad W_{(t-1) \\bmod m} = (I, V), \\quad
-    u = \\hat m / (\\sqrt{\\hat v} + \\epsilon).
+    u = \\hat m / (\\sqrt{\\hat v} + \\epsilon),
+
+  and given ``param`` the parameter's update from the float32 ``u``
+  (:func:`apply_update`) in place of ``u``.
 
   Args:
     grad: the gradient, any shape.
@@ -178,10 +210,14 @@ def leaf_step_reference(grad, window_indices, window_values, codes, block_min,
     b1, b2, eps: Adam's hyper-parameters.
     bits: 4 or 8.
     out_dtype: dtype of ``u``.
+    param: the parameter (``grad.size`` elements), or ``None``.
+    learning_rate, weight_decay: :math:`\\eta` and :math:`\\lambda` of
+      :func:`apply_update`, with ``param``.
 
   Returns:
     ``(u (d,), window_indices, window_values, codes, block_min,
-    block_max)``.
+    block_max)``; with ``param``, the new parameter ``(d,)`` in its dtype in
+    place of ``u``.
   """
   lay = layout
   a = grad.reshape(-1).astype(jnp.float32) + dequantize_leaf(
@@ -199,7 +235,11 @@ def leaf_step_reference(grad, window_indices, window_values, codes, block_min,
   u = window_lib.window_update_reference(
       window_indices, window_values, count, block_size=lay.topk_block, b1=b1,
       b2=b2, eps=eps)
-  u = u.reshape(-1)[:lay.size].astype(out_dtype)
+  u = u.reshape(-1)[:lay.size]
+  if param is None:
+    u = u.astype(out_dtype)
+  else:
+    u = apply_update(param.reshape(-1), u, learning_rate, weight_decay)
   return u, window_indices, window_values, codes, block_min, block_max
 
 
@@ -217,7 +257,8 @@ def _blocks_layout(layout, num_blocks: int, last: bool):
 
 def leaf_step_chunked(grad, window_indices, window_values, codes, block_min,
                       block_max, count, *, layout, chunk_blocks: int,
-                      in_place_16bit: bool | None = None, **kwargs):
+                      in_place_16bit: bool | None = None, param=None,
+                      **kwargs):
   """:func:`leaf_step_reference` over groups of ``chunk_blocks`` blocks.
 
   Blocks are independent, so the results are those of
@@ -256,6 +297,9 @@ def leaf_step_chunked(grad, window_indices, window_values, codes, block_min,
     a donated buffer race with that write; written after it, with the
     loop's first writes.
 
+  Given ``param``, its update (:func:`apply_update`) is written over it,
+  group by group, in place of ``u``.
+
   Args: as :func:`leaf_step_reference`, plus
     chunk_blocks: blocks per group, at least 1.
     in_place_16bit: whether 16-bit float arrays are updated in place as
@@ -266,23 +310,38 @@ def leaf_step_chunked(grad, window_indices, window_values, codes, block_min,
     As :func:`leaf_step_reference`.
   """
   args = (grad, window_indices, window_values, codes, block_min, block_max,
-          count)
+          count) + (() if param is None else (param,))
   if in_place_16bit is None:
-    chunked = functools.partial(leaf_step_chunked, layout=layout,
-                                chunk_blocks=chunk_blocks, **kwargs)
-    return jax.lax.platform_dependent(
-        *args, cpu=functools.partial(chunked, in_place_16bit=False),
-        default=functools.partial(chunked, in_place_16bit=True))
+    def chunked(in_place):
+      def run(*a):
+        return leaf_step_chunked(
+            *a[:7], layout=layout, chunk_blocks=chunk_blocks,
+            in_place_16bit=in_place, param=a[7] if len(a) > 7 else None,
+            **kwargs)
+      return run
+    return jax.lax.platform_dependent(*args, cpu=chunked(False),
+                                      default=chunked(True))
   lay = layout
   nb, b = lay.num_topk_blocks, lay.topk_block
   groups = (nb - 1) // chunk_blocks  # whole groups before the tail
   tail = groups * chunk_blocks  # the tail's first block
   g = grad.reshape(-1)
-  out_dtype = jnp.dtype(kwargs["out_dtype"])
-  in_grad = out_dtype == g.dtype  # u written over the gradient
-  outs = (g if in_grad else jnp.zeros((lay.size,), out_dtype),
-          window_indices, window_values, codes, block_min, block_max)
-  dtypes = (g.dtype,) + tuple(x.dtype for x in outs[1:])  # of the inputs
+  state = (window_indices, window_values, codes, block_min, block_max)
+  if param is None:
+    out_dtype = jnp.dtype(kwargs["out_dtype"])
+    in_grad = out_dtype == g.dtype  # u written over the gradient
+    first = g if in_grad else jnp.zeros((lay.size,), out_dtype)
+  else:  # the new parameter written over the parameter
+    out_dtype, in_grad, first = param.dtype, False, param.reshape(-1)
+  outs = (first,) + state
+  carried_params = param is not None
+  # The step's inputs: the gradient, the parameter (read from outs[0]),
+  # the state; per input its dtype, entries per block and block axis.
+  dtypes = ((g.dtype,) + ((param.dtype,) if carried_params else ())
+            + tuple(x.dtype for x in state))
+  per_block = (b,) * (1 + carried_params) + (1,) * 5
+  axes = (0,) * (1 + carried_params) + (1, 1, 0, 0, 0)
+  out_per_block, out_axes = (b,) + per_block[-5:], (0,) + axes[-5:]
 
   def carried(x):  # an array as the loop holds it
     if in_place_16bit or x.dtype not in (jnp.bfloat16, jnp.float16):
@@ -291,12 +350,16 @@ def leaf_step_chunked(grad, window_indices, window_values, codes, block_min,
 
   outs = tuple(map(carried, outs))
   grad_source = None if in_grad else carried(g)  # else read from outs[0]
-  step = functools.partial(leaf_step_reference, count=count, **kwargs)
-  # Per output: entries per block and the block axis.
-  per_block, axes = (b, 1, 1, 1, 1, 1), (0, 1, 1, 0, 0, 0)
+
+  def step(*pieces, layout):
+    if carried_params:
+      return leaf_step_reference(pieces[0], *pieces[2:], count=count,
+                                 param=pieces[1], layout=layout, **kwargs)
+    return leaf_step_reference(*pieces, count=count, layout=layout, **kwargs)
 
   def sources(outs):  # the arrays the step's inputs are read from
-    return (outs[0] if in_grad else grad_source,) + outs[1:]
+    grads = outs[0] if in_grad else grad_source
+    return (grads,) + outs[:1] * carried_params + outs[1:]
 
   def group(outs, blk):  # the step's inputs, blocks [blk, blk + chunk_blocks)
     return tuple(jax.lax.bitcast_convert_type(
@@ -305,7 +368,7 @@ def leaf_step_chunked(grad, window_indices, window_values, codes, block_min,
 
   def put(outs, pieces, blk):
     return tuple(jax.lax.dynamic_update_slice_in_dim(x, carried(y), blk * n, a)
-                 for x, y, n, a in zip(outs, pieces, per_block, axes))
+                 for x, y, n, a in zip(outs, pieces, out_per_block, out_axes))
 
   tail_in = (jax.lax.bitcast_convert_type(
       jax.lax.slice_in_dim(x, tail * n, x.shape[a], axis=a), t)
@@ -325,7 +388,7 @@ def leaf_step_chunked(grad, window_indices, window_values, codes, block_min,
 
   outs, _ = jax.lax.fori_loop(0, groups, body, (outs, group(outs, 0)))
   return tuple(jax.lax.bitcast_convert_type(x, t)
-               for x, t in zip(outs, (out_dtype,) + dtypes[1:]))
+               for x, t in zip(outs, (out_dtype,) + dtypes[-5:]))
 
 
 def _write_row(window_indices, window_values, idx, vals, count):
@@ -339,9 +402,11 @@ def _write_row(window_indices, window_values, idx, vals, count):
 
 
 def _leaf_step_mosaic(grad, window_indices, window_values, codes, block_min,
-                      block_max, count, *, layout, b1, b2, eps, out_dtype,
-                      interpret):
-  """The step with the Mosaic TPU kernels (error feedback, then window)."""
+                      block_max, count, param=None, *, layout, b1, b2, eps,
+                      out_dtype, interpret, learning_rate=None,
+                      weight_decay=0.0):
+  """The step with the Mosaic TPU kernels (error feedback, then window);
+  the parameter's update, if any, in XLA."""
   lay = layout
   idx, vals, codes, block_min, block_max = tpu_error_feedback.error_feedback_mosaic(
       grad, codes, block_min, block_max, block_size=lay.topk_block, k=lay.k,
@@ -351,23 +416,29 @@ def _leaf_step_mosaic(grad, window_indices, window_values, codes, block_min,
                                              idx, vals, count)
   u = tpu_window.window_update_mosaic(
       window_indices, window_values, jnp.asarray(count, jnp.int32),
-      block_size=lay.topk_block, b1=b1, b2=b2, eps=eps, out_dtype=out_dtype,
+      block_size=lay.topk_block, b1=b1, b2=b2, eps=eps,
+      out_dtype=out_dtype if param is None else jnp.float32,
       interpret=interpret)
   u = u.reshape(-1)[:lay.size]
+  if param is not None:
+    u = apply_update(param.reshape(-1), u, learning_rate, weight_decay)
   return u, window_indices, window_values, codes, block_min, block_max
 
 
 def _leaf_step_gpu(grad, window_indices, window_values, codes, block_min,
-                   block_max, count, *, layout, b1, b2, eps, out_dtype,
-                   num_warps, sub_per_thread):
-  """The step with the GPU's Triton kernels."""
+                   block_max, count, param=None, *, layout, b1, b2, eps,
+                   out_dtype, num_warps, sub_per_thread, learning_rate=None,
+                   weight_decay=0.0):
+  """The step with the GPU's Triton kernels (the parameter's update, if
+  any, fused into the second)."""
   lay = layout
   u, window_indices, window_values, codes, block_min, block_max = (
       gpu_step.microadam_step_gpu(
           grad, codes, block_min, block_max, window_indices, window_values,
           count, block_size=lay.topk_block, k=lay.k, last_block_k=lay.last_k,
           b1=b1, b2=b2, eps=eps, out_dtype=out_dtype, num_warps=num_warps,
-          sub_per_thread=sub_per_thread))
+          sub_per_thread=sub_per_thread, param=param,
+          learning_rate=learning_rate, weight_decay=weight_decay))
   return u, window_indices, window_values, codes, block_min, block_max
 
 
@@ -386,8 +457,15 @@ def _warn_no_triton() -> None:
 def leaf_step(grad, window_indices, window_values, codes, block_min,
               block_max, count, *, layout, b1, b2, eps, bits: int, out_dtype,
               implementation: str = "auto",
-              config: KernelConfig = DEFAULT_CONFIG):
+              config: KernelConfig = DEFAULT_CONFIG, param=None,
+              learning_rate=None, weight_decay=0.0):
   """One MicroAdam step of one leaf, with the implementation chosen here.
+
+  Given ``param``, the step also updates the parameter
+  (:func:`apply_update`) and returns it in place of ``u``: on GPU inside
+  the second kernel, in place (no ``u`` is written, and without weight
+  decay only the window's entries of the parameter are touched); elsewhere
+  in XLA after ``u``.
 
   Args: as :func:`leaf_step_reference`, plus
     implementation: ``"auto"`` (kernels where the lowering platform has
@@ -418,16 +496,29 @@ def leaf_step(grad, window_indices, window_values, codes, block_min,
     51
   """
   check_implementation(implementation)
+  if param is not None:
+    if param.size != grad.size:
+      raise ValueError(
+          f"param must have as many elements as grad ({grad.size}), got "
+          f"shape {param.shape}.")
+    if learning_rate is None:
+      raise ValueError("learning_rate must be given with param, got None.")
   args = (grad, window_indices, window_values, codes, block_min, block_max,
-          jnp.asarray(count, jnp.int32))
+          jnp.asarray(count, jnp.int32)) + (() if param is None else (param,))
   hyper = dict(layout=layout, b1=b1, b2=b2, eps=eps, out_dtype=out_dtype)
+  if param is not None:
+    hyper.update(learning_rate=learning_rate, weight_decay=weight_decay)
   chunk_blocks = max(1, config.xla_chunk_elements // layout.topk_block)
   if layout.aligned and layout.num_topk_blocks > chunk_blocks:
-    reference = functools.partial(
+    whole = functools.partial(
         leaf_step_chunked, bits=bits, chunk_blocks=chunk_blocks,
         in_place_16bit=config.xla_16bit_in_place, **hyper)
   else:
-    reference = functools.partial(leaf_step_reference, bits=bits, **hyper)
+    whole = functools.partial(leaf_step_reference, bits=bits, **hyper)
+
+  def reference(*a):  # the parameter, if any, is the eighth argument
+    return whole(*a[:7], **({"param": a[7]} if len(a) > 7 else {}))
+
   if implementation == "xla" or not has_kernels(layout, bits):
     return reference(*args)
   mosaic = functools.partial(_leaf_step_mosaic, **hyper)
@@ -450,5 +541,5 @@ def leaf_step(grad, window_indices, window_values, codes, block_min,
       default=other)
 
 
-__all__ = ["IMPLEMENTATIONS", "KernelConfig", "has_kernels", "leaf_step",
-           "leaf_step_chunked", "leaf_step_reference"]
+__all__ = ["IMPLEMENTATIONS", "KernelConfig", "apply_update", "has_kernels",
+           "leaf_step", "leaf_step_chunked", "leaf_step_reference"]

@@ -43,6 +43,14 @@ def test_kernel_on_ties(zero_grad):
   assert res["ok"], res
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("case", step_kernel.CASES,
+                         ids=[f"d{c[1]}_B{c[2]}" for c in step_kernel.CASES])
+def test_fused_parameter_update_matches_reference(case, weight_decay):
+  res = step_kernel.check_apply_case(*case, weight_decay=weight_decay)
+  assert res["ok"], res
+
+
 def test_kernel_on_a_leaf_over_two_to_the_31():
   res = step_kernel.check_huge(8)
   assert res["ok"], res
@@ -78,3 +86,4 @@ def test_optimizer_steps_match_xla_from_the_same_state():
           np.sort(np.asarray(state_k.window_indices[n]), axis=-1),
           np.sort(np.asarray(state.window_indices[n]), axis=-1))
     params = jax.tree.map(lambda p, u: p - 1e-3 * u, params, out_x)
+

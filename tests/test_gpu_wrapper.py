@@ -106,7 +106,8 @@ def recorder(monkeypatch):
   monkeypatch.setitem(sys.modules, "jax_triton",
                       types.SimpleNamespace(triton_call=rec.triton_call))
   fake = types.ModuleType("pallas_kernels.gpu.step_kernel")
-  for name in ("microadam_topk_kernel", "microadam_u_kernel"):
+  for name in ("microadam_topk_kernel", "microadam_u_kernel",
+               "microadam_apply_kernel"):
     runtime, constexpr = _signature(name)
     setattr(fake, name, types.SimpleNamespace(
         __name__=name, arg_names=runtime + constexpr,
@@ -159,6 +160,65 @@ def test_wrapper_calls_each_kernel_with_its_signature(recorder, num_warps,
   assert ucall["kernel"].__name__ == "microadam_u_kernel"
   assert ucall["num_warps"] == gpu_step.default_u_num_warps(want["EP"])
   assert ucall["aliases"] == {}
+
+
+@pytest.mark.parametrize("weight_decay,decay", [(0.0, False), (0.1, True),
+                                                (None, True)])
+def test_wrapper_fuses_the_parameter_update(recorder, weight_decay, decay):
+  # With a parameter, the second kernel is the apply kernel, the parameter
+  # updated in place; a Python zero weight decay skips its dense pass, a
+  # traced one (None here) cannot.
+  d, block, m = 2 * 4096 + 10, 4096, 3
+  lay = leaf_layout(d, topk_block_size=block, quant_block_size=block,
+                    density=0.01, error_bits=4)
+  nb, k = lay.num_topk_blocks, lay.k
+  state = (jnp.zeros((nb, block // 2), jnp.uint8), jnp.zeros(nb),
+           jnp.zeros(nb), jnp.zeros((m, nb, k), jnp.int16),
+           jnp.zeros((m, nb, k), jnp.bfloat16))
+
+  @jax.jit
+  def step(g, p, lr, wd):
+    return gpu_step.microadam_step_gpu(
+        g, *state, jnp.int32(2), block_size=block, k=k,
+        last_block_k=lay.last_k, b1=0.9, b2=0.999, eps=1e-8,
+        out_dtype=jnp.bfloat16, param=p, learning_rate=lr,
+        weight_decay=weight_decay if weight_decay is not None else wd)
+
+  new_p, *_ = step(jnp.ones((d,), jnp.bfloat16), jnp.ones((d,), jnp.float32),
+                   jnp.float32(1e-3), jnp.float32(0.1))
+  assert new_p.shape == (d,) and new_p.dtype == jnp.float32
+  _, call = recorder.calls
+  kern = call["kernel"]
+  assert kern.__name__ == "microadam_apply_kernel"
+  want = gpu_step.kernel_constants(d, block_size=block, k=k,
+                                   last_block_k=lay.last_k, window=m)
+  assert set(call["constants"]) == set(kern.constexpr)
+  assert call["constants"]["DECAY"] is decay
+  assert call["constants"]["CHUNK"] == min(want["TILE"],
+                                           gpu_step.APPLY_CHUNK)
+  assert all(call["constants"][n] == want[n] for n in kern.constexpr
+             if n not in ("DECAY", "CHUNK"))
+  assert len(call["args"]) + 1 == len(kern.runtime)
+  # The parameter is the last input and the only output: in place.
+  assert call["aliases"] == {len(call["args"]) - 1: 0}
+  assert call["args"][-1].shape == (d,)
+  assert call["grid"] == (nb,)
+  assert call["num_warps"] == gpu_step.default_u_num_warps(want["EP"])
+
+
+def test_wrapper_refuses_a_parameter_of_another_size(recorder):
+  d, block = 4096, 4096
+  args = (jnp.zeros((d,), jnp.bfloat16), jnp.zeros((1, block // 2),
+                                                     jnp.uint8),
+          jnp.zeros(1), jnp.zeros(1), jnp.zeros((2, 1, 41), jnp.int16),
+          jnp.zeros((2, 1, 41), jnp.bfloat16), jnp.int32(1))
+  kw = dict(block_size=block, k=41, last_block_k=41, b1=0.9, b2=0.999,
+            eps=1e-8, out_dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match="param must have as many elements"):
+    gpu_step.microadam_step_gpu(*args, **kw, param=jnp.zeros((d - 1,)),
+                                learning_rate=0.1)
+  with pytest.raises(ValueError, match="learning_rate must be given"):
+    gpu_step.microadam_step_gpu(*args, **kw, param=jnp.zeros((d,)))
 
 
 def test_wrapper_refuses_codes_of_another_layout(recorder):

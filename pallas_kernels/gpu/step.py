@@ -51,6 +51,10 @@ def available() -> bool:
 
 
 
+#: Entries per step of the parameter update's dense pass (weight decay):
+#: 32 per thread at one warp, read and written in 16-byte vectors.
+APPLY_CHUNK = 1024
+
 #: Entries per thread in the Top-K kernel's sub-tiles (its passes B and C):
 #: few, so that the kernel needs few registers and many programs share an
 #: SM (64 registers per thread at 4 warps, eight programs per SM).
@@ -125,7 +129,9 @@ def microadam_step_gpu(grad: jax.Array, codes: jax.Array, block_min: jax.Array,
                        block_size: int, k: int, last_block_k: int,
                        b1: Any, b2: Any, eps: Any, out_dtype: Any,
                        num_warps: int | None = None,
-                       sub_per_thread: int = SUB_PER_THREAD):
+                       sub_per_thread: int = SUB_PER_THREAD,
+                       param: jax.Array | None = None,
+                       learning_rate: Any = None, weight_decay: Any = 0.0):
   """One MicroAdam step of one flattened leaf, as two Triton kernels.
 
   Computes what :func:`pallas_kernels.dispatch.leaf_step_reference` computes:
@@ -134,7 +140,12 @@ def microadam_step_gpu(grad: jax.Array, codes: jax.Array, block_min: jax.Array,
 
     a = g + Q^{-1}(e), \\quad (I, V) = \\mathrm{TopK}_B(|a|), \\quad
     e' = Q(a - a[I]), \\quad W_{(t-1) \\bmod m} = (I, V), \\quad
-    u = \\hat m / (\\sqrt{\\hat v} + \\epsilon).
+    u = \\hat m / (\\sqrt{\\hat v} + \\epsilon),
+
+  and, given ``param``, the parameter's update in the second kernel in place
+  of ``u``: :math:`\\theta - \\eta (u + \\lambda \\theta)` in float32,
+  rounded once to ``param``'s dtype (without weight decay only the window's
+  entries of ``param`` are read and written).
 
   Args:
     grad: the gradient, any shape, ``d`` elements.
@@ -153,10 +164,16 @@ def microadam_step_gpu(grad: jax.Array, codes: jax.Array, block_min: jax.Array,
       :func:`default_num_warps`); the ``u`` kernel's are
       :func:`default_u_num_warps`'s.
     sub_per_thread: entries per thread in the Top-K kernel's sub-tiles.
+    param: the parameter, ``d`` elements, updated in place (donate it) where
+      given; ``None``: ``u`` is returned.
+    learning_rate: :math:`\\eta`, with ``param`` (may be traced).
+    weight_decay: :math:`\\lambda`, with ``param`` (may be traced; a Python
+      zero skips the dense pass over the parameter).
 
   Returns:
     ``(u (d,) out_dtype, window_indices, window_values, codes, block_min,
-    block_max)``, the state updated.
+    block_max)``, the state updated; with ``param``, the updated parameter
+    ``(d,)`` in its dtype in place of ``u``.
   """
   import jax_triton as jt  # pylint: disable=g-import-not-at-top
   from pallas_kernels.gpu import step_kernel as kernel_lib  # pylint: disable=g-import-not-at-top
@@ -172,6 +189,12 @@ def microadam_step_gpu(grad: jax.Array, codes: jax.Array, block_min: jax.Array,
     raise ValueError(
         f"codes must hold one row per block of {block_size} entries "
         f"({constants['NB']} for {d} entries), got {num_blocks}.")
+  if param is not None and param.size != d:
+    raise ValueError(
+        f"param must have as many elements as grad ({d}), got shape "
+        f"{param.shape}.")
+  if param is not None and learning_rate is None:
+    raise ValueError("learning_rate must be given with param, got None.")
   count = jnp.asarray(count, jnp.int32)
   w1, w2 = window_lib.row_weights(count, m, b1, b2)
   row = jnp.mod(count - 1, m).astype(jnp.int32).reshape(1)
@@ -193,12 +216,29 @@ def microadam_step_gpu(grad: jax.Array, codes: jax.Array, block_min: jax.Array,
       num_warps=num_warps,
       num_stages=1,
       **constants_of(kernel_lib.microadam_topk_kernel, constants))
-  u = jt.triton_call(
-      idx_w, val_w, w1, w2, row, eps,
-      kernel=kernel_lib.microadam_u_kernel,
-      out_shape=jax.ShapeDtypeStruct((d,), out_dtype),
+  window_args = (idx_w, val_w, w1, w2, row, eps)
+  u_warps = default_u_num_warps(constants["EP"])
+  if param is None:
+    u = jt.triton_call(
+        *window_args,
+        kernel=kernel_lib.microadam_u_kernel,
+        out_shape=jax.ShapeDtypeStruct((d,), out_dtype),
+        grid=(num_blocks,),
+        num_warps=u_warps,
+        num_stages=1,
+        **constants_of(kernel_lib.microadam_u_kernel, constants))
+    return u, idx_w, val_w, codes, lo, hi
+  decay = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
+  scalar = lambda x: jnp.asarray(x, jnp.float32).reshape(1)
+  new_param = jt.triton_call(
+      *window_args, scalar(learning_rate), scalar(weight_decay),
+      param.reshape(-1),
+      kernel=kernel_lib.microadam_apply_kernel,
+      out_shape=jax.ShapeDtypeStruct((d,), param.dtype),
+      input_output_aliases={len(window_args) + 2: 0},
       grid=(num_blocks,),
-      num_warps=default_u_num_warps(constants["EP"]),
+      num_warps=u_warps,
       num_stages=1,
-      **constants_of(kernel_lib.microadam_u_kernel, constants))
-  return u, idx_w, val_w, codes, lo, hi
+      DECAY=decay, CHUNK=min(constants["TILE"], APPLY_CHUNK),
+      **constants_of(kernel_lib.microadam_apply_kernel, constants))
+  return new_param, idx_w, val_w, codes, lo, hi

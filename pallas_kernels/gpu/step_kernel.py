@@ -36,6 +36,12 @@ whole step took 254 registers and two programs (on an H100, one 4096 x
    only (one division and square root per entry of the window, not per
    entry of the block).
 
+or, in its place, :func:`microadam_apply_kernel` computes the same ``u``
+(:func:`_window_u`, one place for both) and updates the parameter in place,
+``p <- p - lr (u + wd p)`` in float32, rounded once: no ``u`` is written and
+``optax.apply_updates`` has nothing left to do. Without weight decay only
+the window's distinct indices of the parameter are read and written.
+
 Two kernels, not one: step 4 reads only the window, which step 3's kernel
 has already written, so splitting costs no bytes, and each kernel runs at its
 own warps and registers (the ``u`` kernel is fastest at one warp).
@@ -339,6 +345,46 @@ def microadam_topk_kernel(
 
 
 @triton.jit
+def _window_u(widx_ptr, wval_ptr, w1_ptr, w2_ptr, row_ptr, eps_ptr, pid,
+              length, B: tl.constexpr, NB: tl.constexpr, K: tl.constexpr,
+              M: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
+              WIDE_KEYS: tl.constexpr):
+  """Step 4 of one block at the window's entries: ``(index, u, store)``.
+
+  The window's ``M K`` entries of block ``pid`` sorted by block-relative
+  index (``tl.sort`` of ``index * EP + entry`` keys), their weighted values
+  and squares summed per index by a segmented scan; ``u = m_hat /
+  (sqrt(v_hat) + eps)`` float32 at each entry, and ``store`` true at one
+  entry per distinct index inside the block (the last of its run, which
+  holds the whole sum). Entries where ``store`` is false are to be ignored.
+  """
+  row = tl.load(row_ptr)
+  eps = tl.load(eps_ptr)
+  ent = tl.arange(0, EP)
+  real = ent < E
+  old = (row + 1 + ent // K) % M
+  src = (old.to(tl.int64) * NB + pid) * K + ent % K
+  idx = tl.load(widx_ptr + src, mask=real, other=0).to(tl.int32)
+  val = tl.load(wval_ptr + src, mask=real, other=0.0).to(tl.float32)
+  cm = tl.load(w1_ptr + old, mask=real, other=0.0) * val
+  cv = tl.load(w2_ptr + old, mask=real, other=0.0) * (val * val)
+  if WIDE_KEYS:
+    keys = tl.where(real, idx.to(tl.int64), B).to(tl.int64) * EP + ent
+  else:
+    keys = tl.where(real, idx, B) * EP + ent
+  keys = tl.sort(keys, 0)
+  order = (keys % EP).to(tl.int32)
+  sidx = (keys // EP).to(tl.int32)
+  sm = tl.gather(cm, order, 0)
+  sv = tl.gather(cv, order, 0)
+  _, sm, sv = tl.associative_scan((sidx, sm, sv), 0, _segment_sum)
+  nxt = tl.gather(sidx, tl.minimum(ent + 1, EP - 1), 0)
+  store = ((sidx != nxt) | (ent == EP - 1)) & (sidx < length)
+  u = tl.div_rn(sm, tl.sqrt_rn(sv) + eps)
+  return tl.where(store, sidx, 0), u, store
+
+
+@triton.jit
 def microadam_u_kernel(
     widx_ptr, wval_ptr, w1_ptr, w2_ptr, row_ptr, eps_ptr, u_ptr,
     B: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
@@ -362,36 +408,66 @@ def microadam_u_kernel(
   """
   pid = tl.program_id(0).to(tl.int64)
   base = pid * B
-  is_last = pid == NB - 1
-  length = tl.where(is_last, LAST_LEN, B)
+  length = tl.where(pid == NB - 1, LAST_LEN, B)
   pos = tl.arange(0, TILE)
-  row = tl.load(row_ptr)
-  # 0 where no row holds an entry, written densely; then every row's
-  # entries sorted by index, summed per index, and their u stored over it.
+  # 0 where no row holds an entry, written densely; then u stored over it
+  # at each distinct index of the window (the sort's barriers order the
+  # two stores).
   tl.store(u_ptr + base + pos, tl.zeros([TILE], u_ptr.dtype.element_ty),
            mask=pos < length)
-  eps = tl.load(eps_ptr)
-  ent = tl.arange(0, EP)
-  real = ent < E
-  old = (row + 1 + ent // K) % M
-  src = (old.to(tl.int64) * NB + pid) * K + ent % K
-  idx = tl.load(widx_ptr + src, mask=real, other=0).to(tl.int32)
-  val = tl.load(wval_ptr + src, mask=real, other=0.0).to(tl.float32)
-  cm = tl.load(w1_ptr + old, mask=real, other=0.0) * val
-  cv = tl.load(w2_ptr + old, mask=real, other=0.0) * (val * val)
-  if WIDE_KEYS:
-    keys = tl.where(real, idx.to(tl.int64), B).to(tl.int64) * EP + ent
+  sidx, u, store = _window_u(widx_ptr, wval_ptr, w1_ptr, w2_ptr, row_ptr,
+                             eps_ptr, pid, length, B, NB, K, M, E, EP,
+                             WIDE_KEYS)
+  tl.store(u_ptr + base + sidx, u.to(u_ptr.dtype.element_ty), mask=store)
+
+
+@triton.jit
+def microadam_apply_kernel(
+    widx_ptr, wval_ptr, w1_ptr, w2_ptr, row_ptr, eps_ptr, lr_ptr, wd_ptr,
+    p_in, p_ptr,
+    B: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
+    LAST_LEN: tl.constexpr, K: tl.constexpr,
+    M: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
+    WIDE_KEYS: tl.constexpr, DECAY: tl.constexpr, CHUNK: tl.constexpr):
+  """Step 4 and the parameter update of one block, in place:
+  ``p <- p - lr (u + wd p)`` in float32, rounded once to ``p``'s dtype.
+
+  ``u`` is zero off the window's entries, so without weight decay only the
+  window's distinct indices are read and written (a gather and a scatter of
+  at most ``M K`` entries); with it (``DECAY``) the block is also scaled
+  densely, ``CHUNK`` entries at a time, between the gather and the scatter
+  (barriers order the three: the update is in place).
+
+  Args:
+    widx_ptr ... eps_ptr: as in :func:`microadam_u_kernel`.
+    lr_ptr: float32 ``(1,)``, the learning rate ``lr`` (positive).
+    wd_ptr: float32 ``(1,)``, the decoupled weight decay ``wd`` (read only
+      with ``DECAY``).
+    p_in, p_ptr: the parameter ``(d,)``, one buffer (``p_ptr`` aliases
+      ``p_in``: jax-triton passes the input and the output).
+    B ... WIDE_KEYS: as in :func:`microadam_u_kernel`.
+    DECAY: whether ``wd`` may be non-zero (a dense pass over the block).
+    CHUNK: entries per step of the dense pass (a power of two).
+  """
+  pid = tl.program_id(0).to(tl.int64)
+  base = pid * B
+  length = tl.where(pid == NB - 1, LAST_LEN, B)
+  sidx, u, store = _window_u(widx_ptr, wval_ptr, w1_ptr, w2_ptr, row_ptr,
+                             eps_ptr, pid, length, B, NB, K, M, E, EP,
+                             WIDE_KEYS)
+  lr = tl.load(lr_ptr)
+  p = tl.load(p_in + base + sidx, mask=store, other=0.0).to(tl.float32)
+  if DECAY:
+    wd = tl.load(wd_ptr)
+    new = p - lr * (u + wd * p)
+    tl.debug_barrier()  # every gather before any dense write
+    for c in tl.range(0, TILE, CHUNK):
+      pos = c + tl.arange(0, CHUNK)
+      live = pos < length
+      q = tl.load(p_in + base + pos, mask=live, other=0.0).to(tl.float32)
+      tl.store(p_ptr + base + pos,
+               (q - lr * (wd * q)).to(p_ptr.dtype.element_ty), mask=live)
+    tl.debug_barrier()  # every dense write before the scatter
   else:
-    keys = tl.where(real, idx, B) * EP + ent
-  keys = tl.sort(keys, 0)
-  order = (keys % EP).to(tl.int32)
-  sidx = (keys // EP).to(tl.int32)
-  sm = tl.gather(cm, order, 0)
-  sv = tl.gather(cv, order, 0)
-  _, sm, sv = tl.associative_scan((sidx, sm, sv), 0, _segment_sum)
-  nxt = tl.gather(sidx, tl.minimum(ent + 1, EP - 1), 0)
-  last = (sidx != nxt) | (ent == EP - 1)
-  inside = sidx < length
-  u = tl.div_rn(sm, tl.sqrt_rn(sv) + eps)
-  tl.store(u_ptr + base + tl.where(inside, sidx, 0),
-           u.to(u_ptr.dtype.element_ty), mask=last & inside)
+    new = p - lr * u
+  tl.store(p_ptr + base + sidx, new.to(p_ptr.dtype.element_ty), mask=store)
