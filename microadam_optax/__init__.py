@@ -2,6 +2,8 @@
 
 * :func:`microadam` / :func:`scale_by_microadam` -- MicroAdam (NeurIPS 2024):
   a sliding window of Top-K-sparse gradients plus 4-bit error feedback.
+* :func:`apply_gradients` -- one optimizer step, update and parameters in
+  one pass where the optimizer can (``microadam``'s GPU kernels).
 * :func:`microadam_mixed` -- MicroAdam on the large tensors, dense Adam on
   norms, biases, small leaves and (optionally) embeddings.
 * :func:`state_nbytes` -- bytes held by any optimizer state.
@@ -30,6 +32,8 @@ from microadam_optax.gauss_newton import layer_partition
 from microadam_optax.gauss_newton import output_hvp
 from microadam_optax._sharding import collectives
 from microadam_optax._sharding import state_shardings
+from microadam_optax.fused import FusedGradientTransformation
+from microadam_optax.fused import apply_gradients
 from microadam_optax.memory import state_nbytes
 from microadam_optax.microadam import DEFAULT_BLOCK_SIZE
 from microadam_optax.microadam import MICROADAM_STATIC_ARGS
@@ -59,6 +63,8 @@ __all__ = [
     "ScaleByMicroAdamState",
     "microadam",
     "scale_by_microadam",
+    "FusedGradientTransformation",
+    "apply_gradients",
     "DENSE_LABEL",
     "EMBEDDING_NAMES",
     "MICROADAM_LABEL",

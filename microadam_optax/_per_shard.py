@@ -75,12 +75,13 @@ def split_traced(hp: Any, names: tuple[str, ...]
                  ) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
   """Moves the traced fields ``names`` of NamedTuple ``hp`` into one array.
 
-  Python numbers stay static (a per-leaf function may branch on them while
-  tracing); the others (``optax.inject_hyperparams``) travel as a float32
+  Python numbers (and ``None``) stay static (a per-leaf function may branch
+  on them while tracing); the others (``optax.inject_hyperparams``) travel as a float32
   vector, an operand of the per-shard function, which unpacks it with the
   returned ``rebuild``.
   """
-  names = [n for n in names if not isinstance(getattr(hp, n), (int, float))]
+  names = [n for n in names if getattr(hp, n) is not None
+           and not isinstance(getattr(hp, n), (int, float))]
   values = [jnp.asarray(getattr(hp, n), jnp.float32) for n in names]
   dyn = jnp.stack(values) if values else jnp.zeros((1,), jnp.float32)
 
@@ -94,13 +95,16 @@ def run(fn: Callable[..., tuple], plan: Plan, x: jax.Array, state: tuple,
         operands: tuple, *, shard_ok: Callable[[_sharding.ShardGrid], bool],
         state_specs: Callable[[Any], tuple[P, ...]],
         state_factors: tuple[str, ...],
-        on_gather: Callable[[tuple[int, ...], Any], None]):
-  """``fn(x, *state, *operands) -> (y, *new_state)`` on ``x``'s shards.
+        on_gather: Callable[[tuple[int, ...], Any], None],
+        partners: tuple = ()):
+  """``fn(x, *partners, *state, *operands) -> (y, *new_state)`` on ``x``'s
+  shards.
 
   Args:
     fn: the per-leaf function, run on local arrays: the shard of ``x``, the
-      matching shards of the state, the whole operands. ``y`` is shaped like
-      its ``x``, each new state array like its old one.
+      same shard of each partner, the matching shards of the state, the
+      whole operands. ``y`` is shaped like its ``x``, each new state array
+      like its old one.
     plan: ``plan(x, shard_ok)``, of mode ``"local"``, ``"gather"`` or
       ``"deferred"`` (for ``"global"`` the caller runs ``fn`` itself).
     x: the leaf.
@@ -115,6 +119,8 @@ def run(fn: Callable[..., tuple], plan: Plan, x: jax.Array, state: tuple,
       ``custom_partitioning`` sharding rule (``"w n k"``; names neither
       ``d<i>`` nor ``r<i>_<j>``, which name ``x``'s and the operands').
     on_gather: called with ``x``'s shape and spec when ``x`` is gathered.
+    partners: arrays shaped like ``x``, split like it (resharded to ``x``'s
+      sharding where theirs differs), as a gradient's parameter.
 
   Returns:
     ``(y, *new_state)``, ``y`` sharded like ``x``, the state like ``state``.
@@ -140,29 +146,36 @@ def run(fn: Callable[..., tuple], plan: Plan, x: jax.Array, state: tuple,
     >>> plan.mode, float(y[3]), float(sums[0])
     ('local', 6.0, 28.0)
   """
+  for a in partners:
+    if tuple(jnp.shape(a)) != tuple(jnp.shape(x)):
+      raise ValueError(
+          f"partners must be shaped like x {tuple(jnp.shape(x))}, got "
+          f"{tuple(jnp.shape(a))}.")
   if plan.mode == "deferred":
     return _deferred(fn, x, state, operands, shard_ok=shard_ok,
                      state_specs=state_specs, state_factors=state_factors,
-                     on_gather=on_gather)
+                     on_gather=on_gather, partners=partners)
   if plan.mode not in ("local", "gather"):
     raise ValueError(
         f"plan.mode must be 'local', 'gather' or 'deferred', got "
         f"{plan.mode!r}.")
   mesh = plan.sharding.mesh
   rep = (P(),) * len(operands)
+  num_x = 1 + len(partners)
 
   def on_mesh(xspec, entry, *args):
     specs = state_specs(entry)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(xspec, *specs, *rep),
+    return jax.shard_map(fn, mesh=mesh,
+                         in_specs=((xspec,) * num_x + (*specs, *rep)),
                          out_specs=(xspec, *specs), check_vma=False)(*args)
 
   if plan.mode == "local":
-    return on_mesh(plan.sharding.spec, plan.grid.axes_entry, x, *state,
-                   *operands)
+    return on_mesh(plan.sharding.spec, plan.grid.axes_entry, x, *partners,
+                   *state, *operands)
   # "gather": the whole leaf on every device, then the update re-sharded.
   on_gather(x.shape, plan.sharding.spec)
   out = on_mesh(P(), None, *(_sharding.place(a, mesh, P())
-                             for a in (x, *state)), *operands)
+                             for a in (x, *partners, *state)), *operands)
   return (_sharding.place(out[0], mesh, plan.sharding.spec), *out[1:])
 
 
@@ -171,7 +184,8 @@ def _deferred(fn: Callable[..., tuple], x: jax.Array, state: tuple,
               shard_ok: Callable[[_sharding.ShardGrid], bool],
               state_specs: Callable[[Any], tuple[P, ...]],
               state_factors: tuple[str, ...],
-              on_gather: Callable[[tuple[int, ...], Any], None]):
+              on_gather: Callable[[tuple[int, ...], Any], None],
+              partners: tuple = ()):
   """:func:`run` as a ``custom_partitioning`` op (Auto axes).
 
   Under ``jit`` on a mesh with Auto axes the leaf's sharding is chosen by
@@ -181,7 +195,8 @@ def _deferred(fn: Callable[..., tuple], x: jax.Array, state: tuple,
   one device the op is inlined.
   """
   shape = x.shape
-  num_state, num_args = len(state), 1 + len(state) + len(operands)
+  num_x = 1 + len(partners)
+  num_state, num_args = len(state), num_x + len(state) + len(operands)
 
   @custom_partitioning
   def op(*args):
@@ -197,16 +212,21 @@ def _deferred(fn: Callable[..., tuple], x: jax.Array, state: tuple,
       xsh = NamedSharding(mesh, sharding.spec)
       specs = [NamedSharding(mesh, s) for s in state_specs(grid.axes_entry)]
       return (mesh, fn, (xsh, *specs),
-              (xsh, *specs, *(rep,) * len(operands)))
+              ((xsh,) * num_x + (*specs, *(rep,) * len(operands))))
     on_gather(shape, getattr(sharding, "spec", sharding))
     return mesh, fn, (rep,) * (1 + num_state), (rep,) * num_args
+
+  def infer(mesh, args, result_shape):
+    del mesh, result_shape
+    return (args[0].sharding,) + tuple(a.sharding for a in args[num_x:][
+        :num_state])
 
   dims = " ".join(f"d{i}" for i in range(len(shape)))
   rest = [" ".join(f"r{i}_{j}" for j in range(jnp.ndim(a)))
           for i, a in enumerate(operands)]
   results = ", ".join((dims, *state_factors))
-  rule = f"{', '.join((dims, *state_factors, *rest))} -> {results}"
+  rule = (f"{', '.join((dims,) * num_x + (*state_factors, *rest))} -> "
+          f"{results}")
   op.def_partition(partition=partition, sharding_rule=rule,
-                   infer_sharding_from_operands=lambda mesh, args, res: tuple(
-                       a.sharding for a in args[:1 + num_state]))
-  return op(x, *state, *operands)
+                   infer_sharding_from_operands=infer)
+  return op(x, *partners, *state, *operands)

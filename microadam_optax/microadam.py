@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 from microadam_optax import _per_shard
 from microadam_optax import _sharding
 from microadam_optax import _trees
+from microadam_optax import fused
 from microadam_optax._alias import decoupled_alias
 from microadam_optax._checks import check_float_leaves
 from microadam_optax._layout import LeafLayout, leaf_layout
@@ -160,29 +161,43 @@ class _Hyper(NamedTuple):
   bits: int
   implementation: str
   config: dispatch.KernelConfig = dispatch.DEFAULT_CONFIG
+  # The parameter's update, where the step applies it (apply_gradients).
+  learning_rate: Any = None
+  weight_decay: Any = 0.0
 
 
 def _leaf_update(g, idx_w, val_w, codes, lo, hi, count, lay: LeafLayout,
-                 hp: _Hyper):
+                 hp: _Hyper, param=None):
   """One MicroAdam step (Algorithm 1) for one flattened parameter.
 
   Steps 1-5 (error feedback, Top-K, re-quantization, the window's new row and
   the update direction) are :func:`pallas_kernels.dispatch.leaf_step`, which
   decides which implementation runs; the densification of ``alpha > 0``
-  follows in XLA.
+  follows in XLA. Given ``param``, the result is the updated parameter
+  (:func:`pallas_kernels.dispatch.apply_update`, fused into the step's last
+  kernel on GPU when ``alpha == 0``) in place of ``u``.
   """
   dense = not (isinstance(hp.alpha, (int, float)) and hp.alpha == 0)
+  fused = param is not None and not dense
   u, idx_w, val_w, codes, lo, hi = dispatch.leaf_step(
       g, idx_w, val_w, codes, lo, hi, count, layout=lay, b1=hp.b1, b2=hp.b2,
-      eps=hp.eps, bits=hp.bits, out_dtype=jnp.float32 if dense else g.dtype,
-      implementation=hp.implementation, config=hp.config)
+      eps=hp.eps, bits=hp.bits,
+      out_dtype=jnp.float32 if dense or param is not None else g.dtype,
+      implementation=hp.implementation, config=hp.config,
+      param=param if fused else None, learning_rate=hp.learning_rate,
+      weight_decay=hp.weight_decay)
   if dense:
     # Densify: u += alpha * Q^{-1}(e_{t+1}); keep (1 - alpha) of the error.
     err = dispatch.dequantize_leaf(codes, lo, hi, lay, hp.bits)
     u = u + hp.alpha * err
     codes, lo, hi = dispatch.quantize_leaf((1 - hp.alpha) * err, lay,
                                            hp.bits)
-  return u.reshape(g.shape).astype(g.dtype), idx_w, val_w, codes, lo, hi
+  if param is None:
+    return u.reshape(g.shape).astype(g.dtype), idx_w, val_w, codes, lo, hi
+  if not fused:
+    u = dispatch.apply_update(param.reshape(-1), u, hp.learning_rate,
+                              hp.weight_decay)
+  return u.reshape(param.shape), idx_w, val_w, codes, lo, hi
 
 
 # ----------------------------------------------------------------------------
@@ -248,24 +263,124 @@ def _init_leaf(p: Any, *, window: int, vdtype: Any, lay: LeafLayout
 
 
 def _distributed_leaf_update(g, state: tuple, count, layout: Callable[
-    [Any], LeafLayout], hp: _Hyper):
-  """:func:`_leaf_update` for one leaf, on its local shards where sharded."""
+    [Any], LeafLayout], hp: _Hyper, param=None):
+  """:func:`_leaf_update` for one leaf, on its local shards where sharded
+  (the parameter, if given, split like the gradient)."""
   lay = layout(g)
   shard_ok = functools.partial(_holds_whole_blocks, lay)
   plan = _per_shard.plan(g, shard_ok)
   if plan.mode == "global":
-    return _leaf_update(g, *state, count, lay, hp)
-  dyn, rebuild = _per_shard.split_traced(hp, ("b1", "b2", "eps", "alpha"))
+    return _leaf_update(g, *state, count, lay, hp, param)
+  dyn, rebuild = _per_shard.split_traced(
+      hp, ("b1", "b2", "eps", "alpha", "learning_rate", "weight_decay"))
+  partners = () if param is None else (param,)
 
-  def per_shard(g, iw, vw, codes, lo, hi, count1, dyn):
+  def per_shard(g, *args):
+    p, (iw, vw, codes, lo, hi, count1, dyn) = (
+        (args[0], args[1:]) if partners else (None, args))
     return _leaf_update(g, iw, vw, codes, lo, hi, count1[0], layout(g),
-                        rebuild(dyn))
+                        rebuild(dyn), p)
 
   return _per_shard.run(
       per_shard, plan, g, state, (jnp.reshape(count, (1,)), dyn),
       shard_ok=shard_ok, state_specs=_state_specs,
       state_factors=_STATE_FACTORS,
-      on_gather=lambda shape, spec: _warn_gather(shape, spec, lay))
+      on_gather=lambda shape, spec: _warn_gather(shape, spec, lay),
+      partners=partners)
+
+
+def _microadam_fns(*, b1, b2, eps, window, density, topk_block_size,
+                   quant_block_size, error_bits, values_dtype, alpha,
+                   implementation, kernel_config):
+  """MicroAdam's ``init`` and its step, ``step(grads, state, params=None,
+  learning_rate=None, weight_decays=None) -> (out, state)``: ``out`` is
+  ``u`` without ``params``, else the updated parameters (``weight_decays``:
+  one per leaf, Python numbers or traced).
+
+  The arguments are :func:`scale_by_microadam`'s, checked here.
+  """
+  window = _static_int("window", window)
+  density = _static_int("density", density)
+  topk_block_size = _static_int("topk_block_size", topk_block_size)
+  quant_block_size = _static_int("quant_block_size", quant_block_size)
+  error_bits = _static_int("error_bits", error_bits)
+  _validate(b1=b1, b2=b2, eps=eps, window=window, density=density,
+            topk_block_size=topk_block_size,
+            quant_block_size=quant_block_size, error_bits=error_bits,
+            values_dtype=values_dtype, alpha=alpha,
+            implementation=implementation)
+  if kernel_config is None:
+    config = dispatch.DEFAULT_CONFIG
+  elif isinstance(kernel_config, dispatch.KernelConfig):
+    config = kernel_config
+  else:
+    raise ValueError(
+        f"kernel_config must be None or a pallas_kernels.dispatch."
+        f"KernelConfig, got {kernel_config!r}.")
+  bsize = DEFAULT_BLOCK_SIZE if topk_block_size is None else topk_block_size
+  qsize = bsize if quant_block_size is None else quant_block_size
+  vdtype = jnp.dtype(values_dtype)
+
+  def layout(leaf) -> LeafLayout:
+    return leaf_layout(int(np.prod(jnp.shape(leaf), dtype=np.int64)),
+                       topk_block_size=bsize, quant_block_size=qsize,
+                       density=density, error_bits=error_bits)
+
+  def init_fn(params):
+    check_float_leaves(params, "MicroAdam")
+
+    # The state is built on the tree around wrappers such as nnx.Variable:
+    # its arrays are not shaped like their parameter, so they must not carry
+    # its metadata (sharding names).
+    leaves, outer, _ = _trees.flatten(params)
+    per_leaf = [_init_leaf(p, window=window, vdtype=vdtype, lay=layout(p))
+                for p in leaves]
+    fields = [outer.unflatten([s[i] for s in per_leaf]) for i in range(5)]
+    return ScaleByMicroAdamState(jnp.zeros([], jnp.int32), *fields)
+
+  def step_fn(updates, state, params=None, learning_rate=None,
+              weight_decays=None):
+    # "auto" is passed on as it is: pallas_kernels.dispatch chooses per
+    # lowering platform, so one traced update lowers to the Triton kernel
+    # for GPU, the Mosaic kernels for TPU and XLA for CPU.
+    hp = _Hyper(b1=b1, b2=b2, eps=eps, alpha=alpha, bits=error_bits,
+                implementation=implementation, config=config,
+                learning_rate=learning_rate)
+    count = optax.safe_increment(state.count)
+
+    def leaf(g, p, wd, iw, vw, codes, lo, hi):
+      g = g if hasattr(g, "reshape") else jnp.asarray(g)  # Python floats
+      if g.size == 0:
+        return (jnp.zeros_like(g) if p is None else p, iw, vw, codes, lo, hi)
+      return _distributed_leaf_update(g, (iw, vw, codes, lo, hi), count,
+                                      layout, hp._replace(weight_decay=wd),
+                                      p)
+
+    grads, grads_tree, rewrap = _trees.flatten(updates)
+    state_tree = jax.tree.structure(state.window_indices)
+    if grads_tree != state_tree:
+      raise ValueError(
+          "The gradients' tree does not match MicroAdam's state (was the "
+          "state made by init() on params of the same structure?): gradients "
+          f"{grads_tree}, state {state_tree}.")
+    if params is None:
+      ps, wds = [None] * len(grads), [0.0] * len(grads)
+    else:
+      ps, params_tree, rewrap = _trees.flatten(params)
+      if params_tree != grads_tree:
+        raise ValueError(
+            "params must have the gradients' tree structure: params "
+            f"{params_tree}, gradients {grads_tree}.")
+      wds = list(weight_decays)
+    fields = [state_tree.flatten_up_to(f) for f in state[1:]]
+    outs = [leaf(g, p, wd, *s) for g, p, wd, *s in zip(grads, ps, wds,
+                                                       *fields)]
+    out = grads_tree.unflatten([r(o[0]) for r, o in zip(rewrap, outs)])
+    return out, ScaleByMicroAdamState(count, *(
+        state_tree.unflatten([o[i] for o in outs]) for i in range(1, 6)))
+
+  return init_fn, step_fn
+
 
 
 def scale_by_microadam(
@@ -357,73 +472,15 @@ def scale_by_microadam(
     Overhead and Provable Convergence <https://arxiv.org/abs/2405.15593>`_,
     NeurIPS 2024.
   """
-  window = _static_int("window", window)
-  density = _static_int("density", density)
-  topk_block_size = _static_int("topk_block_size", topk_block_size)
-  quant_block_size = _static_int("quant_block_size", quant_block_size)
-  error_bits = _static_int("error_bits", error_bits)
-  _validate(b1=b1, b2=b2, eps=eps, window=window, density=density,
-            topk_block_size=topk_block_size,
-            quant_block_size=quant_block_size, error_bits=error_bits,
-            values_dtype=values_dtype, alpha=alpha,
-            implementation=implementation)
-  if kernel_config is None:
-    config = dispatch.DEFAULT_CONFIG
-  elif isinstance(kernel_config, dispatch.KernelConfig):
-    config = kernel_config
-  else:
-    raise ValueError(
-        f"kernel_config must be None or a pallas_kernels.dispatch."
-        f"KernelConfig, got {kernel_config!r}.")
-  bsize = DEFAULT_BLOCK_SIZE if topk_block_size is None else topk_block_size
-  qsize = bsize if quant_block_size is None else quant_block_size
-  vdtype = jnp.dtype(values_dtype)
-
-  def layout(leaf) -> LeafLayout:
-    return leaf_layout(int(np.prod(jnp.shape(leaf), dtype=np.int64)),
-                       topk_block_size=bsize, quant_block_size=qsize,
-                       density=density, error_bits=error_bits)
-
-  def init_fn(params):
-    check_float_leaves(params, "MicroAdam")
-
-    # The state is built on the tree around wrappers such as nnx.Variable:
-    # its arrays are not shaped like their parameter, so they must not carry
-    # its metadata (sharding names).
-    leaves, outer, _ = _trees.flatten(params)
-    per_leaf = [_init_leaf(p, window=window, vdtype=vdtype, lay=layout(p))
-                for p in leaves]
-    fields = [outer.unflatten([s[i] for s in per_leaf]) for i in range(5)]
-    return ScaleByMicroAdamState(jnp.zeros([], jnp.int32), *fields)
+  init_fn, step_fn = _microadam_fns(
+      b1=b1, b2=b2, eps=eps, window=window, density=density,
+      topk_block_size=topk_block_size, quant_block_size=quant_block_size,
+      error_bits=error_bits, values_dtype=values_dtype, alpha=alpha,
+      implementation=implementation, kernel_config=kernel_config)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    # "auto" is passed on as it is: pallas_kernels.dispatch chooses per
-    # lowering platform, so one traced update lowers to the Triton kernel
-    # for GPU, the Mosaic kernels for TPU and XLA for CPU.
-    hp = _Hyper(b1=b1, b2=b2, eps=eps, alpha=alpha, bits=error_bits,
-                implementation=implementation, config=config)
-    count = optax.safe_increment(state.count)
-
-    def leaf(g, iw, vw, codes, lo, hi):
-      g = g if hasattr(g, "reshape") else jnp.asarray(g)  # Python floats
-      if g.size == 0:
-        return (jnp.zeros_like(g), iw, vw, codes, lo, hi)
-      return _distributed_leaf_update(g, (iw, vw, codes, lo, hi), count,
-                                      layout, hp)
-
-    grads, grads_tree, rewrap = _trees.flatten(updates)
-    state_tree = jax.tree.structure(state.window_indices)
-    if grads_tree != state_tree:
-      raise ValueError(
-          "The gradients' tree does not match MicroAdam's state (was the "
-          "state made by init() on params of the same structure?): gradients "
-          f"{grads_tree}, state {state_tree}.")
-    fields = [state_tree.flatten_up_to(f) for f in state[1:]]
-    outs = [leaf(g, *s) for g, *s in zip(grads, *fields)]
-    updates = grads_tree.unflatten([r(o[0]) for r, o in zip(rewrap, outs)])
-    return updates, ScaleByMicroAdamState(count, *(
-        state_tree.unflatten([o[i] for o in outs]) for i in range(1, 6)))
+    return step_fn(updates, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -467,7 +524,17 @@ def microadam(
       :func:`scale_by_microadam`.
 
   Returns:
-    A :class:`optax.GradientTransformationExtraArgs`.
+    A :class:`microadam_optax.FusedGradientTransformation`: an
+    :class:`optax.GradientTransformationExtraArgs` (``init``, ``update``)
+    whose ``apply_gradients(grads, state, params)`` (or
+    :func:`microadam_optax.apply_gradients`) returns the new parameters and
+    state at once. On GPU the parameter is then updated inside the step's
+    last kernel: no ``u`` is written and :func:`optax.apply_updates` does
+    not re-read the parameters (donate them to the jitted step). The result
+    is ``update`` then ``apply_updates`` computed in float32 and rounded
+    once to the parameter's dtype (optax rounds the update to the
+    gradient's dtype first). With ``alpha > 0`` or a weight-decay schedule
+    the update is applied in XLA.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -487,10 +554,50 @@ def microadam(
     Overhead and Provable Convergence <https://arxiv.org/abs/2405.15593>`_,
     NeurIPS 2024.
   """
-  return decoupled_alias(
-      scale_by_microadam(
-          b1=b1, b2=b2, eps=eps, window=window, density=density,
-          topk_block_size=topk_block_size, quant_block_size=quant_block_size,
-          error_bits=error_bits, values_dtype=values_dtype, alpha=alpha,
-          implementation=implementation, kernel_config=kernel_config),
+  init_fn, step_fn = _microadam_fns(
+      b1=b1, b2=b2, eps=eps, window=window, density=density,
+      topk_block_size=topk_block_size, quant_block_size=quant_block_size,
+      error_bits=error_bits, values_dtype=values_dtype, alpha=alpha,
+      implementation=implementation, kernel_config=kernel_config)
+
+  def direction_update(updates, state, params=None, **extra_args):
+    del params, extra_args
+    return step_fn(updates, state)
+
+  tx = decoupled_alias(
+      optax.GradientTransformationExtraArgs(init_fn, direction_update),
       learning_rate, weight_decay, mask)
+  rate = optax.scale_by_learning_rate(learning_rate)
+
+  def apply_gradients(grads, state, params, **extra_args):
+    if callable(weight_decay):  # a schedule: optax's own two passes
+      updates, state = tx.update(grads, state, params, **extra_args)
+      return optax.apply_updates(params, updates), state
+    direction_state, decay_state, rate_state = state
+    # -lr at this step, and the rate's next state, from optax itself.
+    neg_lr, rate_state = rate.update(jnp.ones([], jnp.float32), rate_state)
+    decays = _leaf_decays(weight_decay, mask, params)
+    params, direction_state = step_fn(grads, direction_state, params,
+                                      -neg_lr, decays)
+    return params, (direction_state, decay_state, rate_state)
+
+  return fused.FusedGradientTransformation(tx.init, tx.update,
+                                           apply_gradients)
+
+
+def _leaf_decays(weight_decay: Any, mask: Any, params: Any) -> list[Any]:
+  """Per array of ``params`` (wrappers counting as their array), the weight
+  decay that ``optax.add_decayed_weights(weight_decay, mask)`` applies to
+  it: ``weight_decay`` where the mask is true, 0.0 where it is false."""
+  if mask is None:
+    return [weight_decay] * len(_trees.flatten(params)[0])
+  tree = mask(params) if callable(mask) else mask
+  flags, mask_def = jax.tree.flatten(tree)
+  decays = []
+  for flag, sub in zip(flags, mask_def.flatten_up_to(params)):
+    if isinstance(flag, (bool, np.bool_)):
+      wd = weight_decay if flag else 0.0
+    else:
+      wd = jnp.where(flag, weight_decay, 0.0)
+    decays += [wd] * len(_trees.flatten(sub)[0])
+  return decays

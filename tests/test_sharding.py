@@ -169,6 +169,51 @@ def test_microadam_mixed_is_local_and_exact(axis_type):
       np.testing.assert_array_equal(np.asarray(u[k]), np.asarray(want[k]))
 
 
+@pytest.mark.parametrize("implementation,sharding", [
+    *(("xla", s) for s in SHARDINGS),
+    ("pallas", "first_axis"), ("pallas", "two_axes")])
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+def test_apply_gradients_is_local_and_exact(axis_type, sharding,
+                                            implementation):
+  """mo.apply_gradients updates a sharded parameter where it lives: no
+  collective, the parameter keeps its sharding, and it is what the sharded
+  ``update`` then ``optax.apply_updates`` give (the unsharded run's, bit for
+  bit, where shards hold the unsharded run's blocks)."""
+  mesh = _mesh(AxisType.Explicit if axis_type == "explicit" else
+               AxisType.Auto)
+  spec, contiguous = SHARDINGS[sharding]
+  target = NamedSharding(mesh, spec)
+  tx = mo.microadam(1e-2, weight_decay=0.1, window=3, density=0.02,
+                    topk_block_size=BLOCK, implementation=implementation)
+  seed = zlib.crc32(f"apply-{axis_type}-{sharding}".encode())
+  grads = _grads(seed)
+  host = jnp.asarray(np.random.default_rng(seed).standard_normal(SHAPE),
+                     jnp.float32)
+  params = jax.device_put(host, target)
+  with jax.set_mesh(mesh):
+    state = tx.init(params)
+    step = jax.jit(tx.apply_gradients)
+    update = jax.jit(tx.update)
+    text = step.lower(params, state, params).compile().as_text()
+    p_fused, s_fused, p_opt, s_opt = params, state, params, state
+    for g in grads:
+      g = jax.device_put(g, target)
+      p_fused, s_fused = step(g, s_fused, p_fused)
+      u, s_opt = update(g, s_opt, p_opt)
+      p_opt = optax.apply_updates(p_opt, u)
+  assert not mo.collectives(text), f"communicates: {mo.collectives(text)}"
+  assert p_fused.sharding.is_equivalent_to(target, p_fused.ndim)
+  for x, y in zip(jax.tree.leaves(s_fused), jax.tree.leaves(s_opt)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  np.testing.assert_allclose(np.asarray(p_fused), np.asarray(p_opt),
+                             rtol=1e-6, atol=1e-7)
+  if contiguous:  # the unsharded fused run, bit for bit
+    p, s = host, tx.init(host)
+    for g in grads:
+      p, s = jax.jit(tx.apply_gradients)(jnp.asarray(g), s, p)
+    np.testing.assert_array_equal(np.asarray(p_fused), np.asarray(p))
+
+
 def test_collectives_reads_what_a_compiled_step_communicates():
   """A sharded array gathered to every device is an all-gather of the whole
   array; a sum over the sharded axis an all-reduce; a map that stays in its
@@ -252,6 +297,27 @@ def test_leaves_without_whole_blocks_per_shard_are_gathered_with_warning():
   assert u.sharding.is_equivalent_to(target, 1)
   want, _ = tx.update(jnp.ones((BLOCK,)), tx.init(jnp.zeros((BLOCK,))))
   np.testing.assert_array_equal(np.asarray(u), np.asarray(want))
+
+
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+def test_apply_gradients_gathers_leaves_without_whole_blocks(axis_type):
+  mesh = _mesh(AxisType.Explicit if axis_type == "explicit" else
+               AxisType.Auto)
+  target = NamedSharding(mesh, P(("x", "y")))
+  host = jnp.asarray(np.random.default_rng(9).standard_normal(BLOCK),
+                     jnp.float32)
+  params = jax.device_put(host, target)  # 128 per shard
+  tx = mo.microadam(1e-2, weight_decay=0.1, window=3, density=0.02,
+                    topk_block_size=BLOCK, implementation="xla")
+  with warnings.catch_warnings(record=True) as caught, jax.set_mesh(mesh):
+    warnings.simplefilter("always")
+    state = tx.init(params)
+    new, state = jax.jit(tx.apply_gradients)(
+        jax.device_put(jnp.ones((BLOCK,)), target), state, params)
+  assert any("does not hold whole blocks" in str(w.message) for w in caught)
+  assert new.sharding.is_equivalent_to(target, 1)
+  want, _ = tx.apply_gradients(jnp.ones((BLOCK,)), tx.init(host), host)
+  np.testing.assert_array_equal(np.asarray(new), np.asarray(want))
 
 
 def _run_in_fresh_process(name, *args):
