@@ -7,7 +7,12 @@ layers; ``--model tiny`` is a few small tensors, for CPUs):
 * ``optax.adamw`` with ``mu_dtype=bf16`` (bf16 parameters give bf16 ``nu`` as
   well: the "bf16 states" reference row);
 * ``microadam_optax.microadam`` with ``implementation="auto"`` (the kernels:
-  on GPU two Triton kernels per leaf, through jax-triton) and ``"xla"``.
+  on GPU two Triton kernels per leaf, through jax-triton) and ``"xla"``,
+  through ``update`` then ``optax.apply_updates``;
+* the same kernels through ``mo.apply_gradients`` (rows ``fused`` and
+  ``fused_wd``): the parameter updated inside the second kernel, without
+  weight decay (only the window's entries of a parameter are touched) and
+  with AdamW's default decay 1e-4 (a dense pass over the parameter).
 
 Also measured in the same process: the device copy bandwidth (bytes read
 plus written per second) and, from it, each row's bandwidth floor: the
@@ -48,6 +53,8 @@ import harness  # puts the checkout on sys.path
 import microadam_optax as mo
 
 LR = 1e-4
+#: optax.adamw's default weight decay, also given to the fused_wd row.
+ADAMW_WEIGHT_DECAY = 1e-4
 
 
 def tiny_shapes(dtype=jnp.bfloat16) -> dict[str, Any]:
@@ -73,6 +80,12 @@ def optax_step(tx) -> Callable:
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def fused_step(tx) -> Callable:
+  def step(params, state, grads):
+    return mo.apply_gradients(tx, grads, state, params)
   return jax.jit(step, donate_argnums=(0, 1))
 
 
@@ -158,8 +171,10 @@ def main(argv=None) -> dict:
                       help="random gradients cycled through, one per step")
   parser.add_argument("--xla-steps", type=int, default=3,
                       help="steps for the (slow) XLA MicroAdam row")
-  parser.add_argument("--rows", default="auto,xla,adamw",
-                      help="comma list of auto (the kernels), xla, adamw")
+  parser.add_argument("--rows", default="auto,fused,fused_wd,xla,adamw",
+                      help="comma list of auto (the kernels), fused, "
+                      "fused_wd (the kernels through mo.apply_gradients, "
+                      "without and with weight decay), xla, adamw")
   parser.add_argument("--json", default=None)
   args = parser.parse_args(argv)
 
@@ -189,8 +204,14 @@ def main(argv=None) -> dict:
       rows.append((f'mo.microadam implementation="{impl}"', tx.init,
                    optax_step(tx), args.steps if impl == "auto"
                    else args.xla_steps))
+  for row, wd in (("fused", 0.0), ("fused_wd", ADAMW_WEIGHT_DECAY)):
+    if row in wanted:
+      tx = mo.microadam(learning_rate=LR, weight_decay=wd)
+      rows.append((f"mo.microadam via mo.apply_gradients, wd={wd:g}",
+                   tx.init, fused_step(tx), args.steps))
   if "adamw" in wanted:
-    tx = optax.adamw(LR, mu_dtype=jnp.bfloat16)
+    tx = optax.adamw(LR, mu_dtype=jnp.bfloat16,
+                     weight_decay=ADAMW_WEIGHT_DECAY)
     rows.append(("optax.adamw (mu_dtype=bf16; bf16 states)", tx.init,
                  optax_step(tx), args.steps))
   def dump():

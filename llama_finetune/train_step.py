@@ -91,14 +91,17 @@ def _is_oom(e: BaseException) -> bool:
 
 def make_step(graphdef, tx: optax.GradientTransformation):
   """``jit((params, state, tokens) -> (params, state, loss))``, parameters
-  and state donated; the loss is next-token cross-entropy of ``tokens``."""
+  and state donated; the loss is next-token cross-entropy of ``tokens``.
+  The update is :func:`microadam_optax.apply_gradients` (MicroAdam's
+  parameters updated inside its last kernel on GPU; ``update`` then
+  ``optax.apply_updates`` for the others)."""
   def step(params, opt_state, tokens):
     def loss_fn(p):
       logits = model_lib.apply(graphdef, p, tokens[:, :-1])
       return model_lib.lm_loss(logits, tokens[:, 1:])
     loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    params, opt_state = mo.apply_gradients(tx, grads, opt_state, params)
+    return params, opt_state, loss
   return jax.jit(step, donate_argnums=(0, 1))
 
 
