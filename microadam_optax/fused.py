@@ -36,6 +36,20 @@ class FusedGradientTransformation(optax.GradientTransformationExtraArgs):
   has a faster way. Wrapping it (:func:`optax.chain`,
   :func:`optax.inject_hyperparams`, :class:`optax.MultiSteps`) keeps
   ``init`` and ``update`` and drops the method.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import microadam_optax as mo
+    >>> params = {"w": jnp.ones((64, 64), jnp.bfloat16)}
+    >>> tx = mo.microadam(1e-3, weight_decay=0.01, density=0.05)
+    >>> isinstance(tx, mo.FusedGradientTransformation)
+    True
+    >>> state = tx.init(params)
+    >>> grads = {"w": jnp.full((64, 64), 0.1, jnp.bfloat16)}
+    >>> step = jax.jit(tx.apply_gradients, donate_argnums=(1, 2))
+    >>> params, state = step(grads, state, params)
+    >>> str(params["w"].dtype), int(state[0].count)
+    ('bfloat16', 1)
   """
 
   def __new__(cls, init: optax.TransformInitFn,

@@ -292,12 +292,16 @@ def _distributed_leaf_update(g, state: tuple, count, layout: Callable[
 def _microadam_fns(*, b1, b2, eps, window, density, topk_block_size,
                    quant_block_size, error_bits, values_dtype, alpha,
                    implementation, kernel_config):
-  """MicroAdam's ``init`` and its step, ``step(grads, state, params=None,
-  learning_rate=None, weight_decays=None) -> (out, state)``: ``out`` is
-  ``u`` without ``params``, else the updated parameters (``weight_decays``:
-  one per leaf, Python numbers or traced).
+  """MicroAdam's direction as a transformation, and its step function.
 
   The arguments are :func:`scale_by_microadam`'s, checked here.
+
+  Returns:
+    ``(transformation, step)``: :func:`scale_by_microadam`'s transformation,
+    and ``step(grads, state, params=None, learning_rate=None,
+    weight_decays=None) -> (out, state)``, its update, where ``out`` is
+    ``u`` without ``params``, else the updated parameters
+    (``weight_decays``: one per leaf, Python numbers or traced).
   """
   window = _static_int("window", window)
   density = _static_int("density", density)
@@ -379,7 +383,11 @@ def _microadam_fns(*, b1, b2, eps, window, density, topk_block_size,
     return out, ScaleByMicroAdamState(count, *(
         state_tree.unflatten([o[i] for o in outs]) for i in range(1, 6)))
 
-  return init_fn, step_fn
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    return step_fn(updates, state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn), step_fn
 
 
 
@@ -472,17 +480,11 @@ def scale_by_microadam(
     Overhead and Provable Convergence <https://arxiv.org/abs/2405.15593>`_,
     NeurIPS 2024.
   """
-  init_fn, step_fn = _microadam_fns(
+  return _microadam_fns(
       b1=b1, b2=b2, eps=eps, window=window, density=density,
       topk_block_size=topk_block_size, quant_block_size=quant_block_size,
       error_bits=error_bits, values_dtype=values_dtype, alpha=alpha,
-      implementation=implementation, kernel_config=kernel_config)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
-    return step_fn(updates, state)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+      implementation=implementation, kernel_config=kernel_config)[0]
 
 
 def microadam(
@@ -554,19 +556,12 @@ def microadam(
     Overhead and Provable Convergence <https://arxiv.org/abs/2405.15593>`_,
     NeurIPS 2024.
   """
-  init_fn, step_fn = _microadam_fns(
+  direction, step_fn = _microadam_fns(
       b1=b1, b2=b2, eps=eps, window=window, density=density,
       topk_block_size=topk_block_size, quant_block_size=quant_block_size,
       error_bits=error_bits, values_dtype=values_dtype, alpha=alpha,
       implementation=implementation, kernel_config=kernel_config)
-
-  def direction_update(updates, state, params=None, **extra_args):
-    del params, extra_args
-    return step_fn(updates, state)
-
-  tx = decoupled_alias(
-      optax.GradientTransformationExtraArgs(init_fn, direction_update),
-      learning_rate, weight_decay, mask)
+  tx = decoupled_alias(direction, learning_rate, weight_decay, mask)
   rate = optax.scale_by_learning_rate(learning_rate)
 
   def apply_gradients(grads, state, params, **extra_args):

@@ -176,6 +176,14 @@ def apply_update(param, u, learning_rate, weight_decay):
 
   Returns:
     The new parameter, shaped and typed like ``param``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from pallas_kernels import dispatch
+    >>> p = jnp.array([1.0, -2.0], jnp.bfloat16)
+    >>> new = dispatch.apply_update(p, jnp.array([0.5, 0.0]), 0.1, 0.01)
+    >>> str(new.dtype), new.astype(jnp.float32).tolist()  # -1.998 rounds
+    ('bfloat16', [0.94921875, -2.0])
   """
   p = param.astype(jnp.float32)
   u = u.reshape(p.shape).astype(jnp.float32)

@@ -131,34 +131,34 @@ def test_bf16_parameter_is_rounded_once():
                 <= ulp + 1e-30)
 
 
+def _assert_is_update_then_apply_updates(tx, step, grads, params):
+  """``step(grads, state, params)`` gives ``tx.update`` then
+  ``optax.apply_updates``, bit for bit."""
+  state = tx.init(params)
+  got, got_state = step(grads, state, params)
+  updates, want_state = tx.update(grads, state, params)
+  want = optax.apply_updates(params, updates)
+  for x, y in zip(jax.tree.leaves((got, got_state)),
+                  jax.tree.leaves((want, want_state))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_other_transformations_take_update_then_apply_updates():
   rng = np.random.default_rng(3)
-  params = _params(rng)
-  grads = _params(rng)
+  params, grads = _params(rng), _params(rng)
   for tx in (optax.adamw(1e-2, weight_decay=0.1),
              optax.chain(optax.clip_by_global_norm(1.0),
                          mo.microadam(1e-2, **KW))):
     assert not isinstance(tx, mo.FusedGradientTransformation)
-    state = tx.init(params)
-    got, got_state = mo.apply_gradients(tx, grads, state, params)
-    updates, want_state = tx.update(grads, state, params)
-    want = optax.apply_updates(params, updates)
-    for x, y in zip(jax.tree.leaves((got, got_state)),
-                    jax.tree.leaves((want, want_state))):
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    _assert_is_update_then_apply_updates(
+        tx, lambda *a, tx=tx: mo.apply_gradients(tx, *a), grads, params)
 
 
 def test_weight_decay_schedule_takes_optax_path():
   rng = np.random.default_rng(4)
   params, grads = _params(rng), _params(rng)
   tx = mo.microadam(1e-2, weight_decay=lambda c: 0.1 / (1 + c), **KW)
-  state = tx.init(params)
-  got, got_state = tx.apply_gradients(grads, state, params)
-  updates, want_state = tx.update(grads, state, params)
-  want = optax.apply_updates(params, updates)
-  for x, y in zip(jax.tree.leaves((got, got_state)),
-                  jax.tree.leaves((want, want_state))):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  _assert_is_update_then_apply_updates(tx, tx.apply_gradients, grads, params)
 
 
 def test_donated_parameters_and_a_copy_of_the_transformation():

@@ -118,16 +118,23 @@ def recorder(monkeypatch):
   return rec
 
 
+def _zero_state(d: int, block: int, m: int):
+  """A leaf's layout (1 % density) and its zero state in the wrapper's
+  argument order: codes, min, max, window indices and values."""
+  lay = leaf_layout(d, topk_block_size=block, quant_block_size=block,
+                    density=0.01, error_bits=4)
+  nb, k = lay.num_topk_blocks, lay.k
+  return lay, (jnp.zeros((nb, block // 2), jnp.uint8), jnp.zeros(nb),
+               jnp.zeros(nb), jnp.zeros((m, nb, k), jnp.int16),
+               jnp.zeros((m, nb, k), jnp.bfloat16))
+
+
 @pytest.mark.parametrize("num_warps,sub", [(None, 8), (2, 4)])
 def test_wrapper_calls_each_kernel_with_its_signature(recorder, num_warps,
                                                        sub):
   d, block, m = 3 * 4096 + 1000, 4096, 4
-  lay = leaf_layout(d, topk_block_size=block, quant_block_size=block,
-                    density=0.01, error_bits=4)
+  lay, state = _zero_state(d, block, m)
   nb, k = lay.num_topk_blocks, lay.k
-  state = (jnp.zeros((nb, block // 2), jnp.uint8), jnp.zeros(nb),
-           jnp.zeros(nb), jnp.zeros((m, nb, k), jnp.int16),
-           jnp.zeros((m, nb, k), jnp.bfloat16))
   g = jnp.asarray(np.random.default_rng(0).standard_normal((d,)),
                   jnp.bfloat16)
   out = gpu_step.microadam_step_gpu(
@@ -169,12 +176,8 @@ def test_wrapper_fuses_the_parameter_update(recorder, weight_decay, decay):
   # updated in place; a Python zero weight decay skips its dense pass, a
   # traced one (None here) cannot.
   d, block, m = 2 * 4096 + 10, 4096, 3
-  lay = leaf_layout(d, topk_block_size=block, quant_block_size=block,
-                    density=0.01, error_bits=4)
+  lay, state = _zero_state(d, block, m)
   nb, k = lay.num_topk_blocks, lay.k
-  state = (jnp.zeros((nb, block // 2), jnp.uint8), jnp.zeros(nb),
-           jnp.zeros(nb), jnp.zeros((m, nb, k), jnp.int16),
-           jnp.zeros((m, nb, k), jnp.bfloat16))
 
   @jax.jit
   def step(g, p, lr, wd):
