@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 from flax.training import train_state
 
@@ -79,3 +80,28 @@ def test_linen_train_state_reduces_loss():
   last = float(loss_fn(state.params))
   assert last < 0.5 * first, (first, last)
   assert isinstance(state.opt_state[0], mo.ScaleByMicroAdamState)
+
+
+def test_apply_gradients_on_nnx_state_with_a_mask():
+  # The fused step on an NNX model's state (Variables around the arrays,
+  # a mask on the kernels only): what update then apply_updates give.
+  x, y = _data(2)
+  graphdef, params = nnx.split(NnxMlp(nnx.Rngs(1)), nnx.Param)
+  mask = lambda p: jax.tree.map(lambda a: a.ndim > 1, p)
+  tx = mo.microadam(3e-3, weight_decay=0.1, mask=mask, density=0.1,
+                    topk_block_size=256)
+
+  def loss_fn(p):
+    return jnp.mean((nnx.merge(graphdef, p)(x) - y) ** 2)
+
+  fused = opt = params
+  s_fused = s_opt = tx.init(params)
+  for _ in range(20):
+    g = jax.grad(loss_fn)(fused)
+    fused, s_fused = jax.jit(tx.apply_gradients)(g, s_fused, fused)
+    u, s_opt = jax.jit(tx.update)(jax.grad(loss_fn)(opt), s_opt, opt)
+    opt = optax.apply_updates(opt, u)
+  assert jax.tree.structure(fused) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(opt)):
+    assert jnp.allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert float(loss_fn(fused)) < 0.9 * float(loss_fn(params))
