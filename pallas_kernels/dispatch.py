@@ -195,8 +195,8 @@ def apply_update(param, u, learning_rate, weight_decay):
 
 
 def leaf_step_reference(grad, window_indices, window_values, codes, block_min,
-                        block_max, count, *, layout, b1, b2, eps, bits: int,
-                        out_dtype, param=None, learning_rate=None,
+                        block_max, count, param=None, *, layout, b1, b2, eps,
+                        bits: int, out_dtype, learning_rate=None,
                         weight_decay=0.0):
   """MicroAdam's per-leaf step (Algorithm 1, steps 1-5) in plain XLA.
 
@@ -264,8 +264,8 @@ def _blocks_layout(layout, num_blocks: int, last: bool):
 
 
 def leaf_step_chunked(grad, window_indices, window_values, codes, block_min,
-                      block_max, count, *, layout, chunk_blocks: int,
-                      in_place_16bit: bool | None = None, param=None,
+                      block_max, count, param=None, *, layout,
+                      chunk_blocks: int, in_place_16bit: bool | None = None,
                       **kwargs):
   """:func:`leaf_step_reference` over groups of ``chunk_blocks`` blocks.
 
@@ -320,15 +320,11 @@ def leaf_step_chunked(grad, window_indices, window_values, codes, block_min,
   args = (grad, window_indices, window_values, codes, block_min, block_max,
           count) + (() if param is None else (param,))
   if in_place_16bit is None:
-    def chunked(in_place):
-      def run(*a):
-        return leaf_step_chunked(
-            *a[:7], layout=layout, chunk_blocks=chunk_blocks,
-            in_place_16bit=in_place, param=a[7] if len(a) > 7 else None,
-            **kwargs)
-      return run
-    return jax.lax.platform_dependent(*args, cpu=chunked(False),
-                                      default=chunked(True))
+    chunked = functools.partial(leaf_step_chunked, layout=layout,
+                                chunk_blocks=chunk_blocks, **kwargs)
+    return jax.lax.platform_dependent(
+        *args, cpu=functools.partial(chunked, in_place_16bit=False),
+        default=functools.partial(chunked, in_place_16bit=True))
   lay = layout
   nb, b = lay.num_topk_blocks, lay.topk_block
   groups = (nb - 1) // chunk_blocks  # whole groups before the tail
@@ -343,13 +339,13 @@ def leaf_step_chunked(grad, window_indices, window_values, codes, block_min,
     out_dtype, in_grad, first = param.dtype, False, param.reshape(-1)
   outs = (first,) + state
   carried_params = param is not None
-  # The step's inputs: the gradient, the parameter (read from outs[0]),
-  # the state; per input its dtype, entries per block and block axis.
-  dtypes = ((g.dtype,) + ((param.dtype,) if carried_params else ())
-            + tuple(x.dtype for x in state))
-  per_block = (b,) * (1 + carried_params) + (1,) * 5
-  axes = (0,) * (1 + carried_params) + (1, 1, 0, 0, 0)
-  out_per_block, out_axes = (b,) + per_block[-5:], (0,) + axes[-5:]
+  # The step's inputs: the gradient, the state, the parameter (read from
+  # outs[0]); per input its dtype, entries per block and block axis (the
+  # outputs' are the first six).
+  dtypes = ((g.dtype,) + tuple(x.dtype for x in state)
+            + ((param.dtype,) if carried_params else ()))
+  per_block = (b,) + (1,) * 5 + (b,) * carried_params
+  axes = (0, 1, 1, 0, 0, 0) + (0,) * carried_params
 
   def carried(x):  # an array as the loop holds it
     if in_place_16bit or x.dtype not in (jnp.bfloat16, jnp.float16):
@@ -360,14 +356,12 @@ def leaf_step_chunked(grad, window_indices, window_values, codes, block_min,
   grad_source = None if in_grad else carried(g)  # else read from outs[0]
 
   def step(*pieces, layout):
-    if carried_params:
-      return leaf_step_reference(pieces[0], *pieces[2:], count=count,
-                                 param=pieces[1], layout=layout, **kwargs)
-    return leaf_step_reference(*pieces, count=count, layout=layout, **kwargs)
+    return leaf_step_reference(*pieces[:6], count, *pieces[6:],
+                               layout=layout, **kwargs)
 
   def sources(outs):  # the arrays the step's inputs are read from
     grads = outs[0] if in_grad else grad_source
-    return (grads,) + outs[:1] * carried_params + outs[1:]
+    return (grads,) + outs[1:] + outs[:1] * carried_params
 
   def group(outs, blk):  # the step's inputs, blocks [blk, blk + chunk_blocks)
     return tuple(jax.lax.bitcast_convert_type(
@@ -376,7 +370,7 @@ def leaf_step_chunked(grad, window_indices, window_values, codes, block_min,
 
   def put(outs, pieces, blk):
     return tuple(jax.lax.dynamic_update_slice_in_dim(x, carried(y), blk * n, a)
-                 for x, y, n, a in zip(outs, pieces, out_per_block, out_axes))
+                 for x, y, n, a in zip(outs, pieces, per_block, axes))
 
   tail_in = (jax.lax.bitcast_convert_type(
       jax.lax.slice_in_dim(x, tail * n, x.shape[a], axis=a), t)
@@ -396,7 +390,7 @@ def leaf_step_chunked(grad, window_indices, window_values, codes, block_min,
 
   outs, _ = jax.lax.fori_loop(0, groups, body, (outs, group(outs, 0)))
   return tuple(jax.lax.bitcast_convert_type(x, t)
-               for x, t in zip(outs, (out_dtype,) + dtypes[-5:]))
+               for x, t in zip(outs, (out_dtype,) + dtypes[1:6]))
 
 
 def _write_row(window_indices, window_values, idx, vals, count):
@@ -518,14 +512,11 @@ def leaf_step(grad, window_indices, window_values, codes, block_min,
     hyper.update(learning_rate=learning_rate, weight_decay=weight_decay)
   chunk_blocks = max(1, config.xla_chunk_elements // layout.topk_block)
   if layout.aligned and layout.num_topk_blocks > chunk_blocks:
-    whole = functools.partial(
+    reference = functools.partial(
         leaf_step_chunked, bits=bits, chunk_blocks=chunk_blocks,
         in_place_16bit=config.xla_16bit_in_place, **hyper)
   else:
-    whole = functools.partial(leaf_step_reference, bits=bits, **hyper)
-
-  def reference(*a):  # the parameter, if any, is the eighth argument
-    return whole(*a[:7], **({"param": a[7]} if len(a) > 7 else {}))
+    reference = functools.partial(leaf_step_reference, bits=bits, **hyper)
 
   if implementation == "xla" or not has_kernels(layout, bits):
     return reference(*args)
