@@ -178,13 +178,13 @@ def _leaf_update(g, idx_w, val_w, codes, lo, hi, count, lay: LeafLayout,
   kernel on GPU when ``alpha == 0``) in place of ``u``.
   """
   dense = not (isinstance(hp.alpha, (int, float)) and hp.alpha == 0)
-  fused = param is not None and not dense
+  in_kernel = param is not None and not dense  # the update applied there
   u, idx_w, val_w, codes, lo, hi = dispatch.leaf_step(
       g, idx_w, val_w, codes, lo, hi, count, layout=lay, b1=hp.b1, b2=hp.b2,
       eps=hp.eps, bits=hp.bits,
       out_dtype=jnp.float32 if dense or param is not None else g.dtype,
       implementation=hp.implementation, config=hp.config,
-      param=param if fused else None, learning_rate=hp.learning_rate,
+      param=param if in_kernel else None, learning_rate=hp.learning_rate,
       weight_decay=hp.weight_decay)
   if dense:
     # Densify: u += alpha * Q^{-1}(e_{t+1}); keep (1 - alpha) of the error.
@@ -194,7 +194,7 @@ def _leaf_update(g, idx_w, val_w, codes, lo, hi, count, lay: LeafLayout,
                                            hp.bits)
   if param is None:
     return u.reshape(g.shape).astype(g.dtype), idx_w, val_w, codes, lo, hi
-  if not fused:
+  if not in_kernel:
     u = dispatch.apply_update(param.reshape(-1), u, hp.learning_rate,
                               hp.weight_decay)
   return u.reshape(param.shape), idx_w, val_w, codes, lo, hi
@@ -275,11 +275,10 @@ def _distributed_leaf_update(g, state: tuple, count, layout: Callable[
       hp, ("b1", "b2", "eps", "alpha", "learning_rate", "weight_decay"))
   partners = () if param is None else (param,)
 
-  def per_shard(g, *args):
-    p, (iw, vw, codes, lo, hi, count1, dyn) = (
-        (args[0], args[1:]) if partners else (None, args))
+  def per_shard(g, *args):  # args: the partners, the state, the operands
+    *p, iw, vw, codes, lo, hi, count1, dyn = args
     return _leaf_update(g, iw, vw, codes, lo, hi, count1[0], layout(g),
-                        rebuild(dyn), p)
+                        rebuild(dyn), *p)
 
   return _per_shard.run(
       per_shard, plan, g, state, (jnp.reshape(count, (1,)), dyn),
@@ -388,7 +387,6 @@ def _microadam_fns(*, b1, b2, eps, window, density, topk_block_size,
     return step_fn(updates, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn), step_fn
-
 
 
 def scale_by_microadam(
