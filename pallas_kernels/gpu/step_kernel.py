@@ -416,8 +416,12 @@ def microadam_u_kernel(
   length = tl.where(pid == NB - 1, LAST_LEN, B)
   pos = tl.arange(0, TILE)
   # 0 where no row holds an entry, written densely; then u stored over it
-  # at each distinct index of the window (the sort's barriers order the
-  # two stores).
+  # at each distinct index of the window. Other threads of the program
+  # write the same addresses; at more than one warp the sort's barriers
+  # order the two stores, at one warp (the default) only the warp's
+  # in-order issue does (no barrier in the SASS): the GPU tests pass, but
+  # PTX's memory model does not promise it. A tl.debug_barrier() before the
+  # second store would (one BAR, the same registers); not yet run on a GPU.
   tl.store(u_ptr + base + pos, tl.zeros([TILE], u_ptr.dtype.element_ty),
            mask=pos < length)
   sidx, u, store = _window_u(widx_ptr, wval_ptr, w1_ptr, w2_ptr, row_ptr,
