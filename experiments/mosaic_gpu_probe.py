@@ -5,11 +5,15 @@ histogram) of the block's magnitudes for an exact Top-K, a prefix sum for
 compaction, a gather from a register array (the new row's share of the
 moments at the other rows' indices) and a data-dependent scatter (the
 window's entries into the block's update). Each is tried here as the
-smallest Mosaic GPU kernel (``pl.pallas_call`` with
-``plgpu.CompilerParams``), in both lowering semantics, beside an
+smallest Mosaic GPU kernel, in both lowering semantics, beside an
 element-wise control: lowered for ``"cuda"`` (which needs no GPU) and, on a
 GPU, run and checked against NumPy. The outcome (or the first line of the
 error) is printed and written as JSON.
+
+The kernel is built with ``plgpu.kernel`` where JAX has it (0.11 on):
+there ``pl.pallas_call`` has no Mosaic GPU lowering rule left (it fails
+with a bare ``AssertionError`` for any body). On older JAX it is
+``pl.pallas_call`` with ``plgpu.CompilerParams``.
 
   PYTHONPATH=. python experiments/mosaic_gpu_probe.py --json probe.json
 """
@@ -72,6 +76,14 @@ def probes():
   ]
 
 
+def mosaic_gpu_kernel(body, out_shape, params):
+  """``body`` as a Mosaic GPU kernel with one output: ``plgpu.kernel``
+  where JAX has it, else ``pl.pallas_call`` with Mosaic GPU's params."""
+  if hasattr(plgpu, "kernel"):
+    return plgpu.kernel(body, out_type=out_shape, compiler_params=params)
+  return pl.pallas_call(body, out_shape=out_shape, compiler_params=params)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--json", default=None)
@@ -82,8 +94,8 @@ def main(argv=None):
     params = plgpu.CompilerParams(
         lowering_semantics=getattr(plgpu.LoweringSemantics, semantics))
     for name, body, operands, dtype, want in probes():
-      call = pl.pallas_call(body, out_shape=jax.ShapeDtypeStruct((N,), dtype),
-                            compiler_params=params)
+      call = mosaic_gpu_kernel(body, jax.ShapeDtypeStruct((N,), dtype),
+                               params)
       try:
         # Lowering for "cuda" runs Mosaic GPU's lowering on any host.
         jax.jit(call).trace(*operands).lower(lowering_platforms=("cuda",))
