@@ -91,7 +91,8 @@ def kernel_constants(size: int, *, block_size: int, k: int,
       B=block_size, TILE=tile, NB=num_blocks,
       LAST_LEN=size - (num_blocks - 1) * block_size, K=k,
       LAST_K=last_block_k, KP=next_pow2(k), M=window, E=window * k,
-      EP=entries_tile, WIDE_KEYS=block_size * entries_tile >= 2**31,
+      EP=entries_tile, LOG_EP=entries_tile.bit_length() - 1,
+      WIDE_KEYS=block_size * entries_tile >= 2**31,
       RW=min(8, tile), SUB=min(tile, 32 * warps * next_pow2(sub_per_thread)))
 
 

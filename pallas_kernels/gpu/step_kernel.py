@@ -31,7 +31,7 @@ whole step took 254 registers and two programs (on an H100, one 4096 x
 
 4. ``u = m_hat / (sqrt(v_hat) + eps)`` for the block: zeros written
    densely, then the window's ``m k`` entries of the block sorted by index
-   (``tl.sort`` of ``index * E + entry`` keys), summed per index by a
+   (a bitonic sort of ``index * EP + entry`` keys), summed per index by a
    segmented scan, and ``u`` computed and stored for each distinct index
    only (one division and square root per entry of the window, not per
    entry of the block).
@@ -64,6 +64,51 @@ def _segment_sum(k1, m1, v1, k2, m2, v2):
   """Combine of a segmented inclusive scan over entries sorted by key."""
   same = k1 == k2
   return k2, tl.where(same, m1 + m2, m2), tl.where(same, v1 + v2, v2)
+
+
+@triton.jit
+def _pair_bit(LOG_N: tl.constexpr, j: tl.constexpr):
+  """Bit ``j`` of each position (0 or 1), shaped for a ``[2] * LOG_N``
+  hypercube (axis ``LOG_N - 1 - j`` holds bit ``j``)."""
+  return tl.reshape(tl.arange(0, 2), [1] * (LOG_N - j - 1) + [2] + [1] * j)
+
+
+@triton.jit
+def _exchange(h, flip, j: tl.constexpr, LOG_N: tl.constexpr):
+  """One compare-exchange step of a bitonic network, at distance ``2^j``.
+
+  Each entry of the hypercube ``h`` meets its partner (position xor
+  ``2^j``) and keeps the smaller of the two where its bit ``j`` equals
+  ``flip``, the larger elsewhere: one integer min or max per entry where
+  both are in one thread (``tl.sort``'s exchange is a compare and a select
+  per entry).
+  """
+  other = h ^ tl.xor_sum(h, LOG_N - 1 - j, True)
+  upper = (flip ^ _pair_bit(LOG_N, j)) == 1
+  return tl.where(upper, tl.maximum(h, other), tl.minimum(h, other))
+
+
+@triton.jit
+def _sort_distinct(x, LOG_N: tl.constexpr):
+  """``x`` (``2^LOG_N`` distinct integers) in increasing order.
+
+  The bitonic network of ``tl.sort`` with min/max exchanges: the same
+  output for distinct keys, with 27 % fewer instructions for 512 int32 keys
+  at one warp (ptxas for sm_90a: 1736 against 2384).
+  """
+  if LOG_N == 0:
+    out = x
+  else:
+    h = tl.reshape(x, [2] * LOG_N)
+    for stage in tl.static_range(1, LOG_N + 1):
+      if stage < LOG_N:
+        flip = _pair_bit(LOG_N, stage)
+      else:
+        flip = 0
+      for i in tl.static_range(stage):
+        h = _exchange(h, flip, stage - 1 - i, LOG_N)
+    out = tl.reshape(h, x.shape)
+  return out
 
 
 @triton.jit
@@ -348,11 +393,11 @@ def microadam_topk_kernel(
 def _window_u(widx_ptr, wval_ptr, w1_ptr, w2_ptr, row_ptr, eps_ptr, pid,
               length, B: tl.constexpr, NB: tl.constexpr, K: tl.constexpr,
               M: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
-              WIDE_KEYS: tl.constexpr):
+              LOG_EP: tl.constexpr, WIDE_KEYS: tl.constexpr):
   """Step 4 of one block at the window's entries: ``(index, u, store)``.
 
   The window's ``M K`` entries of block ``pid`` sorted by block-relative
-  index (``tl.sort`` of ``index * EP + entry`` keys), their weighted values
+  index (:func:`_sort_distinct` of ``index * EP + entry`` keys), their weighted values
   and squares summed per index by a segmented scan; ``u = m_hat /
   (sqrt(v_hat) + eps)`` float32 at each entry, and ``store`` true at one
   entry per distinct index inside the block (the last of its run, which
@@ -369,7 +414,7 @@ def _window_u(widx_ptr, wval_ptr, w1_ptr, w2_ptr, row_ptr, eps_ptr, pid,
     keys = tl.where(real, idx.to(tl.int64), B).to(tl.int64) * EP + ent
   else:
     keys = tl.where(real, idx, B) * EP + ent
-  keys = tl.sort(keys, 0)
+  keys = _sort_distinct(keys, LOG_EP)
   order = (keys % EP).to(tl.int32)
   sidx = (keys // EP).to(tl.int32)
   # Each sorted entry's value and its row's weights read from memory (L1
@@ -395,7 +440,7 @@ def microadam_u_kernel(
     B: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
     LAST_LEN: tl.constexpr, K: tl.constexpr,
     M: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
-    WIDE_KEYS: tl.constexpr):
+    LOG_EP: tl.constexpr, WIDE_KEYS: tl.constexpr):
   """Step 4 of one block: ``u`` from the window (after
   :func:`microadam_topk_kernel` wrote the new row).
 
@@ -408,7 +453,7 @@ def microadam_u_kernel(
     u_ptr: the update direction ``(d,)``, written whole.
     B, TILE, NB, LAST_LEN, K: as in :func:`microadam_topk_kernel`.
     M: window rows; E: entries of the window of one block, ``M * K``; EP:
-      next power of two of ``E``.
+      next power of two of ``E``; LOG_EP: ``log2(EP)``.
     WIDE_KEYS: sort keys in int64 (``B * EP >= 2**31``).
   """
   pid = tl.program_id(0).to(tl.int64)
@@ -417,16 +462,15 @@ def microadam_u_kernel(
   pos = tl.arange(0, TILE)
   # 0 where no row holds an entry, written densely; then u stored over it
   # at each distinct index of the window. Other threads of the program
-  # write the same addresses; at more than one warp the sort's barriers
-  # order the two stores, at one warp (the default) only the warp's
-  # in-order issue does (no barrier in the SASS): the GPU tests pass, but
-  # PTX's memory model does not promise it. A tl.debug_barrier() before the
-  # second store would (one BAR, the same registers); not yet run on a GPU.
+  # write the same addresses, so a barrier orders the two stores (at one
+  # warp, the default, nothing else does: the warp's in-order issue is not
+  # a promise of PTX's memory model).
   tl.store(u_ptr + base + pos, tl.zeros([TILE], u_ptr.dtype.element_ty),
            mask=pos < length)
   sidx, u, store = _window_u(widx_ptr, wval_ptr, w1_ptr, w2_ptr, row_ptr,
                              eps_ptr, pid, length, B, NB, K, M, E, EP,
-                             WIDE_KEYS)
+                             LOG_EP, WIDE_KEYS)
+  tl.debug_barrier()  # every zero stored before any u
   tl.store(u_ptr + base + sidx, u.to(u_ptr.dtype.element_ty), mask=store)
 
 
@@ -437,7 +481,7 @@ def microadam_apply_kernel(
     B: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
     LAST_LEN: tl.constexpr, K: tl.constexpr,
     M: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
-    WIDE_KEYS: tl.constexpr, DECAY: tl.constexpr, CHUNK: tl.constexpr):
+    LOG_EP: tl.constexpr, WIDE_KEYS: tl.constexpr, DECAY: tl.constexpr, CHUNK: tl.constexpr):
   """Step 4 and the parameter update of one block, in place:
   ``p <- p - lr (u + wd p)`` in float32, rounded once to ``p``'s dtype.
 
@@ -463,7 +507,7 @@ def microadam_apply_kernel(
   length = tl.where(pid == NB - 1, LAST_LEN, B)
   sidx, u, store = _window_u(widx_ptr, wval_ptr, w1_ptr, w2_ptr, row_ptr,
                              eps_ptr, pid, length, B, NB, K, M, E, EP,
-                             WIDE_KEYS)
+                             LOG_EP, WIDE_KEYS)
   lr = tl.load(lr_ptr)
   p = tl.load(p_in + base + sidx, mask=store, other=0.0).to(tl.float32)
   if DECAY:
