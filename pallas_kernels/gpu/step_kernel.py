@@ -209,7 +209,10 @@ def _load_a(g_ptr, codes_ptr, pid, row0, length, lo, scale,
   byte = tl.load(codes_ptr + pid * (B // 2) + byte_at, mask=byte_at < B // 2,
                  other=0).to(tl.int32)
   code = tl.reshape(tl.join(byte & 15, byte >> 4), [ROWS, RW])
-  a = tl.where(valid, g + (code.to(tl.float32) * scale + lo), 0.0)
+  # The code as a float without a conversion instruction: the bits of
+  # 2^23 + code, less 2^23 (exact).
+  code = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+  a = tl.where(valid, g + (code * scale + lo), 0.0)
   return a, pos, valid
 
 
@@ -264,8 +267,9 @@ def _row_and_codes(g_ptr, codes_ptr, widx_ptr, wval_ptr, pid, length, lo,
     tl.store(wval_ptr + row_base + slot, a_t.to(wval_ptr.dtype.element_ty),
              mask=sel)
     rest = tl.where(sel, 0.0, a_t)
-    c = tl.floor((rest - new_lo) * inv + 0.5)
-    c = tl.minimum(tl.maximum(c, 0.0), 15.0)
+    # floor(t) clamped to [0, 15] is t clamped to [0, 15], truncated: no
+    # rounding instruction (a NaN clamps to 0 either way).
+    c = tl.minimum(tl.maximum((rest - new_lo) * inv + 0.5, 0.0), 15.0)
     c = tl.where(valid_t, tl.where(new_scale > 0, c, 0.0), 0.0).to(tl.int32)
     c0, c1 = tl.split(tl.reshape(c, [SUB_ROWS, HW, 2]))
     byte_at = (HW * (t * SUB_ROWS + tl.arange(0, SUB_ROWS))[:, None]
