@@ -32,7 +32,7 @@ pytest.importorskip("torch")
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import triton_interpreted  # pylint: disable=g-import-not-at-top,wrong-import-position
+import triton_interpreted  # pylint: disable=g-import-not-at-top
 
 NAMES = [name for name, _ in triton_interpreted.checks()]
 

@@ -401,11 +401,11 @@ def _window_u(widx_ptr, wval_ptr, w1_ptr, w2_ptr, row_ptr, eps_ptr, pid,
   """Step 4 of one block at the window's entries: ``(index, u, store)``.
 
   The window's ``M K`` entries of block ``pid`` sorted by block-relative
-  index (:func:`_sort_distinct` of ``index * EP + entry`` keys), their weighted values
-  and squares summed per index by a segmented scan; ``u = m_hat /
-  (sqrt(v_hat) + eps)`` float32 at each entry, and ``store`` true at one
-  entry per distinct index inside the block (the last of its run, which
-  holds the whole sum). Entries where ``store`` is false are to be ignored.
+  index (:func:`_sort_distinct` of ``index * EP + entry`` keys), their
+  weighted values and squares summed per index by a segmented scan;
+  ``u = m_hat / (sqrt(v_hat) + eps)`` float32 at each entry, and ``store``
+  true at one entry per distinct index inside the block (the last of its
+  run, which holds the whole sum). Entries where ``store`` is false are to be ignored.
   """
   row = tl.load(row_ptr)
   eps = tl.load(eps_ptr)
@@ -485,7 +485,8 @@ def microadam_apply_kernel(
     B: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
     LAST_LEN: tl.constexpr, K: tl.constexpr,
     M: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
-    LOG_EP: tl.constexpr, WIDE_KEYS: tl.constexpr, DECAY: tl.constexpr, CHUNK: tl.constexpr):
+    LOG_EP: tl.constexpr, WIDE_KEYS: tl.constexpr, DECAY: tl.constexpr,
+    CHUNK: tl.constexpr):
   """Step 4 and the parameter update of one block, in place:
   ``p <- p - lr (u + wd p)`` in float32, rounded once to ``p``'s dtype.
 
