@@ -60,6 +60,26 @@ def random_state(rng, lay, window: int, *, vdtype=jnp.bfloat16, zero=False):
           jnp.asarray(codes), jnp.asarray(lo), jnp.asarray(hi))
 
 
+def bf16_step(*values) -> np.ndarray:
+  """One step of bf16 (8 significant bits) at the largest magnitude of
+  ``values``, entry by entry."""
+  mag = np.max([np.abs(np.asarray(v, np.float32)) for v in values], axis=0)
+  return 2.0 ** (np.floor(np.log2(np.maximum(mag, 1e-30))) - 7)
+
+
+def draw_case(seed: int, d: int, block: int, density: float, window: int, *,
+              zero=False, grad_zero=False) -> tuple:
+  """A case's ``(layout, state, gradient, parameter)``, drawn from ``seed``
+  in that order (bf16 gradient and parameter; a zero gradient with
+  ``grad_zero``, an all-zero state with ``zero``)."""
+  rng = np.random.default_rng(seed)
+  lay = leaf_layout(d, topk_block_size=block, quant_block_size=block,
+                    density=density, error_bits=4)
+  state = random_state(rng, lay, window, zero=zero)
+  g = np.zeros(d, np.float32) if grad_zero else rng.standard_normal(d)
+  p = rng.standard_normal(d)
+  return lay, state, jnp.asarray(g, jnp.bfloat16), jnp.asarray(p, jnp.bfloat16)
+
 def compare(out, ref, lay, value_steps: int = 0) -> dict:
   """Differences between the kernel's outputs and the reference's.
 
@@ -80,11 +100,10 @@ def compare(out, ref, lay, value_steps: int = 0) -> dict:
     o, ro = np.argsort(iw, -1, kind="stable"), np.argsort(riw, -1,
                                                           kind="stable")
     v, rv = np.take_along_axis(vw, o, -1), np.take_along_axis(rvw, ro, -1)
-    step = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(rv), 1e-30))) - 7)
     rows_equal = bool(
         np.array_equal(np.take_along_axis(iw, o, -1),
                        np.take_along_axis(riw, ro, -1))
-        and np.all(np.abs(v - rv) <= value_steps * step))
+        and np.all(np.abs(v - rv) <= value_steps * bf16_step(rv)))
   else:
     rows_equal = all(
         sorted(zip(iw[r, b].tolist(), vw[r, b].tolist()))
@@ -121,17 +140,23 @@ def step_fns(lay, out_dtype=jnp.bfloat16, num_warps=None):
 
 
 def check_case(seed: int, d: int, block: int, density: float, window: int,
-               count: int, *, zero=False, grad_zero=False) -> dict:
-  rng = np.random.default_rng(seed)
-  lay = leaf_layout(d, topk_block_size=block, quant_block_size=block,
-                    density=density, error_bits=4)
-  state = random_state(rng, lay, window, zero=zero)
-  g = np.zeros(d, np.float32) if grad_zero else rng.standard_normal(d)
-  g = jnp.asarray(g, jnp.bfloat16)
+               count: int, *, zero=False, grad_zero=False, run=None,
+               value_steps: int = 0) -> dict:
+  """The Top-K and ``u`` kernels against the reference (:func:`compare`).
+
+  ``run(layout, state, grad, count)`` runs the kernels and returns ``(u,
+  *new state)``; by default the optimizer's GPU path (jax-triton).
+  ``value_steps``: as in :func:`compare`.
+  """
+  lay, state, g, _ = draw_case(seed, d, block, density, window, zero=zero,
+                               grad_zero=grad_zero)
   kernel, reference = step_fns(lay)
   ref = reference(g, *state, jnp.int32(count))
-  out = kernel(g, *[jnp.array(x) for x in state], jnp.int32(count))
-  res = compare(out, ref, lay)
+  if run is None:
+    out = kernel(g, *[jnp.array(x) for x in state], jnp.int32(count))
+  else:
+    out = run(lay, state, g, count)
+  res = compare(out, ref, lay, value_steps)
   res.update(d=d, block=block, density=density, window=window, count=count,
              zero_state=zero, zero_grad=grad_zero)
   return res
@@ -139,40 +164,53 @@ def check_case(seed: int, d: int, block: int, density: float, window: int,
 
 def check_apply_case(seed: int, d: int, block: int, density: float,
                      window: int, count: int, *, weight_decay: float,
-                     learning_rate: float = 0.5) -> dict:
+                     learning_rate: float = 0.5, run=None, cast=None,
+                     value_steps: int = 0) -> dict:
   """The kernels with the parameter's update fused (``param=``) against
   :func:`pallas_kernels.dispatch.apply_update` of the reference ``u`` of the
   kernel's own new window: the new bf16 parameter within one bf16 step of
-  the larger of the old and new magnitudes; the state as in
-  :func:`check_case`."""
-  rng = np.random.default_rng(seed)
-  lay = leaf_layout(d, topk_block_size=block, quant_block_size=block,
-                    density=density, error_bits=4)
-  state = random_state(rng, lay, window)
-  g = jnp.asarray(rng.standard_normal(d), jnp.bfloat16)
-  p = jnp.asarray(rng.standard_normal(d), jnp.bfloat16)
-  kw = dict(layout=lay, b1=B1, b2=B2, eps=EPS, bits=4, out_dtype=jnp.bfloat16)
-  fused = jax.jit(lambda g, p, *s: dispatch.leaf_step(
-      g, *s, jnp.int32(count), implementation="auto", param=p,
-      learning_rate=learning_rate, weight_decay=weight_decay, **kw))
+  the larger of the old and new magnitudes, and 99 % of it equal to the
+  new value cast to bf16; the state as in :func:`check_case`.
+
+  ``run(layout, state, grad, count, *, param, lr, wd)`` runs the kernels and
+  returns ``(new parameter, *new state)``; by default the optimizer's GPU
+  path. ``cast``: how the kernels round the float32 parameter to bf16 (a
+  function of float32 NumPy arrays; by default to nearest, as XLA and the
+  GPU do). ``value_steps``: as in :func:`compare`. Also reported:
+  ``param_changed`` and ``param_moved_off_window`` (entries that moved where
+  ``u`` is 0: none without weight decay).
+  """
+  lay, state, g, p = draw_case(seed, d, block, density, window)
+  if run is None:
+    kw = dict(layout=lay, b1=B1, b2=B2, eps=EPS, bits=4,
+              out_dtype=jnp.bfloat16)
+    fused = jax.jit(lambda g, p, *s: dispatch.leaf_step(
+        g, *s, jnp.int32(count), implementation="auto", param=p,
+        learning_rate=learning_rate, weight_decay=weight_decay, **kw))
+    new_p, *new_state = fused(g, p, *[jnp.array(x) for x in state])
+  else:
+    new_p, *new_state = run(lay, state, g, count, param=p, lr=learning_rate,
+                            wd=weight_decay)
   _, reference = step_fns(lay)
   ref = reference(g, *state, jnp.int32(count))
-  new_p, *new_state = fused(g, p, *[jnp.array(x) for x in state])
   u = window_lib.window_update_reference(
       new_state[0], new_state[1], jnp.int32(count), block_size=block, b1=B1,
       b2=B2, eps=EPS).reshape(-1)[:d]
-  want = np.asarray(dispatch.apply_update(p, u, learning_rate, weight_decay),
-                    np.float32)
+  exact = np.asarray(dispatch.apply_update(p.astype(jnp.float32), u,
+                                           learning_rate, weight_decay),
+                     np.float32)
+  rounded = np.asarray(jnp.asarray(exact).astype(jnp.bfloat16), np.float32)
+  want = rounded if cast is None else cast(exact)
   got = np.asarray(new_p, np.float32)
   old = np.asarray(p, np.float32)
-  ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.maximum(np.abs(want),
-                                                       np.abs(old)),
-                                            1e-30))) - 7)
-  res = compare((u.astype(jnp.bfloat16), *new_state), ref, lay)
+  res = compare((u.astype(jnp.bfloat16), *new_state), ref, lay, value_steps)
   res.update(d=d, block=block, weight_decay=weight_decay,
-             param_max_steps=float(np.max(np.abs(got - want) / ulp)),
+             param_max_steps=float(np.max(np.abs(got - rounded)
+                                          / bf16_step(rounded, old))),
              param_equal_fraction=float(np.mean(got == want)),
              param_changed=int(np.sum(got != old)),
+             param_moved_off_window=int(np.sum((got != old)
+                                               & (np.asarray(u) == 0))),
              param_dtype=str(new_p.dtype))
   res["ok"] = bool(res["ok"] and res["param_max_steps"] <= 1.0
                    and res["param_equal_fraction"] >= 0.99

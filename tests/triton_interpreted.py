@@ -24,8 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import step_kernel
-from microadam_optax._layout import leaf_layout
-from pallas_kernels import dispatch
 from pallas_kernels import window as window_lib
 from pallas_kernels.gpu import step as gpu_step
 
@@ -51,16 +49,6 @@ def _jax(x):
   if x.dtype == torch.bfloat16:
     return jnp.asarray(x.float().numpy()).astype(jnp.bfloat16)
   return jnp.asarray(x.numpy())
-
-
-def _case(seed, d, block, density, window, zero=False, grad_zero=False):
-  rng = np.random.default_rng(seed)
-  lay = leaf_layout(d, topk_block_size=block, quant_block_size=block,
-                    density=density, error_bits=4)
-  state = step_kernel.random_state(rng, lay, window, zero=zero)
-  g = np.zeros(d, np.float32) if grad_zero else rng.standard_normal(d)
-  p = rng.standard_normal(d)
-  return lay, state, jnp.asarray(g, jnp.bfloat16), jnp.asarray(p, jnp.bfloat16)
 
 
 def _run(lay, state, g, count, *, param=None, lr=0.5, wd=0.0):
@@ -95,61 +83,30 @@ def _run(lay, state, g, count, *, param=None, lr=0.5, wd=0.0):
   return tuple(_jax(x) for x in (first, iw, vw, codes, lo, hi))
 
 
-def _reference(lay, state, g, count):
-  _, reference = step_kernel.step_fns(lay)
-  return reference(g, *state, jnp.int32(count))
-
+def _truncate_to_bf16(x: np.ndarray) -> np.ndarray:
+  """float32 to bf16 as the interpreter casts: the low 16 bits dropped."""
+  return (x.view(np.uint32) & 0xFFFF0000).view(np.float32)
 
 
 def check_topk_and_u(case, *, zero=False, grad_zero=False) -> dict:
   """The Top-K and ``u`` kernels against the reference: ``compare``'s
   criteria (window rows' indices equal and values within one bf16 step,
   codes within one level for at most 1 %, min/max, ``u`` within 1 %)."""
-  seed, d, block, density, window, count = case
-  lay, state, g, _ = _case(seed, d, block, density, window, zero=zero,
-                           grad_zero=grad_zero)
-  return step_kernel.compare(_run(lay, state, g, count),
-                             _reference(lay, state, g, count), lay,
-                             value_steps=1)
+  return step_kernel.check_case(*case, zero=zero, grad_zero=grad_zero,
+                                run=_run, value_steps=1)
 
 
-def check_apply(case, weight_decay: float, lr: float = 0.5) -> dict:
-  """The fused update: the state as :func:`check_topk_and_u`; the new bf16
-  parameter against ``p - lr (u + wd p)`` of the reference ``u`` of the
-  kernel's own new window: within one bf16 step of it rounded, 99 % of it
-  equal to it truncated (the interpreter's cast); only the window's entries
-  moved without weight decay, all of them with it."""
-  seed, d, block, density, window, count = case
-  lay, state, g, p = _case(seed, d, block, density, window)
-  new_p, *new_state = _run(lay, state, g, count, param=p, lr=lr,
-                           wd=weight_decay)
-  u = window_lib.window_update_reference(
-      new_state[0], new_state[1], jnp.int32(count), block_size=block,
-      b1=step_kernel.B1, b2=step_kernel.B2,
-      eps=step_kernel.EPS).reshape(-1)[:d]
-  res = step_kernel.compare((u.astype(jnp.bfloat16), *new_state),
-                            _reference(lay, state, g, count), lay,
-                            value_steps=1)
-  want = np.asarray(dispatch.apply_update(p, u, lr, weight_decay), np.float32)
-  # The same in float32, truncated to bf16 as the interpreter casts.
-  exact = np.asarray(dispatch.apply_update(p.astype(jnp.float32), u, lr,
-                                           weight_decay), np.float32)
-  truncated = (exact.view(np.uint32) & 0xFFFF0000).view(np.float32)
-  got, old = np.asarray(new_p, np.float32), np.asarray(p, np.float32)
-  step = 2.0 ** (np.floor(np.log2(np.maximum(
-      np.maximum(np.abs(want), np.abs(old)), 1e-30))) - 7)
-  moved = np.flatnonzero(got != old)
-  window_entries = set(np.flatnonzero(np.asarray(u) != 0).tolist())
-  res.update(
-      param_max_steps=float(np.max(np.abs(got - want) / step)),
-      param_equal_fraction=float(np.mean(got == truncated)),
-      param_moved=int(moved.size),
-      moved_only_at_window=bool(set(moved.tolist()) <= window_entries))
-  res["ok"] = bool(
-      res["ok"] and res["param_max_steps"] <= 1.0
-      and res["param_equal_fraction"] >= 0.99
-      and (res["moved_only_at_window"] if weight_decay == 0.0
-           else moved.size >= 0.99 * d))
+def check_apply(case, weight_decay: float) -> dict:
+  """The fused update (``step_kernel.check_apply_case``): the new bf16
+  parameter within one bf16 step of ``p - lr (u + wd p)`` rounded, 99 % of
+  it equal to it truncated (the interpreter's cast); only the window's
+  entries moved without weight decay, all of them with it."""
+  res = step_kernel.check_apply_case(*case, weight_decay=weight_decay,
+                                     run=_run, cast=_truncate_to_bf16,
+                                     value_steps=1)
+  res["ok"] = bool(res["ok"] and (
+      res["param_moved_off_window"] == 0 if weight_decay == 0.0
+      else res["param_changed"] >= 0.99 * res["d"]))
   return res
 
 
